@@ -1,0 +1,94 @@
+"""What a run shows and leaves behind: a progress display, TensorBoard scalars, and result files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import sys
+
+from rich import get_console
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+log = logging.getLogger("resexp")
+
+
+class Display(Protocol):
+    def advance(self, iteration: int) -> None: ...
+    def show(self, iteration: int, text: str) -> None: ...
+
+
+class LogLines:
+    """Not a terminal (CI, cluster logs): one plain line per logging interval."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def advance(self, iteration: int) -> None:
+        pass
+
+    def show(self, iteration: int, text: str) -> None:
+        log.info("it %d/%d  %s", iteration, self.total, text)
+
+
+class Bar:
+    """A terminal: a rich progress bar with the latest training numbers beside it."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("train", total=total, stats="")
+
+    def advance(self, iteration: int) -> None:
+        self.progress.update(self.task, completed=iteration)
+
+    def show(self, iteration: int, text: str) -> None:
+        self.progress.update(self.task, completed=iteration, stats=text)
+
+
+def console_handler() -> logging.Handler:
+    """Log lines for the console (conf/hydra/job_logging/rich.yaml): rich's handler on a terminal, which
+    prints above the progress bar, and plain unwrapped lines elsewhere (CI, cluster logs)."""
+    console = get_console()
+    if console.is_terminal:
+        return RichHandler(console=console, show_path=False)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    return handler
+
+
+@contextmanager
+def display(total: int, console: Console | None = None) -> Iterator[Display]:
+    """A progress bar on a terminal, log lines elsewhere; both share rich's console with the log handler."""
+    console = console or get_console()
+    if not console.is_terminal:
+        yield LogLines(total)
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        yield Bar(progress, total)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+        json.dump(data, file, indent=2, sort_keys=True)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(file.name, path)

@@ -1,0 +1,215 @@
+"""Plain and residual networks of He et al. 2015 (arXiv:1512.03385), one class for all of them.
+
+A residual block computes y = relu(F(x) + shortcut(x)) (paper Eq. 1-2); its plain twin computes
+y = relu(F(x)) with exactly the same layers, so the two differ only in the skip connection (§3.3).
+CIFAR-10 nets (§4.2): 3x3 stem, widths 16/32/64, 6n+2 layers. ImageNet nets (Table 1): 7x7/2 stem and
+3x3/2 max-pool, widths 64..512, basic blocks for 18/34 layers and bottleneck blocks for 50/101/152.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resexp.errors import ResexpError
+
+# The shortcut options of §3.3 / Table 3, by name and by the paper's letter.
+SHORTCUTS = {"identity": "A", "projection": "B", "full": "C"}
+BLOCKS = ("basic", "bottleneck")
+STEMS = ("cifar", "imagenet")
+
+# Table 1: blocks per stage of the ImageNet nets, and the block each depth uses.
+IMAGENET_LAYERS = {
+    18: ("basic", [2, 2, 2, 2]),
+    34: ("basic", [3, 4, 6, 3]),
+    50: ("bottleneck", [3, 4, 6, 3]),
+    101: ("bottleneck", [3, 4, 23, 3]),
+    152: ("bottleneck", [3, 8, 36, 3]),
+}
+STEM_WIDTHS = {"cifar": [16, 32, 64], "imagenet": [64, 128, 256, 512]}
+
+
+def canonical_shortcut(option: str) -> str:
+    """'identity'/'projection'/'full', also accepting the paper's letters A/B/C."""
+    letters = {letter: name for name, letter in SHORTCUTS.items()}
+    name = letters.get(str(option).upper(), str(option).lower())
+    if name not in SHORTCUTS:
+        raise ResexpError(
+            f"shortcut={option!r} is not an option; choose identity (A), projection (B) or full (C)"
+        )
+    return name
+
+
+def net_name(residual: bool, depth: int, shortcut: str) -> str:
+    """How runs are named in logs and directories: `plain56`, `resnet56-A`."""
+    if not residual:
+        return f"plain{depth}"
+    letter = SHORTCUTS.get(str(shortcut).lower(), str(shortcut).upper())
+    return f"resnet{depth}-{letter}"
+
+
+def stage_layers(stem: str, block: str, depth: int) -> list[int]:
+    """Blocks per stage for a net of `depth` weighted layers, or a clear error naming valid depths."""
+    if stem not in STEMS:
+        raise ResexpError(f"model.stem={stem!r} is not an option; choose one of {', '.join(STEMS)}")
+    if block not in BLOCKS:
+        raise ResexpError(f"model.block={block!r} is not an option; choose one of {', '.join(BLOCKS)}")
+    if stem == "cifar":
+        # §4.2: 6n layers of 3x3 convs in three stages plus the stem conv and the fc layer.
+        if block != "basic":
+            raise ResexpError("model.block=bottleneck is not a CIFAR net of the paper; use block=basic")
+        if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ResexpError(
+                f"model.depth={depth!r} is not a CIFAR depth; it must be 6n+2 (8, 14, 20, 26, ...): "
+                "the paper's are 20, 32, 44, 56, 110, 1202"
+            )
+        return [(depth - 2) // 6] * 3
+    if depth not in IMAGENET_LAYERS:
+        raise ResexpError(
+            f"model.depth={depth!r} is not an ImageNet depth; choose one of {', '.join(map(str, IMAGENET_LAYERS))}"
+        )
+    paper_block, layers = IMAGENET_LAYERS[depth]
+    if block != paper_block:
+        raise ResexpError(
+            f"model.depth={depth} uses {paper_block} blocks (paper Table 1), not {block}; "
+            f"add model.block={paper_block} or start from model=resnet{depth}"
+        )
+    return layers
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A (§3.3): identity, subsampled by `stride` and zero-padded to `out_channels`; no parameters."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """Options B and C (§3.3, Eq. 2): y = F(x) + W_s x with W_s a strided 1x1 conv, followed by BN."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+    )
+
+
+def make_shortcut(residual: bool, option: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+    """The one place where the shortcut of a block is decided (None: a plain block has none)."""
+    if not residual:
+        return None
+    changes = stride != 1 or in_channels != out_channels
+    if option == "full" or (option == "projection" and changes):
+        return projection(in_channels, out_channels, stride)
+    if changes:
+        return ZeroPadShortcut(in_channels, out_channels, stride)
+    return nn.Identity()
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    # §3.4: BN right after each convolution and before activation; the conv needs no bias then.
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return conv, nn.BatchNorm2d(out_channels)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (Fig. 2 / Fig. 5 left); the first one strides when the stage downsamples."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_channels, planes, 3, stride)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)  # y = F(x) + x, then the second nonlinearity (Eq. 1)
+        return F.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 restore to 4x the width (Fig. 5 right); the 3x3 strides, as in torchvision."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_channels, planes, 1)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride)
+        self.conv3, self.bn3 = conv_bn(planes, planes * self.expansion, 1)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNet(nn.Module):
+    """Stem, stages of blocks (each but the first halves the map and doubles the width), global
+    average pooling, and a fully connected classifier. `residual=False` gives the plain net."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        block: str = "basic",
+        stem: str = "cifar",
+        residual: bool = True,
+        shortcut: str = "identity",
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        widths = STEM_WIDTHS[stem]
+        block_class = BasicBlock if block == "basic" else Bottleneck
+        if stem == "cifar":
+            self.stem = nn.Sequential(*conv_bn(3, widths[0], 3), nn.ReLU(inplace=True))
+        else:
+            self.stem = nn.Sequential(
+                *conv_bn(3, widths[0], 7, stride=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)
+            )
+        stages, channels = [], widths[0]
+        for index, (planes, count) in enumerate(zip(widths, layers)):
+            blocks = []
+            for position in range(count):
+                stride = 2 if index > 0 and position == 0 else 1
+                blocks.append(block_class(channels, planes, stride, residual, shortcut))
+                channels = planes * block_class.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                # He initialisation [13], as the paper uses for all its nets (§3.4).
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (B, 16, 32, 32) on CIFAR; (B, 64, 56, 56) on 224x224 ImageNet
+        x = self.stages(x)  # (B, 64, 8, 8) on CIFAR; (B, 512 or 2048, 7, 7) on ImageNet
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build_model(
+    depth: int, residual: bool, block: str, stem: str, shortcut: str, num_classes: int
+) -> ResNet:
+    """The net named by the model config, with every value checked against the paper's choices."""
+    layers = stage_layers(stem, block, depth)
+    return ResNet(layers, block, stem, residual, canonical_shortcut(shortcut), num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,130 @@
+"""`resexp` as a user runs it: subprocesses, files on disk, TensorBoard events read back."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SHRINK, resexp
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("resexp: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_the_subcommands(tmp_path):
+    result = resexp("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "train" in result.stdout
+    assert resexp(cwd=tmp_path).returncode == 2
+
+
+def test_console_script_is_installed(tmp_path):
+    script = shutil.which("resexp", path=str(Path(sys.executable).parent))
+    assert script, "the resexp console script is not installed next to this Python"
+    result = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_unknown_subcommand_is_a_one_line_error(tmp_path):
+    assert_one_line_error(resexp("trian", cwd=tmp_path), "'trian'", "train")
+
+
+def test_train_writes_events_metrics_and_config(tmp_path):
+    run_dir = tmp_path / "run"
+    result = resexp("train", *SHRINK, "model=plain20", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    series = scalars(run_dir)
+    assert {"error/train", "error/test", "loss/train", "loss/test", "lr"} <= set(series)
+    assert [step for step, _ in series["error/test"]] == [2, 4]
+    assert [step for step, _ in series["error/train"]] == [2, 4]
+    # Milestones [2, 3]: steps 1-2 at 0.1, step 3 at 0.01, step 4 at 0.001.
+    assert [value for _, value in series["lr"]] == pytest.approx([0.1, 0.001])
+    assert all(0 <= value <= 100 for _, value in series["error/train"] + series["error/test"])
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["net"] == "plain20" and metrics["shortcut"] is None  # plain: the option has no effect
+    assert metrics["params"] == 269_722 and metrics["iterations"] == 4
+    assert metrics["final"]["error/test"] == pytest.approx(series["error/test"][-1][1])
+    assert metrics["best"]["error/test"] == pytest.approx(min(v for _, v in series["error/test"]))
+    assert metrics["images_per_s"] > 0 and metrics["wall_time_s"] >= metrics["train_time_s"] > 0
+
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["depth"] == 20 and config["model"]["residual"] is False
+    log = (run_dir / "train.log").read_text()
+    assert "plain net: shortcut=identity has no effect" in log and "it 4/4" in log
+    assert "it 4/4" in result.stdout  # not a terminal: plain log lines instead of a progress bar
+
+
+def test_multirun_makes_one_directory_per_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = resexp("train", "-m", *SHRINK, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = sorted(path.parent for path in sweep.glob("*/metrics.json"))
+    assert [run.name for run in runs] == [
+        "data=synthetic,eval_points=2,log_every=2,model=plain20,schedule.iterations=4,schedule.milestones=[2,3]",
+        "data=synthetic,eval_points=2,log_every=2,model=resnet20,schedule.iterations=4,schedule.milestones=[2,3]",
+    ]
+    nets = [json.loads((run / "metrics.json").read_text())["net"] for run in runs]
+    assert nets == ["plain20", "resnet20-A"]
+    assert all(len(list(run.glob("events.out.tfevents.*"))) == 1 for run in runs)
+
+
+def test_default_run_directory_names_the_net(tmp_path):
+    result = resexp("train", *SHRINK, "model=resnet32", "shortcut=B", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [run] = list((tmp_path / "outputs").glob("*/*_resnet32-B"))
+    assert (run / "metrics.json").is_file()
+
+
+def test_validation_split_logs_val_error(tmp_path):
+    run_dir = tmp_path / "run"
+    result = resexp("train", *SHRINK, "data.val_size=256", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert {"error/val", "loss/val", "error/test"} <= set(scalars(run_dir))
+    assert "error/val" in json.loads((run_dir / "metrics.json").read_text())["final"]
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("model=nope", ["model='nope' is not a model config", "resnet56", "plain20"]),
+        ("model=resnet20,nope", ["model='nope'"]),
+        ("data=imagenet1k", ["data='imagenet1k' is not a data config", "cifar10, synthetic"]),
+        ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B) or full (C)"]),
+        ("model.depth=21", ["model.depth=21 is not a CIFAR depth", "6n+2"]),
+        ("schedule.iterations=0", ["schedule.iterations=0 must be a positive integer"]),
+        ("device=tpu", ["device='tpu'", "auto, cpu, cuda"]),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, override, fragments):
+    args = ["-m"] if "," in override else []
+    result = resexp("train", *args, *SHRINK, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_hydra_flags_work(tmp_path):
+    result = resexp("train", "model=plain56", "--cfg", "job", "--resolve", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["depth"] == 56 and config["shortcut"] == "identity"
+    assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
+    help_text = resexp("train", "--help", cwd=tmp_path)
+    assert help_text.returncode == 0 and "model: " in help_text.stdout and "resnet1202" in help_text.stdout

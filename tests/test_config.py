@@ -1,0 +1,105 @@
+import re
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONF, DATASETS, MODELS, compose_config
+from resexp.cli import make_model, make_schedule
+from resexp.errors import ResexpError
+from resexp.train import Schedule, learning_rate
+
+IMAGENET = {"plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+
+
+def test_the_presets_are_the_papers_nets():
+    cifar = {f"{kind}{depth}" for kind in ("plain", "resnet") for depth in (20, 32, 44, 56, 110)} | {"resnet1202"}
+    assert set(MODELS) == cifar | IMAGENET
+    assert set(DATASETS) >= {"cifar10", "synthetic"}
+
+
+@pytest.mark.parametrize("data", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes_with_every_dataset(model, data):
+    cfg = compose_config(f"model={model}", f"data={data}")
+    net, name = make_model(cfg)
+    assert name.startswith("resnet" if cfg.model.residual else "plain")
+    assert name.removeprefix("resnet").removeprefix("plain").startswith(str(cfg.model.depth))
+    assert net.fc.out_features == cfg.data.num_classes
+    size = 224 if model == "resnet18" else 32  # ImageNet nets also run on CIFAR-sized images
+    net.eval()
+    with torch.inference_mode():
+        out = net(torch.randn(2, 3, size, size))
+    assert out.shape == (2, cfg.data.num_classes)
+    schedule = make_schedule(cfg)
+    assert schedule.iterations == 64_000
+    assert (schedule.warmup_lr is not None) == (cfg.model.depth >= 110)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_default_shortcut_follows_the_paper(model):
+    cfg = compose_config(f"model={model}")
+    bottleneck = cfg.model.block == "bottleneck"
+    # Table 2 / §4.2: option A for the CIFAR nets and ImageNet 18/34; Table 3 / §4.1: B for 50/101/152.
+    assert cfg.shortcut == ("projection" if bottleneck else "identity")
+    assert bottleneck == (cfg.model.depth in (50, 101, 152))
+
+
+def test_root_shortcut_overrides_the_models_default():
+    net, name = make_model(compose_config("model=resnet34", "shortcut=projection"))
+    default, default_name = make_model(compose_config("model=resnet34"))
+    assert (name, default_name) == ("resnet34-B", "resnet34-A")
+    # Table 3's B adds three 1x1 projections with BN: 64->128, 128->256, 256->512.
+    extra = sum(c_in * c_out + 2 * c_out for c_in, c_out in [(64, 128), (128, 256), (256, 512)])
+    assert sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in default.parameters()) == extra
+
+
+def test_any_valid_depth_works_and_others_fail():
+    net, name = make_model(compose_config("model=plain20", "model.depth=26"))
+    assert name == "plain26" and len(net.stages[0]) == 4
+    _, name = make_model(compose_config("model=resnet50", "model.depth=101"))
+    assert name == "resnet101-B"
+    with pytest.raises(ResexpError, match="model.depth=30 is not a CIFAR depth"):
+        make_model(compose_config("model.depth=30"))
+
+
+def test_the_papers_recipe_is_the_default():
+    cfg = compose_config()
+    assert cfg.model.depth == 20 and cfg.model.residual and cfg.data.val_size == 0
+    optimizer = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.1, 0.9, 1e-4, False)
+    assert (cfg.schedule.batch_size, cfg.schedule.iterations, list(cfg.schedule.milestones)) == (128, 64_000, [32_000, 48_000])
+
+
+def test_learning_rate_schedule():
+    schedule = Schedule(iterations=64_000, milestones=(32_000, 48_000), gamma=0.1, warmup_lr=None, warmup_until_error=80)
+    lrs = [learning_rate(i, 0.1, schedule, warming_up=False) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    warm = Schedule(iterations=64_000, milestones=(32_000, 48_000), gamma=0.1, warmup_lr=0.01, warmup_until_error=80)
+    assert learning_rate(0, 0.1, warm, warming_up=True) == 0.01
+    assert learning_rate(400, 0.1, warm, warming_up=False) == 0.1
+
+
+def test_milestones_must_increase():
+    with pytest.raises(ResexpError, match=r"schedule.milestones=\[48000, 32000\] must be increasing"):
+        make_schedule(compose_config("schedule.milestones=[48000,32000]"))
+
+
+def test_every_config_key_has_a_comment():
+    """Style rule: every key in conf/ says what it does, on its own line (block openers excepted)."""
+    key = re.compile(r"^\s*(-\s+)?[\w@/.()]+(\s+[\w/]+)?:\s*\S")
+    for path in sorted(CONF.rglob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if key.match(line) and "#" not in line:
+                pytest.fail(f"conf/{path.relative_to(CONF)}:{number} has no comment: {line!r}")
+
+
+def test_configs_resolve():
+    # Interpolations (the default shortcut, the data root from the environment) resolve without Hydra's runtime.
+    cfg = compose_config("model=resnet50")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["shortcut"] == "projection"
+    assert isinstance(resolved["data"]["root"], str)
