@@ -1,30 +1,39 @@
-"""`resexp SUBCOMMAND ...`: the entry point, and the one place that reads the Hydra config.
+"""`resexp SUBCOMMAND ...`: the entry point. With resexp/config.py, the only code that reads the config.
 
 `resexp train [overrides]` is a real Hydra app (multirun, --cfg, --help, hydra.run.dir all work): the
-dispatcher takes the subcommand off sys.argv and hands the rest to a @hydra.main function.
+dispatcher takes the subcommand off sys.argv and hands the rest to a @hydra.main function. Errors are
+reported here, as one line each, with exit code 2 for bad input and 128 + N for signal N.
 """
 
 from __future__ import annotations
 
-import importlib.resources
+import json
 import math
+import os
 import platform
+import shutil
+import signal
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import resexp
-from resexp.errors import ResexpError
+from resexp import checkpoint
+from resexp.errors import Interrupted, ResexpError
 from resexp.logs import log, write_json
-from resexp.models import build_model, canonical_shortcut, count_parameters
+from resexp.config import check_choices, config_dir, experiment_of, make_model, make_schedule, pick_device, positive
+from resexp.models import canonical_shortcut, count_parameters
 from resexp.models.resnet import net_name
-from resexp.train import Schedule, train
+from resexp.train import train
 
 COMMANDS = {"train": "train a plain or residual net (a Hydra app: `resexp train --help`, `resexp train -m ...`)"}
 USAGE = "usage: resexp {" + ",".join(COMMANDS) + "} [args]\n\ncommands:\n" + "".join(
@@ -32,86 +41,44 @@ USAGE = "usage: resexp {" + ",".join(COMMANDS) + "} [args]\n\ncommands:\n" + "".
 )
 
 
-def config_dir() -> Path | importlib.resources.abc.Traversable:
-    """conf/ of a source checkout (editable install or PYTHONPATH), else the installed package resexp.conf."""
-    source = Path(__file__).resolve().parent.parent / "conf"
-    return source if (source / "train.yaml").is_file() else importlib.resources.files("resexp.conf")
-
-
-def check_choices(overrides: list[str]) -> None:
-    """Name a bad config choice (`model=nope`) in one line, before Hydra prints its long report."""
-    root = config_dir()
-    groups = {entry.name for entry in root.iterdir() if entry.is_dir() and entry.name not in ("hydra", "__pycache__")}
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # malformed overrides: Hydra's own parser error says more than we could
-        return
-    for override in parsed:
-        group = override.key_or_group
-        if group not in groups or override.is_delete() or override.package is not None:
-            continue
-        options = sorted(entry.name.removesuffix(".yaml") for entry in root.joinpath(group).iterdir() if entry.name.endswith(".yaml"))
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
-        for value in values:
-            if value not in options:
-                raise ResexpError(f"{group}={value!r} is not a {group} config; choose one of {', '.join(options)}")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ResexpError(f"device={name!r} is not a device; choose auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ResexpError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
-    return device
-
-
-def positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or value < 1:
-        raise ResexpError(f"{name}={value!r} must be a positive integer")
-    return value
-
-
-def make_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
-    """The net the config names, and its run name (`resnet56-A`, `plain56`)."""
-    model, shortcut = cfg.model, canonical_shortcut(cfg.shortcut)
-    net = build_model(model.depth, model.residual, model.block, model.stem, shortcut, cfg.data.num_classes)
-    return net, net_name(model.residual, model.depth, shortcut)
-
-
-def make_schedule(cfg: DictConfig) -> Schedule:
-    schedule = cfg.schedule
-    milestones = tuple(schedule.milestones)
-    if list(milestones) != sorted(milestones):
-        raise ResexpError(f"schedule.milestones={list(milestones)} must be increasing iteration numbers")
-    return Schedule(
-        iterations=positive("schedule.iterations", schedule.iterations),
-        milestones=milestones,
-        gamma=schedule.gamma,
-        # §4.2: only the deepest nets (110 layers and up) start at the low warm-up rate.
-        warmup_lr=schedule.warmup_lr if cfg.model.depth >= schedule.warmup_min_depth else None,
-        warmup_until_error=schedule.warmup_until_error,
-    )
+def previous_run(run_dir: Path, resume: bool, experiment: dict[str, Any]) -> dict[str, Any] | None:
+    """What `run_dir` already holds: None (a new run), {"metrics": ...} (a finished run), or a
+    checkpoint to continue. Never overwrites: without resume=true an existing run is an error."""
+    metrics, saved = run_dir / "metrics.json", run_dir / checkpoint.FILENAME
+    if not saved.exists() and not metrics.exists():
+        return None
+    if not resume:
+        raise ResexpError(f"{run_dir} already holds a run; resume=true continues it, another hydra.run.dir starts a new one")
+    state = checkpoint.load(saved) if saved.exists() else None
+    if state is not None:
+        checkpoint.check_same_experiment(saved, state["experiment"], experiment)
+    if metrics.exists():
+        return {"metrics": json.loads(metrics.read_text())}
+    return state
 
 
 def run(cfg: DictConfig) -> float:
-    """Build everything the config names, train, and write metrics.json; returns the final test error."""
+    """Build everything the config names, train (or resume), and write metrics.json; returns the final test error."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     schedule = make_schedule(cfg)
     batch_size = positive("schedule.batch_size", cfg.schedule.batch_size)
     device = pick_device(cfg.device)
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise ResexpError(f"on_nonfinite={cfg.on_nonfinite!r} is not an option; choose stop or skip")
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
 
-    torch.manual_seed(cfg.seed)  # weight initialisation; the data loaders take the seed themselves
+    torch.manual_seed(cfg.seed)  # weight initialisation; the data stream has a generator of its own
     model, name = make_model(cfg)
+    experiment = experiment_of(cfg, list(hydra_cfg.job.config.override_dirname.exclude_keys))
+    previous = previous_run(run_dir, cfg.resume, experiment)
+    if previous is not None and "metrics" in previous:
+        log.info("%s finished already (%s): nothing to do", name, run_dir / "metrics.json")
+        return previous["metrics"]["final"]["error/test"]
     model.to(device, memory_format=torch.channels_last)  # the layout to_device gives the images
     if not cfg.model.residual:
         log.info("%s is a plain net: shortcut=%s has no effect", name, cfg.shortcut)
-    data = instantiate(cfg.data)(batch_size=batch_size, seed=cfg.seed)
+    data = instantiate(cfg.data)(batch_size=batch_size, seed=cfg.seed, device=device)
     optimizer = instantiate(cfg.optim)(model.parameters())
     params = count_parameters(model)
     log.info("%s: %s parameters, %d iterations at batch %d on %s -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, run_dir)
@@ -125,6 +92,10 @@ def run(cfg: DictConfig) -> float:
         run_dir=run_dir,
         eval_every=math.ceil(schedule.iterations / positive("eval_points", cfg.eval_points)),
         log_every=positive("log_every", cfg.log_every),
+        checkpoint_every=positive("checkpoint_every", cfg.checkpoint_every),
+        on_nonfinite=cfg.on_nonfinite,
+        experiment=experiment,
+        resume=previous,
     )
     write_json(
         run_dir / "metrics.json",
@@ -152,12 +123,47 @@ def run(cfg: DictConfig) -> float:
     return final["error/test"]
 
 
+def fail(message: str, code: int = 2) -> NoReturn:
+    print(f"resexp: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def discard_if_empty(directory: Path, hydra_files: set[str]) -> None:
+    """After bad input: remove what Hydra made for this run (`hydra_files`) if the directory holds nothing
+    else, so a typo leaves no half-made run behind. A directory with anything more is never touched."""
+    if not directory.is_dir() or {entry.name for entry in directory.iterdir()} - hydra_files:
+        return
+    for name in hydra_files:
+        target = directory / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    directory.rmdir()
+
+
 def train_task(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         return run(cfg)
     except ResexpError as error:
-        print(f"resexp: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        discard_if_empty(run_dir, {".hydra", "train.log"})
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            discard_if_empty(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+        fail(f"error: {error}")
+    except Interrupted as stop:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            how = f"run the same sweep again with hydra.sweep.dir={hydra_cfg.sweep.dir}"
+        else:
+            how = f"resexp train {' '.join(hydra_cfg.overrides.task)} hydra.run.dir={run_dir}".replace("  ", " ")
+        fail(f"stopped by {signal.Signals(stop.signum).name} at iteration {stop.iteration}, checkpoint saved; resume: {how}", 128 + stop.signum)
+    except KeyboardInterrupt:
+        fail(f"stopped at once by a second signal; the last checkpoint in {run_dir} is intact", 128 + signal.SIGINT)
+
+
+def one_line(error: Exception) -> str:
+    """Hydra's and OmegaConf's messages span lines (key, full_key, object_type): keep the sentences."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))]
+    return " ".join(kept) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,15 +173,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"resexp: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        check_choices([arg for arg in rest if "=" in arg and not arg.startswith("-")])
-    except ResexpError as error:
-        print(f"resexp: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
     OmegaConf.register_new_resolver("resexp.net", net_name, replace=True)
     sys.argv = [f"resexp {command}", *rest]
     source = config_dir()
     config_path = str(source) if isinstance(source, Path) else "pkg://resexp.conf"
-    hydra.main(version_base="1.3", config_path=config_path, config_name="train")(train_task)()
+    # Hydra then raises its errors instead of printing a trimmed stack trace, and they are reported
+    # below in one line; an unexpected error (a bug) still shows its whole traceback.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        check_choices([arg for arg in rest if "=" in arg and not arg.startswith("-")])
+        hydra.main(version_base="1.3", config_path=config_path, config_name="train")(train_task)()
+    except ResexpError as error:
+        fail(f"error: {error}")
+    except OSError as error:  # typically the run directory: not writable, not a directory, disk full
+        where = f" {error.filename}" if error.filename else ""
+        fail(f"error: cannot write{where} ({error.strerror or error}); choose a writable hydra.run.dir or hydra.sweep.dir")
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(f"error: {one_line(error)}")

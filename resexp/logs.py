@@ -1,22 +1,21 @@
-"""What a run shows and leaves behind: a progress display, TensorBoard scalars, and result files."""
+"""What a run shows and leaves behind: log lines or a progress bar, and its metrics file."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-import sys
-
 from rich import get_console
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from resexp.files import atomic_write
 
 log = logging.getLogger("resexp")
 
@@ -84,11 +83,6 @@ def display(total: int, console: Console | None = None) -> Iterator[Display]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        json.dump(data, file, indent=2, sort_keys=True)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(file.name, path)
+    """Replace `path` atomically: a reader, or a crash, sees the old file or the new one."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda file: file.write(text.encode()))

@@ -1,21 +1,27 @@
-"""The training loop: iteration-based, as the paper counts its CIFAR schedule (§4.2)."""
+"""The training loop: iteration-based, as the paper counts its CIFAR schedule (§4.2), and resumable
+exactly: everything the loop carries from one step to the next is in its checkpoint."""
 
 from __future__ import annotations
 
 import math
+import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
+from resexp import checkpoint
 from resexp.data import Data
-from resexp.errors import ResexpError
+from resexp.errors import Interrupted, ResexpError
 from resexp.logs import display, log
+
+MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,21 @@ class Schedule:
     gamma: float  # the factor at each milestone (the paper divides by 10)
     warmup_lr: float | None  # the learning rate until the training error falls below `warmup_until_error`; None: no warm-up
     warmup_until_error: float  # % training error that ends the warm-up
+
+
+@dataclass
+class Progress:
+    """What the loop carries between steps besides the model, optimizer and data stream."""
+
+    iteration: int = 0  # steps completed
+    warming_up: bool = False  # still at the warm-up learning rate
+    final: dict[str, float] = field(default_factory=dict)  # latest value of every logged metric
+    best: dict[str, float] = field(default_factory=dict)  # lowest evaluation errors and their iterations
+    train_seconds: float = 0.0  # time spent in training steps, evaluation excluded
+    wall_seconds: float = 0.0  # time of the whole run, over all its sessions
+    skipped: int = 0  # steps skipped for a non-finite loss (on_nonfinite=skip)
+    logged_at: int = 0  # iteration of the last training log point
+    logged_seconds: float = 0.0  # train_seconds at that point
 
 
 def learning_rate(iteration: int, base_lr: float, schedule: Schedule, warming_up: bool) -> float:
@@ -41,18 +62,12 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
     return x, y.to(device, non_blocking=True)
 
 
-def batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches, epoch after epoch; each epoch the loader draws a new permutation."""
-    while True:
-        yield from loader
-
-
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """(error in %, mean cross-entropy) over the whole loader."""
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[float, float]:
+    """(error in %, mean cross-entropy) over all batches."""
     model.eval()
     totals = torch.zeros(3, device=device)  # loss sum, wrong predictions, images
-    for x, y in loader:
+    for x, y in batches:
         x, y = to_device(x, y, device)
         out = model(x)
         loss = nn.functional.cross_entropy(out, y, reduction="sum")
@@ -60,6 +75,35 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     model.train()
     loss_sum, wrong, seen = totals.tolist()
     return 100 * wrong / seen, loss_sum / seen
+
+
+@contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) are noted instead of killing the process, so the
+    loop can finish its step and save a checkpoint. A second signal stops at once."""
+    received: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def rng_states() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def train(
@@ -72,79 +116,133 @@ def train(
     run_dir: Path,
     eval_every: int,
     log_every: int,
-) -> dict:
-    """Train for `schedule.iterations` steps, logging to TensorBoard in `run_dir`; returns a summary."""
-    base_lr = optimizer.param_groups[0]["lr"]
-    warming_up = schedule.warmup_lr is not None
-    criterion = nn.CrossEntropyLoss()
+    checkpoint_every: int,
+    on_nonfinite: str,
+    experiment: dict[str, Any],
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train for `schedule.iterations` steps (from a checkpoint's state when `resume` is given), logging
+    to TensorBoard in `run_dir` and checkpointing there; returns a summary for metrics.json."""
+    path = run_dir / checkpoint.FILENAME
+    base_lr = optimizer.param_groups[0]["lr"]  # read before a checkpoint's optimizer state replaces it
+    state = Progress(warming_up=schedule.warmup_lr is not None)
     totals = torch.zeros(3, device=device)  # since the last log point: loss sum, wrong predictions, images
-    final: dict[str, float] = {}
-    best: dict[str, float] = {}
-    started = time.perf_counter()
-    train_seconds, mark, logged_at, logged_seconds = 0.0, started, 0, 0.0
-    writer = SummaryWriter(log_dir=str(run_dir))
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss, 0: none
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        data.train.load_state_dict(resume["data"])
+        restore_rng_states(resume["rng"])
+        state = Progress(**resume["progress"])
+        totals.copy_(resume["totals"])
+        log.info("resuming %s at iteration %d", path, state.iteration)
+
+    def save() -> None:
+        state.wall_seconds = wall_before + time.perf_counter() - started
+        checkpoint.save(
+            path,
+            {
+                "experiment": experiment,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "data": data.train.state_dict(),
+                "rng": rng_states(),
+                "progress": vars(state),
+                "totals": totals.cpu(),
+            },
+        )
+
+    def check_finite() -> None:
+        if on_nonfinite == "stop" and (bad := int(first_bad)):
+            kept = f"the last good checkpoint ({path}) is kept" if path.exists() else "no checkpoint was written yet"
+            raise ResexpError(
+                f"the training loss became non-finite at iteration {bad}; {kept}; "
+                "lower optim.lr, or set on_nonfinite=skip to skip such steps"
+            )
+
+    # purge_step: TensorBoard drops points that an interrupted run logged after its last checkpoint.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.iteration + 1 if resume else None)
+    started, mark, wall_before, in_a_row = time.perf_counter(), time.perf_counter(), state.wall_seconds, 0
     try:
-        with display(schedule.iterations) as screen:
+        with display(schedule.iterations) as screen, stop_requests() as stops:
             model.train()
-            stream = batches(data.train)
-            for iteration in range(1, schedule.iterations + 1):
-                lr = learning_rate(iteration - 1, base_lr, schedule, warming_up)
+            while state.iteration < schedule.iterations:
+                iteration = state.iteration + 1
+                lr = learning_rate(iteration - 1, base_lr, schedule, state.warming_up)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x, y = next(stream)
-                x, y = to_device(x, y, device)  # (B, 3, H, W), (B,)
+                x, y = to_device(*next(data.train), device)  # (B, 3, H, W), (B,)
                 out = model(x)  # (B, num_classes)
-                loss = criterion(out, y)
+                loss = nn.functional.cross_entropy(out, y)
+                finite = torch.isfinite(loss)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    totals += torch.stack([loss * len(y), (out.argmax(1) != y).sum(), torch.tensor(len(y), device=device)])
+                if on_nonfinite == "skip" and not finite:  # one host sync per step, only in this mode
+                    state.skipped, in_a_row = state.skipped + 1, in_a_row + 1
+                    log.warning("iteration %d: non-finite loss, step skipped", iteration)
+                    if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        raise ResexpError(f"{in_a_row} steps in a row had a non-finite loss up to iteration {iteration}: the run has diverged")
+                else:
+                    in_a_row = 0
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        first_bad.copy_(torch.where((first_bad == 0) & ~finite, iteration, first_bad))
+                        totals += torch.stack([loss.detach() * len(y), (out.argmax(1) != y).sum(), torch.tensor(len(y), device=device)])
+                state.iteration = iteration
                 screen.advance(iteration)
-
                 last = iteration == schedule.iterations
+
                 if iteration % log_every == 0 or last:
                     loss_sum, wrong, seen = totals.tolist()  # the one host sync per interval
+                    check_finite()
                     totals.zero_()
                     now = time.perf_counter()
-                    train_seconds, mark = train_seconds + now - mark, now
-                    if not math.isfinite(loss_sum):
-                        raise ResexpError(f"the training loss became {loss_sum / seen} at iteration {iteration}")
-                    final["error/train"], final["loss/train"] = 100 * wrong / seen, loss_sum / seen
-                    writer.add_scalar("error/train", final["error/train"], iteration)
-                    writer.add_scalar("loss/train", final["loss/train"], iteration)
+                    state.train_seconds, mark = state.train_seconds + now - mark, now
+                    if seen:
+                        state.final["error/train"], state.final["loss/train"] = 100 * wrong / seen, loss_sum / seen
+                        writer.add_scalar("error/train", state.final["error/train"], iteration)
+                        writer.add_scalar("loss/train", state.final["loss/train"], iteration)
                     writer.add_scalar("lr", lr, iteration)
-                    speed = (iteration - logged_at) / max(train_seconds - logged_seconds, 1e-9)
-                    logged_at, logged_seconds = iteration, train_seconds
+                    speed = (iteration - state.logged_at) / max(state.train_seconds - state.logged_seconds, 1e-9)
+                    state.logged_at, state.logged_seconds = iteration, state.train_seconds
                     screen.show(
                         iteration,
-                        f"loss {final['loss/train']:.3f}  train err {final['error/train']:5.2f}%  lr {lr:g}  {speed:.1f} it/s",
+                        f"loss {state.final.get('loss/train', math.nan):.3f}  train err {state.final.get('error/train', math.nan):5.2f}%"
+                        f"  lr {lr:g}  {speed:.1f} it/s",
                     )
-                    if warming_up and final["error/train"] < schedule.warmup_until_error:
+                    if state.warming_up and state.final.get("error/train", 100) < schedule.warmup_until_error:
                         # §4.2 (ResNet-110): 0.01 "until the training error is below 80%", then back to 0.1.
-                        warming_up = False
-                        log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, final["error/train"])
+                        state.warming_up = False
+                        log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
                 if iteration % eval_every == 0 or last:
-                    train_seconds += time.perf_counter() - mark
-                    for name, loader in data.evals.items():
-                        error, loss_value = evaluate(model, loader, device)
-                        final[f"error/{name}"], final[f"loss/{name}"] = error, loss_value
+                    state.train_seconds += time.perf_counter() - mark
+                    for name, batches in data.evals.items():
+                        error, loss_value = evaluate(model, batches, device)
+                        state.final[f"error/{name}"], state.final[f"loss/{name}"] = error, loss_value
                         writer.add_scalar(f"error/{name}", error, iteration)
                         writer.add_scalar(f"loss/{name}", loss_value, iteration)
-                        if error < best.get(f"error/{name}", math.inf):
-                            best[f"error/{name}"], best[f"iteration/{name}"] = error, iteration
+                        if error < state.best.get(f"error/{name}", math.inf):
+                            state.best[f"error/{name}"], state.best[f"iteration/{name}"] = error, iteration
                     log.info(
                         "it %d/%d  %s",
                         iteration,
                         schedule.iterations,
-                        "  ".join(f"{name} err {final[f'error/{name}']:.2f}%" for name in data.evals),
+                        "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in data.evals),
                     )
                     mark = time.perf_counter()  # evaluation time is not training time
+                if iteration % checkpoint_every == 0 or last or stops:
+                    check_finite()
+                    writer.flush()  # the curves reach disk no later than the checkpoint that covers them
+                    save()
+                if stops and not last:
+                    raise Interrupted(stops[0], iteration)
     finally:
         writer.close()
+    state.wall_seconds = wall_before + time.perf_counter() - started
     return {
-        "final": final,
-        "best": best,
-        "train_time_s": train_seconds,
-        "wall_time_s": time.perf_counter() - started,
+        "final": state.final,
+        "best": state.best,
+        "skipped_steps": state.skipped,
+        "train_time_s": state.train_seconds,
+        "wall_time_s": state.wall_seconds,
     }

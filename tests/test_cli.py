@@ -105,19 +105,28 @@ def test_validation_split_logs_val_error(tmp_path):
     "override, fragments",
     [
         ("model=nope", ["model='nope' is not a model config", "resnet56", "plain20"]),
-        ("model=resnet20,nope", ["model='nope'"]),
+        ("-m model=resnet20,nope", ["model='nope'"]),
+        ("-m model=plain20 shortcut=Z", ["shortcut='Z' is not an option"]),
         ("data=imagenet1k", ["data='imagenet1k' is not a data config", "cifar10, synthetic"]),
         ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B) or full (C)"]),
         ("model.depth=21", ["model.depth=21 is not a CIFAR depth", "6n+2"]),
         ("schedule.iterations=0", ["schedule.iterations=0 must be a positive integer"]),
         ("device=tpu", ["device='tpu'", "auto, cpu, cuda"]),
+        ("schedule.batch_size=0", ["schedule.batch_size=0 must be a positive integer"]),
+        ("schedule.milestones=[2,9]", ["schedule.milestones=[2, 9] must be increasing iterations within the run's 4"]),
+        ("checkpoint_every=-1", ["checkpoint_every=-1 must be a positive integer"]),
+        ("on_nonfinite=ignore", ["on_nonfinite='ignore' is not an option; choose stop or skip"]),
+        ("modle.depth=20", ["Could not override 'modle.depth'"]),
+        ("data=cifar10 data.root=/nonexistent data.download=false", ["CIFAR-10 not found: /nonexistent/cifar-10-batches-py lacks data_batch_1", "data.root"]),
     ],
 )
-def test_bad_input_is_a_one_line_error(tmp_path, override, fragments):
-    args = ["-m"] if "," in override else []
-    result = resexp("train", *args, *SHRINK, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_bad_input_is_a_one_line_error_and_leaves_nothing_behind(tmp_path, override, fragments):
+    run_dir = tmp_path / "outputs" / "run"
+    flags = [arg for arg in override.split() if arg.startswith("-")]
+    overrides = [arg for arg in override.split() if not arg.startswith("-")]
+    result = resexp("train", *flags, *SHRINK, *overrides, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not run_dir.exists()
 
 
 def test_hydra_flags_work(tmp_path):

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF, DATASETS, MODELS, compose_config
-from resexp.cli import make_model, make_schedule
+from resexp.config import make_model, make_schedule
 from resexp.errors import ResexpError
 from resexp.train import Schedule, learning_rate
 
@@ -83,9 +83,10 @@ def test_learning_rate_schedule():
     assert learning_rate(400, 0.1, warm, warming_up=False) == 0.1
 
 
-def test_milestones_must_increase():
-    with pytest.raises(ResexpError, match=r"schedule.milestones=\[48000, 32000\] must be increasing"):
-        make_schedule(compose_config("schedule.milestones=[48000,32000]"))
+@pytest.mark.parametrize("milestones", ["[48000,32000]", "[32000,64000]", "[0,100]"])
+def test_milestones_must_increase_within_the_run(milestones):
+    with pytest.raises(ResexpError, match=r"must be increasing iterations within the run's 64000"):
+        make_schedule(compose_config(f"schedule.milestones={milestones}"))
 
 
 def test_every_config_key_has_a_comment():

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from resexp.data import cifar, cifar10, synthetic
-from resexp.data.loaders import Images, per_pixel_mean, tensor_loaders
+from resexp.data.loaders import augment, per_pixel_mean, tensor_data
 from resexp.errors import ResexpError
 
-SMALL = dict(num_classes=10, train_size=300, test_size=100, workers=0, eval_batch_size=50, batch_size=32, seed=0)
+SMALL = dict(num_classes=10, train_size=300, test_size=100, eval_batch_size=50, batch_size=32, seed=0, device=torch.device("cpu"))
+CPU = torch.device("cpu")
 
 
 def write_batch(path, images, labels):
@@ -29,16 +30,16 @@ def fake_cifar(tmp_path):
 
 
 def test_reads_the_standard_layout_without_md5_checks(fake_cifar):
-    data = cifar10(root=str(fake_cifar), download=False, num_classes=10, val_size=0, workers=0, eval_batch_size=1000, batch_size=128, seed=0)
+    data = cifar10(root=str(fake_cifar), download=False, num_classes=10, val_size=0, eval_batch_size=1000, batch_size=128, seed=0, device=CPU)
     assert data.num_train == 50_000
-    assert len(data.evals["test"].dataset) == 10_000
+    assert len(data.evals["test"].labels) == 10_000
     x, y = next(iter(data.train))
     assert x.shape == (128, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
 
 
 def test_missing_data_names_the_folder_and_how_to_provide_it(tmp_path):
     with pytest.raises(ResexpError) as error:
-        cifar10(root=str(tmp_path), download=False, num_classes=10, val_size=0, workers=0, eval_batch_size=1, batch_size=1, seed=0)
+        cifar10(root=str(tmp_path), download=False, num_classes=10, val_size=0, eval_batch_size=1, batch_size=1, seed=0, device=CPU)
     message = str(error.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and "data_batch_1" in message and "data.root" in message
     assert "\n" not in message
@@ -50,7 +51,7 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
     with pytest.raises(ResexpError, match="the download failed \\(network is unreachable\\); put the python version"):
-        cifar10(root=str(tmp_path), download=True, num_classes=10, val_size=0, workers=0, eval_batch_size=1, batch_size=1, seed=0)
+        cifar10(root=str(tmp_path), download=True, num_classes=10, val_size=0, eval_batch_size=1, batch_size=1, seed=0, device=CPU)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong shape"])
@@ -74,24 +75,45 @@ def test_real_copy_loads(cifar_root):
     assert images.float().mean((0, 2, 3)).div(255).tolist() == pytest.approx([0.4942, 0.4851, 0.4504], abs=1e-3)
 
 
-def test_augmentation_is_a_padded_crop_of_the_mean_subtracted_image_or_its_flip():
+def test_augmentation_is_a_padded_crop_of_the_image_or_its_flip():
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
-    mean = per_pixel_mean(images.repeat(2, 1, 1, 1) // 2)
-    centred = images[0].float() / 255 - mean
-    padded = F.pad(centred, (4, 4, 4, 4))  # zero padding: the mean value after subtraction
-    views = {(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)}
-    seen = set()
-    dataset = Images(images, torch.zeros(1, dtype=torch.int64), mean, augment=True)
-    for _ in range(400):
-        x, _ = dataset[0]
-        match = [v for v in views if torch.allclose(x, crop(padded, *v))]
+    x = torch.randn(400, 3, 32, 32)
+    padded = F.pad(x, (4, 4, 4, 4))  # zero padding: the mean value after mean subtraction
+    views = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)]
+    out = augment(x, torch.Generator().manual_seed(1))
+    seen = []
+    for image, source in zip(out, padded):
+        match = [v for v in views if torch.equal(image, crop(source, *v))]
         assert match, "an augmented image is no crop of the padded image or of its flip"
-        seen.update(match)
-    assert len(seen) > 100  # offsets and flips both vary
-    assert {flip for _, _, flip in seen} == {False, True}
-    plain, _ = Images(images, torch.zeros(1, dtype=torch.int64), mean, augment=False)[0]
-    assert torch.allclose(plain, centred)  # evaluation: the single original view
+        seen.append(match[0])
+    dys, dxs, flips = zip(*seen)
+    assert set(dys) == set(range(9)) and set(dxs) == set(range(9))  # every offset occurs
+    assert 0.4 < sum(flips) / len(flips) < 0.6  # half the images are flipped
+
+
+def test_augmentation_matches_torchvisions_distribution():
+    """The reference: torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip, image by image.
+    Both must give each of the 162 views (9 x 9 offsets, flipped or not) with probability 1/162."""
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 32, 32)
+    padded = F.pad(image[0], (4, 4, 4, 4))
+    views = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)]
+    reference = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
+    draws = 8100
+
+    def histogram(images):
+        counts = torch.zeros(len(views))
+        for out in images:
+            counts[next(i for i, v in enumerate(views) if torch.equal(out, crop(padded, *v)))] += 1
+        return counts / draws
+
+    ours = histogram(augment(image.expand(draws, -1, -1, -1), torch.Generator().manual_seed(2)))
+    theirs = histogram(reference(image[0]) for _ in range(draws))
+    # 50 draws per view on average: both within sampling noise of uniform and of each other.
+    assert (ours - 1 / 162).abs().max() < 0.005 and (theirs - 1 / 162).abs().max() < 0.005
+    assert 0.45 < ours[1::2].sum() < 0.55  # flips
 
 
 def crop(padded, dy, dx, flip):
@@ -106,34 +128,58 @@ def test_per_pixel_mean_is_the_mean_image():
 
 def test_validation_split_holds_out_images_and_the_mean_ignores_them():
     data = synthetic(**SMALL, val_size=60)
-    assert data.num_train == 240 and len(data.evals["val"].dataset) == 60 and len(data.evals["test"].dataset) == 100
-    train_set, val_set = data.train.dataset, data.evals["val"].dataset
-    train_rows = {tuple(image.flatten().tolist()[:16]) for image in train_set.images}
-    assert not any(tuple(image.flatten().tolist()[:16]) in train_rows for image in val_set.images)
-    assert torch.allclose(train_set.mean, per_pixel_mean(train_set.images))
-    assert data.evals["val"].dataset.mean is train_set.mean  # val and test are centred with the training mean
+    assert data.num_train == 240 and len(data.evals["val"].labels) == 60 and len(data.evals["test"].labels) == 100
+    train, val = data.train, data.evals["val"]
+    train_rows = {tuple(image.flatten().tolist()[:16]) for image in train.images}
+    assert not any(tuple(image.flatten().tolist()[:16]) in train_rows for image in val.images)
+    assert torch.allclose(train.mean, per_pixel_mean(train.images))
+    assert val.mean is train.mean and data.evals["test"].mean is train.mean  # centred with the training mean
 
 
-def test_no_split_by_default_and_epochs_are_permutations():
+def test_evaluation_sees_every_image_once_in_its_original_view():
     data = synthetic(**SMALL, val_size=0)
-    assert set(data.evals) == {"test"}
-    first = torch.cat([y for _, y in data.train])
-    assert len(first) == 288  # 9 full batches of 32; the last partial batch is dropped
-    order = [torch.cat([y for _, y in data.train]) for _ in range(2)]
-    assert not torch.equal(order[0], order[1])
+    test = data.evals["test"]
+    batches = list(test)
+    assert [len(y) for _, y in batches] == [50, 50]
+    x = torch.cat([x for x, _ in batches])
+    assert torch.allclose(x, test.images.float() / 255 - test.mean)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_the_seed_fixes_data_order_and_augmentation(workers):
+def test_epochs_are_permutations_and_the_last_partial_batch_is_dropped():
+    data = synthetic(**SMALL, val_size=0)
+    labels = data.train.labels
+    seen = []
+    for _ in range(9):  # 300 images, batch 32: 9 full batches an epoch
+        _, y = next(data.train)
+        seen.append(y)
+    assert data.train.epoch == 1
+    first = data.train.order[:288]
+    assert len(set(first.tolist())) == 288 and torch.equal(torch.cat(seen), labels[first])
+    previous = data.train.order.clone()
+    next(data.train)
+    assert data.train.epoch == 2 and data.train.position == 32
+    assert sorted(data.train.order.tolist()) == list(range(300)) and not torch.equal(data.train.order, previous)
+
+
+def test_the_seed_fixes_data_order_and_augmentation():
     def first_batch(seed):
-        # Without workers the crops draw from the global generator, which `resexp train` seeds first;
-        # worker processes are seeded from the loader's own generator.
-        torch.manual_seed(seed)
-        return next(iter(synthetic(**{**SMALL, "seed": seed, "workers": workers}, val_size=0).train))
+        return next(synthetic(**{**SMALL, "seed": seed}, val_size=0).train)
 
     a, b, c = first_batch(1), first_batch(1), first_batch(2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+def test_the_stream_resumes_exactly_from_its_state():
+    stream = synthetic(**SMALL, val_size=0).train
+    for _ in range(12):  # into the second epoch
+        next(stream)
+    state = stream.state_dict()
+    expected = [next(stream) for _ in range(10)]
+    fresh = synthetic(**SMALL, val_size=0).train
+    fresh.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(expected, (next(fresh) for _ in range(10))):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
 @pytest.mark.parametrize(
@@ -149,12 +195,13 @@ def test_bad_loader_values(changes, message):
         synthetic(**{**SMALL, "val_size": 0, **changes})
 
 
-def test_tensor_loaders_keep_labels_with_images():
+def test_labels_stay_with_their_images():
     images = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 3, 32, 32).contiguous()
     labels = torch.arange(64)
-    data = tensor_loaders(images, labels, images[:8], labels[:8], val_size=0, batch_size=16, eval_batch_size=8, workers=0, seed=0)
-    mean = data.train.dataset.mean
-    for x, y in data.train:
+    data = tensor_data(images, labels, images[:8], labels[:8], val_size=0, batch_size=16, eval_batch_size=8, seed=0, device=CPU)
+    mean = data.train.mean
+    for _ in range(8):
+        x, y = next(data.train)
         # Crops can bring in padding, but the centre pixel is always the image's own.
         centre = (x[:, 0, 16, 16] + mean[0, 16, 16]) * 255
         assert torch.allclose(centre, y.float(), atol=1e-3)

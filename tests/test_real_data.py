@@ -13,7 +13,6 @@ def test_resnet20_learns_cifar10(tmp_path, cifar_root):
     result = resexp(
         "train",
         f"data.root={cifar_root}",
-        "data.workers=2",
         "schedule.iterations=300",
         "eval_points=1",
         f"hydra.run.dir={run_dir}",

@@ -15,7 +15,7 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
-from resexp.data.loaders import Data, tensor_loaders
+from resexp.data.loaders import Data, tensor_data
 from resexp.errors import ResexpError
 
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -61,23 +61,23 @@ def cifar10(
     download: bool,
     num_classes: int,
     val_size: int,
-    workers: int,
     eval_batch_size: int,
     batch_size: int,
     seed: int,
+    device: torch.device,
 ) -> Data:
     if num_classes != 10:
         raise ResexpError(f"data.num_classes={num_classes}, but CIFAR-10 has 10 classes")
     folder = find_or_download(root, download)
     train = [read_batch(folder / name) for name in TRAIN_FILES]
     test = read_batch(folder / TEST_FILES[0])
-    return tensor_loaders(
+    return tensor_data(
         torch.cat([images for images, _ in train]),
         torch.cat([labels for _, labels in train]),
         *test,
         val_size=val_size,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
-        workers=workers,
         seed=seed,
+        device=device,
     )

@@ -1,44 +1,23 @@
-"""Image tensors in memory to the loaders a run uses, with the paper's CIFAR preprocessing (§4.2)."""
+"""In-memory images to the batches a run uses, with the paper's CIFAR preprocessing (§4.2).
+
+The uint8 images live on the training device (the GPU when there is one) and each batch is
+augmented there in a few tensor ops: no worker processes, no per-image Python. Every random draw,
+the epoch permutations and the crops and flips, comes from one generator, so the stream can be
+checkpointed and resumed exactly.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+import torch.nn.functional as F
 
 from resexp.errors import ResexpError
 
 SPLIT_SEED = 0  # the validation split is the same for every run, whatever its seed
-
-
-@dataclass
-class Data:
-    train: DataLoader  # augmented training batches; a fresh permutation each epoch
-    evals: dict[str, DataLoader]  # "test", and "val" with a split: the single original view
-    num_train: int  # images trained on
-
-
-class Images(Dataset):
-    """uint8 images (N, 3, H, W) served as floats with the per-pixel mean subtracted; optionally the
-    paper's augmentation: 4 pixels padded on each side, a random crop of the original size, a random
-    horizontal flip. The mean is subtracted first, so the padding is the mean image's value (zero)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, augment: bool) -> None:
-        self.images, self.labels, self.mean = images, labels, mean
-        size = images.shape[-1]
-        self.augment = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]) if augment else None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[index].float().div_(255).sub_(self.mean)
-        if self.augment is not None:
-            x = self.augment(x)
-        return x, self.labels[index]
+PAD = 4  # §4.2: "4 pixels are padded on each side"
 
 
 def per_pixel_mean(images: torch.Tensor) -> torch.Tensor:
@@ -46,7 +25,87 @@ def per_pixel_mean(images: torch.Tensor) -> torch.Tensor:
     return (images.sum(0, dtype=torch.float64) / (255 * len(images))).float()
 
 
-def tensor_loaders(
+def normalize(images: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) to floats in [0, 1] with the per-pixel mean subtracted."""
+    return images.float().div_(255).sub_(mean)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """§4.2: pad 4 pixels on each side, crop a random window of the original size from the padded
+    image or its horizontal flip; one independent draw per image. x: (B, C, H, W), mean-subtracted,
+    so the zero padding is the mean image's value."""
+    batch, channels, height, width = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD))  # (B, C, H + 8, W + 8)
+    dy, dx = torch.randint(0, 2 * PAD + 1, (2, batch), generator=generator, device=x.device)
+    flip = torch.randint(0, 2, (batch,), generator=generator, device=x.device).bool()
+    rows = dy[:, None] + torch.arange(height, device=x.device)  # (B, H)
+    cols = dx[:, None] + torch.arange(width, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # read the window right to left
+    images = torch.arange(batch, device=x.device)[:, None, None, None]
+    planes = torch.arange(channels, device=x.device)[None, :, None, None]
+    return padded[images, planes, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TrainBatches:
+    """Endless augmented training batches. Each epoch is a fresh permutation of the training images
+    (sampling without replacement); a last batch smaller than `batch_size` is dropped, so every step
+    sees a full batch, as the paper's iteration counts assume."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.images, self.labels, self.mean, self.batch_size = images, labels, mean, batch_size
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.int64, device=images.device)  # this epoch's permutation
+        self.position = 0  # images of `order` already served
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.batch_size > len(self.order):
+            self.order = torch.randperm(len(self.labels), generator=self.generator, device=self.images.device)
+            self.position, self.epoch = 0, self.epoch + 1
+        index = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return augment(normalize(self.images[index], self.mean), self.generator), self.labels[index]
+
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order.cpu(),
+            "position": self.position,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].to(self.images.device)
+        self.position, self.epoch = state["position"], state["epoch"]
+
+
+@dataclass
+class EvalSet:
+    """A held-out set, seen once per evaluation in its single original view."""
+
+    images: torch.Tensor  # uint8 (N, 3, H, W) on the device
+    labels: torch.Tensor  # int64 (N,)
+    mean: torch.Tensor  # the training images' mean: test images are centred like the training ones
+    batch_size: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            end = start + self.batch_size
+            yield normalize(self.images[start:end], self.mean), self.labels[start:end]
+
+
+@dataclass
+class Data:
+    train: TrainBatches  # augmented training batches, endless and resumable
+    evals: dict[str, EvalSet]  # "test", and "val" with a split
+    num_train: int  # images trained on
+
+
+def tensor_data(
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
     test_images: torch.Tensor,
@@ -55,43 +114,26 @@ def tensor_loaders(
     val_size: int,
     batch_size: int,
     eval_batch_size: int,
-    workers: int,
     seed: int,
+    device: torch.device,
 ) -> Data:
-    """Loaders over in-memory uint8 images; `val_size` training images become the validation set."""
+    """Training and evaluation batches over uint8 images; `val_size` training images are held out."""
     if not 0 <= val_size < len(train_labels):
         raise ResexpError(f"data.val_size={val_size} must be between 0 and {len(train_labels) - 1}")
     if batch_size < 1 or eval_batch_size < 1:
         raise ResexpError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
     if batch_size > len(train_labels) - val_size:
         raise ResexpError(f"batch size {batch_size} is larger than the {len(train_labels) - val_size} training images")
-    evals = {}
+    sets = {"test": (test_images, test_labels)}
     if val_size:
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
         held, kept = order[-val_size:], order[:-val_size]
-        val = (train_images[held], train_labels[held])
+        sets["val"] = (train_images[held], train_labels[held])
         train_images, train_labels = train_images[kept], train_labels[kept]
+    train_images, train_labels = train_images.to(device), train_labels.to(device)
     mean = per_pixel_mean(train_images)
-    evals["test"] = (test_images, test_labels)
-    if val_size:
-        evals["val"] = val
-    # More workers than CPUs only slows the training threads down.
-    workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    train = DataLoader(
-        Images(train_images, train_labels, mean, augment=True),
-        batch_size=batch_size,
-        shuffle=True,  # sampling without replacement: each epoch sees every image once
-        drop_last=True,  # every step sees a full batch, as the paper's iteration counts assume
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed),  # data order and worker seeds follow the run's seed
-        pin_memory=torch.cuda.is_available(),
-    )
     return Data(
-        train=train,
-        evals={
-            name: DataLoader(Images(x, y, mean, augment=False), batch_size=eval_batch_size)
-            for name, (x, y) in evals.items()
-        },
+        train=TrainBatches(train_images, train_labels, mean, batch_size, seed),
+        evals={name: EvalSet(x.to(device), y.to(device), mean, eval_batch_size) for name, (x, y) in sets.items()},
         num_train=len(train_labels),
     )

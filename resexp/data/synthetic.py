@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from resexp.data.loaders import Data, tensor_loaders
+from resexp.data.loaders import Data, tensor_data
 
 
 def synthetic(
@@ -13,16 +13,16 @@ def synthetic(
     train_size: int,
     test_size: int,
     val_size: int,
-    workers: int,
     eval_batch_size: int,
     batch_size: int,
     seed: int,
+    device: torch.device,
 ) -> Data:
     # Fixed content whatever the run's seed, so that runs differ only in what the seed controls.
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (train_size + test_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, num_classes, (train_size + test_size,), generator=generator)
-    return tensor_loaders(
+    return tensor_data(
         images[:train_size],
         labels[:train_size],
         images[train_size:],
@@ -30,6 +30,6 @@ def synthetic(
         val_size=val_size,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
-        workers=workers,
         seed=seed,
+        device=device,
     )

@@ -1,0 +1,260 @@
+"""Kills, preemption, disk trouble, NaNs and hostile files: nothing written may be lost or run."""
+
+import errno
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import resexp
+from resexp import checkpoint
+from resexp.data import synthetic
+from resexp.errors import ResexpError
+from resexp.models import build_model
+from resexp.train import Schedule, train
+from test_cli import scalars
+
+# Long enough to be stopped midway (about 10 s on two cores), small enough to be cheap.
+RUN = ["data=synthetic", "schedule.batch_size=16", "schedule.iterations=120", "schedule.milestones=[60,90]",
+       "log_every=5", "eval_points=4", "checkpoint_every=7"]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "resexp", "train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "checkpoint.pt")["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ"
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert (ma["final"], ma["best"]) == (mb["final"], mb["best"])
+    assert scalars(a) == scalars(b)  # the curves too: no point missing, none twice
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    process = start(run_dir)
+    wait_for(run_dir / "checkpoint.pt", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("resexp: stopped by SIGTERM at iteration ") and f"hydra.run.dir={run_dir}" in line
+    stopped_at = int(line.split("at iteration ")[1].split(",")[0])
+    assert checkpoint.load(run_dir / "checkpoint.pt")["progress"]["iteration"] == stopped_at < 120
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)  # the same command again
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run_dir / 'checkpoint.pt'} at iteration {stopped_at}" in resumed.stdout
+    assert_same_run(run_dir, straight)
+
+
+def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    rng = random.Random(5)
+    reached = []
+    for attempt in range(4):
+        process = start(run_dir, "checkpoint_every=1")  # a checkpoint every step: kills land mid-write
+        for line in process.stdout:  # training has started (or resumed) once speed is reported
+            if " it/s" in line:
+                break
+        time.sleep(rng.uniform(0.1, 1.5))
+        process.kill()
+        process.communicate()
+        state = checkpoint.load(run_dir / "checkpoint.pt")  # whole and readable, whatever the moment
+        reached.append(state["progress"]["iteration"])
+    assert reached == sorted(reached) and reached[-1] < 120, reached  # each attempt resumed where the last stopped
+    finished = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert_same_run(run_dir, straight)
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_finished_runs_are_skipped_and_never_overwritten(tmp_path, straight):
+    before = (straight / "metrics.json").read_bytes()
+    again = resexp("train", *RUN, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert again.returncode == 0 and "finished already" in again.stdout
+    refused = resexp("train", *RUN, "resume=false", f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert refused.returncode == 2 and "already holds a run; resume=true continues it" in refused.stderr
+    assert (straight / "metrics.json").read_bytes() == before
+
+
+def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}"]
+    process = subprocess.Popen([sys.executable, "-m", "resexp", "train", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    deadline = time.monotonic() + 180
+    while second is None:  # the second run's directory, once it has a checkpoint
+        found = [p.parent for p in sweep.glob("*resnet20*/checkpoint.pt")]
+        second = found[0] if found else None
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and f"hydra.sweep.dir={sweep}" in stderr
+    [first] = [p.parent for p in sweep.glob("*plain20*/metrics.json")]
+    first_metrics = (first / "metrics.json").read_bytes()
+    assert not (second / "metrics.json").exists()
+
+    again = resexp("train", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "plain20 finished already" in again.stdout and "resuming" in again.stdout
+    assert (first / "metrics.json").read_bytes() == first_metrics
+    assert json.loads((second / "metrics.json").read_text())["iterations"] == 120
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/resexp-pwned-by-checkpoint")
+
+
+def test_a_malicious_checkpoint_is_refused_and_never_executed(tmp_path):
+    MARKER.unlink(missing_ok=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / "checkpoint.pt", "wb") as file:
+        pickle.dump({"version": 1, "model": Payload()}, file)
+    torch.save({"version": 1, "model": Payload()}, tmp_path / "zipped.pt")  # the zip format torch.save writes
+    for path in (run_dir / "checkpoint.pt", tmp_path / "zipped.pt"):
+        with pytest.raises(ResexpError, match="is not a readable resexp checkpoint"):
+            checkpoint.load(path)
+    result = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "is not a readable resexp checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not MARKER.exists()
+
+
+@pytest.fixture(scope="module")
+def saved(straight) -> Path:
+    return straight / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_checkpoints_are_a_clear_error(tmp_path, saved, damage):
+    path = tmp_path / "checkpoint.pt"
+    data = saved.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00\x01junk" * 100, "empty": b""}[damage])
+    with pytest.raises(ResexpError, match=f"{path} is not a readable resexp checkpoint .*; move it away to start this run over"):
+        checkpoint.load(path)
+
+
+def test_checkpoints_of_another_version_are_refused(tmp_path):
+    torch.save({"version": 0, "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(ResexpError, match="is a checkpoint of version 0; this resexp reads version 1 only"):
+        checkpoint.load(tmp_path / "old.pt")
+
+
+@pytest.mark.parametrize(
+    "override, difference",
+    [("model=plain20", "model.residual: True there, False now"), ("shortcut=B", "shortcut: 'identity' there, 'projection' now"), ("seed=3", "seed: 0 there, 3 now")],
+)
+def test_a_checkpoint_of_another_experiment_is_refused(tmp_path, straight, override, difference):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes((straight / "checkpoint.pt").read_bytes())
+    result = resexp("train", *RUN, override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "belongs to another experiment" in result.stderr and difference in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".hydra" and p.name != "train.log") == ["checkpoint.pt"]
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"model": {"w": torch.ones(3)}})
+
+    def full_disk(obj, file):
+        file.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ResexpError, match="No space left on device\\); the previous checkpoint .* is intact"):
+        checkpoint.save(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_an_unwritable_run_directory_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = resexp("train", *RUN, f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("resexp: error: cannot write") and "hydra.run.dir" in line
+
+
+class NanAt(torch.nn.Module):
+    """A net whose output turns NaN on the given forward calls (training calls only)."""
+
+    def __init__(self, calls: set[int]) -> None:
+        super().__init__()
+        self.net, self.calls, self.count = build_model(8, True, "basic", "cifar", "A", 10), calls, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.count += 1
+            if self.count in self.calls:
+                out = out * float("nan")
+        return out
+
+
+def train_nan(tmp_path, on_nonfinite):
+    torch.manual_seed(0)
+    model = NanAt({6}).to(memory_format=torch.channels_last)
+    data = synthetic(num_classes=10, train_size=64, test_size=16, val_size=0, eval_batch_size=16, batch_size=8, seed=0, device=torch.device("cpu"))
+    schedule = Schedule(iterations=10, milestones=(), gamma=0.1, warmup_lr=None, warmup_until_error=80)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, train(model, optimizer, data, schedule, device=torch.device("cpu"), run_dir=tmp_path, eval_every=5, log_every=2,
+                        checkpoint_every=2, on_nonfinite=on_nonfinite, experiment={})
+
+
+def test_a_nan_loss_stops_the_run_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(ResexpError, match="the training loss became non-finite at iteration 6; the last good checkpoint .* is kept"):
+        train_nan(tmp_path, "stop")
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["progress"]["iteration"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_on_nonfinite_skip_skips_the_bad_step_and_finishes(tmp_path):
+    model, summary = train_nan(tmp_path, "skip")
+    assert summary["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["progress"]["iteration"] == 10
