@@ -7,6 +7,7 @@ reported here, as one line each, with exit code 2 for bad input and 128 + N for 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import resexp
-from resexp import checkpoint
+from resexp import checkpoint, report
 from resexp.errors import Interrupted, ResexpError
 from resexp.logs import log, write_json
 from resexp.config import check_choices, config_dir, experiment_of, make_model, make_schedule, pick_device, positive
@@ -35,7 +36,10 @@ from resexp.models import canonical_shortcut, count_parameters
 from resexp.models.resnet import net_name
 from resexp.train import train
 
-COMMANDS = {"train": "train a plain or residual net (a Hydra app: `resexp train --help`, `resexp train -m ...`)"}
+COMMANDS = {
+    "train": "train a plain or residual net (a Hydra app: `resexp train --help`, `resexp train -m ...`)",
+    "report": "the runs under some directories as the paper's tables and figures (`resexp report --help`)",
+}
 USAGE = "usage: resexp {" + ",".join(COMMANDS) + "} [args]\n\ncommands:\n" + "".join(
     f"  {name:8s}{text}\n" for name, text in COMMANDS.items()
 )
@@ -82,6 +86,19 @@ def run(cfg: DictConfig) -> float:
     optimizer = instantiate(cfg.optim)(model.parameters())
     params = count_parameters(model)
     log.info("%s: %s parameters, %d iterations at batch %d on %s -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, run_dir)
+    about = {  # what the run is, for metrics.json and TensorBoard's HPARAMS tab
+        "net": name,
+        "model": hydra_cfg.runtime.choices.get("model"),
+        "data": hydra_cfg.runtime.choices.get("data"),
+        "depth": cfg.model.depth,
+        "residual": cfg.model.residual,
+        "shortcut": canonical_shortcut(cfg.shortcut) if cfg.model.residual else None,  # plain nets have none
+        "params": params,
+        "iterations": schedule.iterations,
+        "batch_size": batch_size,
+        "lr": cfg.optim.lr,
+        "seed": cfg.seed,
+    }
 
     summary = train(
         model,
@@ -95,21 +112,13 @@ def run(cfg: DictConfig) -> float:
         checkpoint_every=positive("checkpoint_every", cfg.checkpoint_every),
         on_nonfinite=cfg.on_nonfinite,
         experiment=experiment,
+        hparams={**about, "shortcut": about["shortcut"] or "none"},
         resume=previous,
     )
     write_json(
         run_dir / "metrics.json",
         {
-            "net": name,
-            "model": hydra_cfg.runtime.choices.get("model"),
-            "data": hydra_cfg.runtime.choices.get("data"),
-            "depth": cfg.model.depth,
-            "residual": cfg.model.residual,
-            "shortcut": canonical_shortcut(cfg.shortcut) if cfg.model.residual else None,  # plain nets have none
-            "params": params,
-            "iterations": schedule.iterations,
-            "batch_size": batch_size,
-            "seed": cfg.seed,
+            **about,
             "images_per_s": schedule.iterations * batch_size / summary["train_time_s"],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
@@ -174,6 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+    if command == "report":
+        parser = argparse.ArgumentParser(prog="resexp report", description=report.__doc__.splitlines()[0])
+        parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run or sweep directories (searched recursively)")
+        parser.add_argument("--out", type=Path, help="where results.md, results.csv and the figures go (default: the first DIR)")
+        args = parser.parse_args(rest)
+        try:
+            report.report(args.dirs, args.out)
+        except ResexpError as error:
+            fail(f"error: {error}")
+        return
     OmegaConf.register_new_resolver("resexp.net", net_name, replace=True)
     sys.argv = [f"resexp {command}", *rest]
     source = config_dir()

@@ -1,4 +1,5 @@
-"""What a run shows and leaves behind: log lines or a progress bar, and its metrics file."""
+"""What a run shows and leaves behind: log lines or a progress bar, its TensorBoard description, and
+its metrics file."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from rich import get_console
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from resexp.files import atomic_write
 
@@ -86,3 +89,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Replace `path` atomically: a reader, or a crash, sees the old file or the new one."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def describe_run(writer: SummaryWriter, hparams: dict[str, Any], metric_tags: list[str]) -> None:
+    """TensorBoard's HPARAMS tab (this run's settings against its final errors, across a sweep) and a
+    CUSTOM SCALARS view with every run's training and held-out error side by side."""
+    for record in hparams_summary(hparams, {tag: 0.0 for tag in metric_tags}):  # values come from the scalars
+        writer.file_writer.add_summary(record)
+    held_out = [tag for tag in metric_tags if tag != "error/train"]
+    writer.add_custom_scalars(
+        {"plain vs residual": {"training error (%)": ["Multiline", ["error/train"]], "test error (%)": ["Multiline", held_out]}}
+    )

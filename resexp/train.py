@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from resexp import checkpoint
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError
-from resexp.logs import display, log
+from resexp.logs import describe_run, display, log
 
 MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
 
@@ -119,6 +119,7 @@ def train(
     checkpoint_every: int,
     on_nonfinite: str,
     experiment: dict[str, Any],
+    hparams: dict[str, Any] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train for `schedule.iterations` steps (from a checkpoint's state when `resume` is given), logging
@@ -162,6 +163,8 @@ def train(
 
     # purge_step: TensorBoard drops points that an interrupted run logged after its last checkpoint.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.iteration + 1 if resume else None)
+    if resume is None:
+        describe_run(writer, hparams or {}, ["error/train", *(f"error/{name}" for name in data.evals)])
     started, mark, wall_before, in_a_row = time.perf_counter(), time.perf_counter(), state.wall_seconds, 0
     try:
         with display(schedule.iterations) as screen, stop_requests() as stops:

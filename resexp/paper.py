@@ -1,0 +1,46 @@
+"""The numbers of He et al. 2015 (arXiv:1512.03385) that resexp runs are compared against, each with
+its source. Errors in %. CIFAR-10: test error of a net trained on all 50k images. ImageNet: top-1 (and
+top-5) error on the validation set, 10-crop testing. The plain CIFAR nets have no numbers in the paper,
+only the curves of Fig. 6."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    error: float | None  # the paper's error, %; None: shown in a figure only
+    source: str  # where it stands in the paper
+    mean: float | None = None  # mean of several runs, where the paper gives one
+    std: float | None = None  # and their standard deviation
+    top5: float | None = None  # ImageNet top-5 error
+
+
+FIG6_ONLY = "Fig. 6 only (no number)"
+
+# Keyed by dataset and run name (see resexp.models.resnet.net_name).
+RESULTS: dict[tuple[str, str], PaperResult] = {
+    ("cifar10", "resnet20-A"): PaperResult(8.75, "Table 6"),
+    ("cifar10", "resnet32-A"): PaperResult(7.51, "Table 6"),
+    ("cifar10", "resnet44-A"): PaperResult(7.17, "Table 6"),
+    ("cifar10", "resnet56-A"): PaperResult(6.97, "Table 6"),
+    # "best (mean±std)" over 5 runs: 6.43 (6.61±0.16).
+    ("cifar10", "resnet110-A"): PaperResult(6.43, "Table 6 (best of 5 runs)", mean=6.61, std=0.16),
+    ("cifar10", "resnet1202-A"): PaperResult(7.93, "Table 6"),
+    **{("cifar10", f"plain{depth}"): PaperResult(None, FIG6_ONLY) for depth in (20, 32, 44, 56, 110)},
+    ("imagenet", "plain18"): PaperResult(27.94, "Table 2"),
+    ("imagenet", "plain34"): PaperResult(28.54, "Table 2"),
+    ("imagenet", "resnet18-A"): PaperResult(27.88, "Table 2"),
+    ("imagenet", "resnet34-A"): PaperResult(25.03, "Tables 2 and 3", top5=7.76),
+    ("imagenet", "resnet34-B"): PaperResult(24.52, "Table 3", top5=7.46),
+    ("imagenet", "resnet34-C"): PaperResult(24.19, "Table 3", top5=7.40),
+    ("imagenet", "resnet50-B"): PaperResult(22.85, "Table 3", top5=6.71),
+    ("imagenet", "resnet101-B"): PaperResult(21.75, "Table 3", top5=6.05),
+    ("imagenet", "resnet152-B"): PaperResult(21.43, "Table 3", top5=5.71),
+}
+
+
+def lookup(dataset: str | None, net: str) -> PaperResult | None:
+    """The paper's result for this net on this dataset; None where the paper has no such run."""
+    return RESULTS.get((dataset or "", net))

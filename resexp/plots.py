@@ -1,0 +1,78 @@
+"""The paper's training curves: Figure 6 (CIFAR-10) and Figure 4 (ImageNet).
+
+One panel for the plain nets and one for the residual nets; error (%) against iterations; dashed
+lines the training error, bold lines the test (ImageNet: validation) error; one colour per depth, the
+same depth the same colour in both panels, so that the degradation of the plain nets and its absence
+in the residual ones read at a glance. Several seeds of a net are averaged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headless machines
+
+if TYPE_CHECKING:
+    from resexp.report import Run
+
+FIGURES = {"imagenet": ("figure4", "ImageNet (paper Fig. 4)", "error/val")}
+DEFAULT = ("figure6", "CIFAR-10 (paper Fig. 6)", "error/test")
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """Average several runs' curves over the iterations they all logged."""
+    common = sorted(set.intersection(*(set(step for step, _ in curve) for curve in curves)))
+    values = [dict(curve) for curve in curves]
+    return common, [sum(v[step] for v in values) / len(values) for step in common]
+
+
+def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
+    """Draw one figure per dataset among `runs`; returns the PNG paths (an SVG is written beside each)."""
+    written = []
+    by_data: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_data[run.data].append(run)
+    for data, members in sorted(by_data.items()):
+        stem, title, held_out = FIGURES.get(data, DEFAULT)
+        held_out = held_out if any(held_out in run.curves for run in members) else "error/test"
+        by_net: dict[str, list[Run]] = defaultdict(list)
+        for run in members:
+            by_net[run.net].append(run)
+        depths = sorted({run.depth for run in members if run.depth is not None})
+        colours = {depth: f"C{index % 10}" for index, depth in enumerate(depths)}
+        families = [("plain", False), ("ResNet", True)]  # the paper's panel names
+        families = [(label, residual) for label, residual in families if any(run.residual == residual for run in members)]
+        figure = Figure(figsize=(5.2 * len(families), 4.2), layout="constrained")
+        axes = figure.subplots(1, len(families), squeeze=False)[0]
+        longest = max((step for run in members for curve in run.curves.values() for step, _ in curve), default=1)
+        scale = 1e4 if longest >= 2e4 else 1
+        highest = 0.0
+        for ax, (label, residual) in zip(axes, families):
+            nets = sorted((net for net, group in by_net.items() if group[0].residual == residual), key=lambda n: by_net[n][0].depth or 0)
+            for net in nets:
+                group, colour = by_net[net], colours.get(by_net[net][0].depth, "k")
+                name = f"{label}-{group[0].depth}" + (f" ({net.split('-')[1]})" if residual and len({n.split('-')[-1] for n in nets}) > 1 else "")
+                for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
+                    curves = [run.curves[tag] for run in group if run.curves.get(tag)]
+                    if not curves:
+                        continue
+                    steps, values = mean_curve(curves)
+                    highest = max(highest, max(values, default=0))
+                    ax.plot([s / scale for s in steps], values, style, color=colour, linewidth=width,
+                            label=name if tag == held_out else None)
+            ax.set_title(label)
+            ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
+            ax.set_ylabel("error (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper right", fontsize="small", title="bold: test, dashed: train" if held_out == "error/test" else "bold: val, dashed: train", title_fontsize="x-small")
+        finals = [run.final.get(tag, 100) for run in members for tag in ("error/train", held_out)]
+        for ax in axes:  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise
+            ax.set_ylim(0, 20 if max(finals) < 19 else min(100, highest * 1.05 + 1))
+        figure.suptitle(title)
+        path = out / f"{stem}{'' if data in ('cifar10', 'imagenet') else '_' + data}.png"
+        figure.savefig(path, dpi=150)
+        figure.savefig(path.with_suffix(".svg"))
+        written.append(path)
+    return written

@@ -1,0 +1,219 @@
+"""`resexp report DIR...`: the runs under some directories as the paper's tables and figures.
+
+Runs are grouped by dataset and net (several seeds: mean ± std and best), compared with the paper's
+number (resexp/paper.py), printed, and written as results.md and results.csv beside the runs, with the
+Figure 6 (CIFAR-10) or Figure 4 (ImageNet) style plot. A run that did not finish is listed as such,
+with how far it got, and never averaged in.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resexp.errors import ResexpError
+from resexp.files import atomic_write
+from resexp.models.resnet import net_name
+from resexp.paper import PaperResult, lookup
+
+CURVES = ("error/train", "error/test", "error/val")
+
+
+@dataclass
+class Run:
+    path: Path
+    net: str  # resnet56-A, plain56, or "?" when nothing says
+    data: str  # the data config: cifar10, synthetic, ...
+    depth: int | None
+    residual: bool | None
+    finished: bool
+    note: str = ""  # why an unfinished run is left out, and how far it got
+    params: int | None = None
+    seed: int | None = None
+    final: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (iteration, %) points
+
+
+@dataclass
+class Row:
+    """One net on one dataset, over its finished runs."""
+
+    data: str
+    net: str
+    depth: int | None
+    shortcut: str
+    params: int | None
+    runs: int
+    train: tuple[float, float]  # final training error: mean, std
+    test: tuple[float, float]  # final test error: mean, std
+    best: float  # lowest final test error of the runs
+    paper: PaperResult | None
+
+    @property
+    def difference(self) -> float | None:
+        """Our mean test error minus the paper's (its mean of several runs where it gives one)."""
+        if self.paper is None or self.paper.error is None:
+            return None
+        return self.test[0] - (self.paper.mean if self.paper.mean is not None else self.paper.error)
+
+
+def find_runs(directories: list[Path]) -> list[Path]:
+    """Every run directory below `directories`: one with Hydra's saved config or a metrics.json."""
+    found = set()
+    for directory in directories:
+        if not directory.is_dir():
+            raise ResexpError(f"{directory} is not a directory of runs")
+        for marker in ("metrics.json", ".hydra/config.yaml"):
+            found.update(path.parent if marker == "metrics.json" else path.parent.parent for path in directory.rglob(marker))
+    return sorted(found)
+
+
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    tags = set(events.Tags().get("scalars", []))
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
+
+
+def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's resolved config and Hydra's choices (model=..., data=...); empty where unreadable."""
+    config: dict[str, Any] = {}
+    choices: dict[str, Any] = {}
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
+    except Exception:  # missing or foreign: the run is reported with what else is known
+        pass
+    try:
+        choices = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
+    except Exception:
+        pass
+    return config, choices
+
+
+def read_run(run_dir: Path) -> Run:
+    config, choices = read_hydra(run_dir)
+    model = config.get("model", {})
+    depth, residual = model.get("depth"), model.get("residual")
+    net = net_name(residual, depth, config.get("shortcut", "?")) if depth is not None else "?"
+    run = Run(run_dir, net, choices.get("data", "?"), depth, residual, finished=False, seed=config.get("seed"))
+    run.curves = read_curves(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        planned = config.get("schedule", {}).get("iterations", "?")
+        reached = max((points[-1][0] for points in run.curves.values() if points), default=0)
+        run.note = f"unfinished: reached iteration {reached} of {planned}" if reached else "failed before its first log point"
+        return run
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        run.final = {key: float(value) for key, value in metrics["final"].items()}
+        run.final["error/test"]  # a finished run has a test error; without one the file is incomplete
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        run.note = f"metrics.json is truncated or malformed ({type(error).__name__}: {error})"
+        return run
+    run.net, run.data = metrics.get("net", run.net), metrics.get("data", run.data)
+    run.depth, run.residual = metrics.get("depth", run.depth), metrics.get("residual", run.residual)
+    run.params, run.seed, run.finished = metrics.get("params"), metrics.get("seed", run.seed), True
+    return run
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[Run]) -> list[Row]:
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.finished:
+            groups.setdefault((run.data, run.net), []).append(run)
+    rows = []
+    for (data, net), members in groups.items():
+        tests = [run.final["error/test"] for run in members]
+        trains = [run.final.get("error/train", float("nan")) for run in members]
+        residual = members[0].residual
+        rows.append(
+            Row(data, net, members[0].depth, net.split("-")[1] if residual and "-" in net else "-",
+                members[0].params, len(members), mean_std(trains), mean_std(tests), min(tests), lookup(data, net))
+        )
+    # Plain before residual, shallow before deep, as the paper's tables read.
+    return sorted(rows, key=lambda row: (row.data, not row.net.startswith("plain"), row.depth or 0, row.net))
+
+
+def paper_text(result: PaperResult | None) -> str:
+    if result is None:
+        return "-"
+    if result.error is None:
+        return result.source
+    spread = f", {result.mean:.2f}±{result.std:.2f} mean" if result.mean is not None else ""
+    return f"{result.error:.2f}{spread} ({result.source})"
+
+
+def plus_minus(pair: tuple[float, float], runs: int) -> str:
+    return f"{pair[0]:.2f}±{pair[1]:.2f}" if runs > 1 else f"{pair[0]:.2f}"
+
+
+COLUMNS = ["data", "net", "shortcut", "params", "runs", "train err %", "test err %", "best test %", "paper %", "Δ vs paper"]
+
+
+def cells(row: Row) -> list[str]:
+    difference = f"{row.difference:+.2f}" if row.difference is not None else "-"
+    params = f"{row.params:,}" if row.params else "?"
+    return [row.data, row.net, row.shortcut, params, str(row.runs), plus_minus(row.train, row.runs),
+            plus_minus(row.test, row.runs), f"{row.best:.2f}", paper_text(row.paper), difference]
+
+
+def markdown(rows: list[Row], left_out: list[Run]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+    if left_out:
+        lines += ["", "Left out:", ""] + [f"- `{run.path}` ({run.net}): {run.note}" for run in left_out]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[Row]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["data", "net", "depth", "shortcut", "params", "runs", "train_error_mean", "train_error_std",
+                     "test_error_mean", "test_error_std", "test_error_best", "paper_error", "paper_mean", "paper_source", "difference"])
+    for row in rows:
+        paper = row.paper or PaperResult(None, "")
+        writer.writerow([row.data, row.net, row.depth, row.shortcut, row.params, row.runs, *row.train, *row.test, row.best,
+                         paper.error, paper.mean, paper.source, row.difference])
+    return out.getvalue()
+
+
+def report(directories: list[Path], out: Path | None = None, console: Console | None = None) -> list[Row]:
+    """Print the table, write results.md, results.csv and the figure to `out` (default: the first directory)."""
+    console = console or Console(width=None if Console().is_terminal else 160)  # logs: no wrapped table
+    runs = [read_run(path) for path in find_runs(directories)]
+    if not runs:
+        raise ResexpError(f"no runs under {', '.join(map(str, directories))} (a run directory holds .hydra/config.yaml or metrics.json)")
+    rows, left_out = summarize(runs), [run for run in runs if not run.finished]
+    table = Table(title=f"{len(runs) - len(left_out)} finished runs in {len(rows)} groups")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("data", "net", "shortcut", "paper %") else "right")
+    for row in rows:
+        table.add_row(*cells(row))
+    console.print(table)
+    for run in left_out:
+        console.print(f"[yellow]left out[/] {run.path} ({run.net}): {run.note}")
+
+    out = out or directories[0]
+    atomic_write(out / "results.md", lambda file: file.write(markdown(rows, left_out).encode()))
+    atomic_write(out / "results.csv", lambda file: file.write(csv_text(rows).encode()))
+    from resexp.plots import comparison_figure  # matplotlib only when a figure is drawn
+
+    for figure in comparison_figure([run for run in runs if run.finished], out):
+        console.print(f"figure: {figure}")
+    console.print(f"tables: {out / 'results.md'}, {out / 'results.csv'}")
+    return rows

@@ -1,0 +1,120 @@
+import csv
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SHRINK, compose_config, resexp
+from fabricate import fake_run
+from resexp.errors import ResexpError
+from resexp.report import report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Figure 6 in miniature: plain-20/56 and ResNet-20/56 with two seeds each, ResNet-110 with three."""
+    root = tmp_path / "sweep"
+    finals = {("plain", 20): [(3.8, 10.2), (4.2, 10.4)], ("plain", 56): [(13.0, 18.0), (14.0, 18.6)],
+              ("resnet", 20): [(2.5, 8.6), (2.7, 8.8)], ("resnet", 56): [(0.6, 6.9), (0.8, 7.1)],
+              ("resnet", 110): [(0.3, 6.4), (0.4, 6.6), (0.5, 6.8)]}
+    for (kind, depth), runs in finals.items():
+        for seed, (train, test) in enumerate(runs):
+            fake_run(root / f"{kind}{depth}-seed{seed}", depth=depth, residual=kind == "resnet", final_train=train, final_test=test, seed=seed)
+    return root
+
+
+def rows_by_net(rows):
+    return {row.net: row for row in rows}
+
+
+def test_groups_seeds_into_mean_std_and_best_with_the_papers_numbers(sweep):
+    rows = rows_by_net(report([sweep]))
+    assert list(rows) == ["plain20", "plain56", "resnet20-A", "resnet56-A", "resnet110-A"]  # the paper's order
+    r110 = rows["resnet110-A"]
+    assert r110.runs == 3
+    assert r110.test == pytest.approx((6.6, 0.2))  # mean and sample std of 6.4, 6.6, 6.8
+    assert r110.best == pytest.approx(6.4)
+    assert r110.paper.error == 6.43 and r110.paper.mean == 6.61 and r110.paper.std == 0.16
+    assert r110.difference == pytest.approx(6.6 - 6.61)  # against the paper's mean of 5 runs
+    assert rows["resnet20-A"].difference == pytest.approx(8.7 - 8.75)
+    assert rows["resnet20-A"].paper.source == "Table 6"
+    plain = rows["plain56"]
+    assert plain.paper.error is None and plain.difference is None and "Fig. 6 only" in plain.paper.source
+    assert plain.train == pytest.approx((13.5, 0.7071), abs=1e-3)
+
+
+def test_writes_tables_and_the_figure(sweep):
+    report([sweep])
+    text = (sweep / "results.md").read_text()
+    assert "| cifar10 | resnet110-A | A |" in text and "6.60±0.20" in text and "6.43, 6.61±0.16 mean" in text
+    assert "Fig. 6 only (no number)" in text
+    with open(sweep / "results.csv") as file:
+        table = {row["net"]: row for row in csv.DictReader(file)}
+    assert float(table["resnet56-A"]["test_error_mean"]) == pytest.approx(7.0)
+    assert table["resnet56-A"]["paper_error"] == "6.97" and table["plain20"]["paper_error"] == ""
+    assert (sweep / "figure6.png").read_bytes().startswith(PNG)
+    assert (sweep / "figure6.svg").read_text().count("<path") > 10  # both panels' curves are drawn
+
+
+def test_unfinished_and_broken_runs_are_listed_not_averaged(sweep):
+    fake_run(sweep / "resnet20-stopped", depth=20, residual=True, final_train=50, final_test=50, finished=False)
+    truncated = fake_run(sweep / "resnet20-truncated", depth=20, residual=True, final_train=50, final_test=50)
+    truncated.joinpath("metrics.json").write_text('{"net": "resnet20-A", "final": {"error/te')
+    (sweep / "plain20-empty" / ".hydra").mkdir(parents=True)
+    (sweep / "plain20-empty" / ".hydra" / "config.yaml").write_text("model: {depth: 20, residual: false}\n")
+    rows = rows_by_net(report([sweep]))
+    assert rows["resnet20-A"].runs == 2 and rows["resnet20-A"].test[0] == pytest.approx(8.7)  # the 50% runs stay out
+    text = (sweep / "results.md").read_text()
+    assert "resnet20-stopped` (resnet20-A): unfinished: reached iteration 32000 of 64000" in text
+    assert "resnet20-truncated` (resnet20-A): metrics.json is truncated or malformed" in text
+    assert "plain20-empty` (plain20): failed before its first log point" in text
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(ResexpError, match="no runs under"):
+        report([tmp_path])
+    result = resexp("report", str(tmp_path / "missing"), cwd=tmp_path)
+    assert result.returncode == 2 and "is not a directory of runs" in result.stderr
+
+
+def test_report_of_real_short_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    trained = resexp("train", "-m", *SHRINK, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    result = resexp("report", str(sweep), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 finished runs in 2 groups" in result.stdout
+    text = (sweep / "results.md").read_text()
+    assert "| synthetic | plain20 | - | 269,722 | 1 |" in text and "| synthetic | resnet20-A | A | 269,722 | 1 |" in text
+    assert (sweep / "figure6_synthetic.png").read_bytes().startswith(PNG)
+    # TensorBoard: the HPARAMS tab and the side-by-side custom scalars view.
+    run = next(sweep.glob("*resnet20*"))
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
+
+
+@pytest.mark.parametrize("experiment, nets", [
+    ("cifar10_fig6", "plain20,plain32,plain44,plain56,resnet20,resnet32,resnet44,resnet56,resnet110"),
+    ("cifar10_table6", "resnet20,resnet32,resnet44,resnet56,resnet110,resnet1202"),
+])
+def test_experiment_presets_sweep_the_papers_nets(experiment, nets):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.model == nets
+    assert cfg.data.val_size == 0 and cfg.schedule.iterations == 64_000 and cfg.shortcut == "identity"
+    assert compose_config(f"experiment={experiment}").model.depth == 20
+
+
+def test_experiment_sweep_runs_from_the_command_line(tmp_path):
+    result = resexp("train", "-m", "experiment=cifar10_table6", "model=resnet20", *SHRINK, f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "s").glob("*/metrics.json")]
+    assert [m["net"] for m in metrics] == ["resnet20-A"]  # the command line narrows the preset's sweep
