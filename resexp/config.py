@@ -39,7 +39,7 @@ def check_choices(overrides: list[str]) -> None:
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
         for value in values:
             if value not in options:
-                raise ResexpError(f"{group}={value!r} is not a {group} config; choose one of {', '.join(options)}")
+                raise ResexpError(f"{group}={value!r} is not one of the {group} configs; choose one of {', '.join(options)}")
 
 
 def pick_device(name: str) -> torch.device:

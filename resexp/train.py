@@ -71,7 +71,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         x, y = to_device(x, y, device)
         out = model(x)
         loss = nn.functional.cross_entropy(out, y, reduction="sum")
-        totals += torch.stack([loss, (out.argmax(1) != y).sum(), torch.tensor(len(y), device=device)])
+        totals[0] += loss
+        totals[1] += (out.argmax(1) != y).sum()
+        totals[2] += len(y)  # a Python number: no host-to-device copy, no sync
     model.train()
     loss_sum, wrong, seen = totals.tolist()
     return 100 * wrong / seen, loss_sum / seen
@@ -190,7 +192,9 @@ def train(
                     optimizer.step()
                     with torch.no_grad():
                         first_bad.copy_(torch.where((first_bad == 0) & ~finite, iteration, first_bad))
-                        totals += torch.stack([loss.detach() * len(y), (out.argmax(1) != y).sum(), torch.tensor(len(y), device=device)])
+                        totals[0] += loss.detach() * len(y)
+                        totals[1] += (out.argmax(1) != y).sum()
+                        totals[2] += len(y)
                 state.iteration = iteration
                 screen.advance(iteration)
                 last = iteration == schedule.iterations

@@ -104,10 +104,11 @@ def test_validation_split_logs_val_error(tmp_path):
 @pytest.mark.parametrize(
     "override, fragments",
     [
-        ("model=nope", ["model='nope' is not a model config", "resnet56", "plain20"]),
+        ("model=nope", ["model='nope' is not one of the model configs", "resnet56", "plain20"]),
         ("-m model=resnet20,nope", ["model='nope'"]),
         ("-m model=plain20 shortcut=Z", ["shortcut='Z' is not an option"]),
-        ("data=imagenet1k", ["data='imagenet1k' is not a data config", "cifar10, synthetic"]),
+        ("data=imagenet1k", ["data='imagenet1k' is not one of the data configs", "cifar10, synthetic"]),
+        ("experiment=fig7", ["experiment='fig7' is not one of the experiment configs", "cifar10_fig6, cifar10_table6"]),
         ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B) or full (C)"]),
         ("model.depth=21", ["model.depth=21 is not a CIFAR depth", "6n+2"]),
         ("schedule.iterations=0", ["schedule.iterations=0 must be a positive integer"]),

@@ -21,8 +21,8 @@ def test_resnet20_learns_cifar10(tmp_path, cifar_root):
     )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # Chance is 90% error; 300 steps of the paper's recipe (scaled) reached 52.0% test error
-    # (train 54%) on the 2-core CI machine when this test was written.
+    # Chance is 90% error; 300 steps of the paper's recipe (scaled) reached 52.0% test error on the
+    # 2-core CI machine when this test was written.
     assert metrics["final"]["error/test"] < 70
     assert metrics["final"]["error/train"] < 75
     print(f"ResNet-20, 300 iterations on CPU: test error {metrics['final']['error/test']:.2f}%, {metrics['images_per_s'] / 128:.2f} it/s")
