@@ -3,10 +3,10 @@
     python scripts/benchmark.py                       # ResNet-20/56/110 and plain-56, auto device
     python scripts/benchmark.py --nets resnet20 --steps 50 --json bench.json
 
-One step is what `resexp train` does per iteration: augmented CIFAR-shaped batch from the loader,
-forward, backward, SGD update. Measured 2026-11-23 on the 2-core CPU CI machine (torch 2.14.1, fp32,
-channels_last, 10 steps after 3 warm-up): ResNet-20 316 ms/step (3.2 it/s, 405 images/s),
-ResNet-56 893 ms, plain-56 791 ms.
+One step is what `resexp train` does per iteration: an augmented CIFAR-shaped batch from the stream
+on the device, forward, backward, SGD update. Measured 2026-11-23 on the 2-core CPU CI machine (torch 2.14.1, fp32, channels_last, 10 steps
+after 3 warm-up): ResNet-20 305 ms/step (3.3 it/s, 420 images/s), ResNet-56 801 ms, ResNet-110
+1667 ms, plain-56 799 ms. GPU numbers: not measured yet.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from rich.table import Table
 
 from resexp.data import synthetic
 from resexp.models import build_model
-from resexp.train import batches, to_device
+from resexp.train import to_device
 
 
 def step_ms(net: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> float:
     residual, depth = net.startswith("resnet"), int(net.removeprefix("resnet").removeprefix("plain"))
     model = build_model(depth, residual, "basic", "cifar", "identity", 10).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    data = synthetic(num_classes=10, train_size=batch_size * 4, test_size=1, val_size=0, workers=0, eval_batch_size=1, batch_size=batch_size, seed=0)
-    stream = batches(data.train)
+    stream = synthetic(
+        num_classes=10, train_size=batch_size * 4, test_size=1, val_size=0, eval_batch_size=1, batch_size=batch_size, seed=0, device=device
+    ).train
     for index in range(warmup + steps):
         if index == warmup:
             if device.type == "cuda":

@@ -138,3 +138,15 @@ def test_hydra_flags_work(tmp_path):
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
     help_text = resexp("train", "--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "model: " in help_text.stdout and "resnet1202" in help_text.stdout
+
+
+def test_benchmark_script_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent.parent / "scripts" / "benchmark.py"), "--nets", "plain8", "resnet8",
+         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--device", "cpu", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["net"] for row in rows] == ["plain8", "resnet8"] and all(row["ms_per_step"] > 0 for row in rows)
