@@ -4,9 +4,9 @@
     python scripts/benchmark.py --nets resnet20 --steps 50 --json bench.json
 
 One step is what `resexp train` does per iteration: an augmented CIFAR-shaped batch from the stream
-on the device, forward, backward, SGD update. Measured 2026-11-23 on the 2-core CPU CI machine (torch 2.14.1, fp32, channels_last, 10 steps
-after 3 warm-up): ResNet-20 305 ms/step (3.3 it/s, 420 images/s), ResNet-56 801 ms, ResNet-110
-1667 ms, plain-56 799 ms. GPU numbers: not measured yet.
+on the device, forward, backward, SGD update. Measured 2026-11-23 on the 2-core CPU CI machine
+(torch 2.14.1, fp32, channels_last, 10 steps after 3 warm-up): ResNet-20 305 ms/step (3.3 it/s,
+420 images/s), ResNet-56 801 ms, ResNet-110 1667 ms, plain-56 799 ms. GPU: not measured yet.
 """
 
 from __future__ import annotations
