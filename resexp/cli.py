@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -28,10 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import resexp
-from resexp import checkpoint, report
+from resexp import checkpoint
+from resexp.config import check_choices, config_dir, experiment_of, make_model, make_schedule, pick_device, positive
 from resexp.errors import Interrupted, ResexpError
 from resexp.logs import log, write_json
-from resexp.config import check_choices, config_dir, experiment_of, make_model, make_schedule, pick_device, positive
 from resexp.models import canonical_shortcut, count_parameters
 from resexp.models.resnet import net_name
 from resexp.train import train
@@ -162,10 +163,10 @@ def train_task(cfg: DictConfig) -> float:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             how = f"run the same sweep again with hydra.sweep.dir={hydra_cfg.sweep.dir}"
         else:
-            how = f"resexp train {' '.join(hydra_cfg.overrides.task)} hydra.run.dir={run_dir}".replace("  ", " ")
+            how = " ".join(["resexp train", *map(shlex.quote, hydra_cfg.overrides.task), shlex.quote(f"hydra.run.dir={run_dir}")])
         fail(f"stopped by {signal.Signals(stop.signum).name} at iteration {stop.iteration}, checkpoint saved; resume: {how}", 128 + stop.signum)
     except KeyboardInterrupt:
-        fail(f"stopped at once by a second signal; the last checkpoint in {run_dir} is intact", 128 + signal.SIGINT)
+        fail(f"stopped at once; the last checkpoint in {run_dir}, if there is one, is intact", 128 + signal.SIGINT)
 
 
 def one_line(error: Exception) -> str:
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         fail(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
     if command == "report":
+        from resexp import report  # TensorBoard's event reader and matplotlib: only for reports
+
         parser = argparse.ArgumentParser(prog="resexp report", description=report.__doc__.splitlines()[0])
         parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run or sweep directories (searched recursively)")
         parser.add_argument("--out", type=Path, help="where results.md, results.csv and the figures go (default: the first DIR)")

@@ -38,7 +38,7 @@ def check_choices(overrides: list[str]) -> None:
         options = sorted(entry.name.removesuffix(".yaml") for entry in root.joinpath(group).iterdir() if entry.name.endswith(".yaml"))
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
         for value in values:
-            if value not in options:
+            if value not in options and value != "null":  # null: the group left out (experiment=null)
                 raise ResexpError(f"{group}={value!r} is not one of the {group} configs; choose one of {', '.join(options)}")
 
 
