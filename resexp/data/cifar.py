@@ -41,7 +41,7 @@ def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def find_or_download(root: str, download: bool) -> Path:
-    folder = Path(root).expanduser() / CIFAR10.base_folder
+    folder = Path(root).expanduser().absolute() / CIFAR10.base_folder  # absolute: the message says where it looked
     missing = [name for name in TRAIN_FILES + TEST_FILES if not (folder / name).is_file()]
     if not missing:
         return folder
