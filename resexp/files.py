@@ -27,3 +27,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:  # disk full, a signal, anything: leave no temporary file behind
         temporary.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()))

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from resexp.files import atomic_write
+from resexp.files import atomic_write_text
 
 log = logging.getLogger("resexp")
 
@@ -87,8 +87,7 @@ def display(total: int, console: Console | None = None) -> Iterator[Display]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Replace `path` atomically: a reader, or a crash, sees the old file or the new one."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda file: file.write(text.encode()))
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def describe_run(writer: SummaryWriter, hparams: dict[str, Any], metric_tags: list[str]) -> None:

@@ -23,7 +23,7 @@ from rich.table import Table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resexp.errors import ResexpError
-from resexp.files import atomic_write
+from resexp.files import atomic_write_text
 from resexp.models.resnet import net_name
 from resexp.paper import PaperResult, lookup
 
@@ -209,8 +209,8 @@ def report(directories: list[Path], out: Path | None = None, console: Console | 
         console.print(f"[yellow]left out[/] {run.path} ({run.net}): {run.note}")
 
     out = out or directories[0]
-    atomic_write(out / "results.md", lambda file: file.write(markdown(rows, left_out).encode()))
-    atomic_write(out / "results.csv", lambda file: file.write(csv_text(rows).encode()))
+    atomic_write_text(out / "results.md", markdown(rows, left_out))
+    atomic_write_text(out / "results.csv", csv_text(rows))
     from resexp.plots import comparison_figure  # matplotlib only when a figure is drawn
 
     for figure in comparison_figure([run for run in runs if run.finished], out):
