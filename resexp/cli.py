@@ -16,12 +16,15 @@ import shlex
 import shutil
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -30,12 +33,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 import resexp
 from resexp import checkpoint
-from resexp.config import check_choices, config_dir, experiment_of, make_model, make_schedule, pick_device, positive
+from resexp.config import check_choices, config_dir, experiment_of, make_model, make_schedule, pick_device, pick_precision, positive
 from resexp.errors import Interrupted, ResexpError
-from resexp.logs import log, write_json
+from resexp.logs import Display, displays, log, write_json
 from resexp.models import canonical_shortcut, count_parameters
 from resexp.models.resnet import net_name
-from resexp.train import train
+from resexp.step import make_step
+from resexp.train import restore, stop_requests, train
 
 COMMANDS = {
     "train": "train a plain or residual net (a Hydra app: `resexp train --help`, `resexp train -m ...`)",
@@ -62,15 +66,36 @@ def previous_run(run_dir: Path, resume: bool, experiment: dict[str, Any]) -> dic
     return state
 
 
-def run(cfg: DictConfig) -> float:
-    """Build everything the config names, train (or resume), and write metrics.json; returns the final test error."""
+@dataclass
+class Job:
+    """A run built from its config and ready to train: only `train` is left, which no longer reads the
+    config, so the runs of a sweep can train side by side (resexp/launcher.py)."""
+
+    label: str  # how log lines and progress bars name it: the net, or in a sweep what sets it apart
+    run_dir: Path  # where it writes
+    iterations: int  # steps of its schedule
+    device: torch.device  # where it trains
+    train: Callable[[Display, list[int]], float]  # (display, stop signals) -> final test error
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Build everything the config names, up to the first step; its `train` trains (or resumes) and
+    writes metrics.json."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     schedule = make_schedule(cfg)
     batch_size = positive("schedule.batch_size", cfg.schedule.batch_size)
     device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise ResexpError(f"on_nonfinite={cfg.on_nonfinite!r} is not an option; choose stop or skip")
+    settings = dict(  # plain values: the job must not read cfg once it trains beside others
+        eval_every=math.ceil(schedule.iterations / positive("eval_points", cfg.eval_points)),
+        log_every=positive("log_every", cfg.log_every),
+        checkpoint_every=positive("checkpoint_every", cfg.checkpoint_every),
+        on_nonfinite=cfg.on_nonfinite,
+        precision=precision,
+    )
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
 
     torch.manual_seed(cfg.seed)  # weight initialisation; the data stream has a generator of its own
@@ -79,14 +104,27 @@ def run(cfg: DictConfig) -> float:
     previous = previous_run(run_dir, cfg.resume, experiment)
     if previous is not None and "metrics" in previous:
         log.info("%s finished already (%s): nothing to do", name, run_dir / "metrics.json")
-        return previous["metrics"]["final"]["error/test"]
+        error = previous["metrics"]["final"]["error/test"]
+        return Job(name, run_dir, 0, device, lambda screen, stops: error)
     model.to(device, memory_format=torch.channels_last)  # the layout to_device gives the images
     if not cfg.model.residual:
         log.info("%s is a plain net: shortcut=%s has no effect", name, cfg.shortcut)
     data = instantiate(cfg.data)(batch_size=batch_size, seed=cfg.seed, device=device)
     optimizer = instantiate(cfg.optim)(model.parameters())
+    base_lr = cfg.optim.lr  # the schedule scales this; a checkpoint's optimizer holds the scaled one
+    if previous is not None:
+        restore(model, optimizer, data, previous)
+    step = make_step(
+        model,
+        optimizer,
+        (batch_size, *data.train.images.shape[1:]),
+        precision=precision,
+        cuda_graph=bool(cfg.cuda_graph),
+        compile_model=bool(cfg.compile),
+        skip_nonfinite=cfg.on_nonfinite == "skip",
+    )
     params = count_parameters(model)
-    log.info("%s: %s parameters, %d iterations at batch %d on %s -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, run_dir)
+    log.info("%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, precision, run_dir)
     about = {  # what the run is, for metrics.json and TensorBoard's HPARAMS tab
         "net": name,
         "model": hydra_cfg.runtime.choices.get("model"),
@@ -101,36 +139,41 @@ def run(cfg: DictConfig) -> float:
         "seed": cfg.seed,
     }
 
-    summary = train(
-        model,
-        optimizer,
-        data,
-        schedule,
-        device=device,
-        run_dir=run_dir,
-        eval_every=math.ceil(schedule.iterations / positive("eval_points", cfg.eval_points)),
-        log_every=positive("log_every", cfg.log_every),
-        checkpoint_every=positive("checkpoint_every", cfg.checkpoint_every),
-        on_nonfinite=cfg.on_nonfinite,
-        experiment=experiment,
-        hparams={**about, "shortcut": about["shortcut"] or "none"},
-        resume=previous,
-    )
-    write_json(
-        run_dir / "metrics.json",
-        {
-            **about,
-            "images_per_s": schedule.iterations * batch_size / summary["train_time_s"],
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "resexp": resexp.__version__,
-            **summary,
-        },
-    )
-    final = summary["final"]
-    log.info("done: train err %.2f%%  test err %.2f%%  -> %s", final["error/train"], final["error/test"], run_dir / "metrics.json")
-    return final["error/test"]
+    def train_and_record(screen: Display, stops: list[int]) -> float:
+        summary = train(
+            model,
+            optimizer,
+            step,
+            data,
+            schedule,
+            base_lr=base_lr,
+            device=device,
+            run_dir=run_dir,
+            screen=screen,
+            stops=stops,
+            experiment=experiment,
+            hparams={**about, "shortcut": about["shortcut"] or "none"},
+            resume=previous,
+            **settings,
+        )
+        write_json(
+            run_dir / "metrics.json",
+            {
+                **about,
+                "precision": precision,
+                "images_per_s": schedule.iterations * batch_size / summary["train_time_s"],
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "resexp": resexp.__version__,
+                **summary,
+            },
+        )
+        final = summary["final"]
+        log.info("done: train err %.2f%%  test err %.2f%%  -> %s", final["error/train"], final["error/test"], run_dir / "metrics.json")
+        return final["error/test"]
+
+    return Job(name, run_dir, schedule.iterations, device, train_and_record)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -149,24 +192,47 @@ def discard_if_empty(directory: Path, hydra_files: set[str]) -> None:
     directory.rmdir()
 
 
-def train_task(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+def drop_unstarted(hydra_cfg: DictConfig) -> None:
+    """Bad input: take back the directories Hydra made for a run that never started."""
+    discard_if_empty(Path(hydra_cfg.runtime.output_dir), {".hydra", "train.log"})
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        discard_if_empty(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+
+
+def resume_hint(hydra_cfg: DictConfig) -> str:
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"run the same sweep again with hydra.sweep.dir={hydra_cfg.sweep.dir}"
+    run_dir = hydra_cfg.runtime.output_dir
+    return " ".join(["resexp train", *map(shlex.quote, hydra_cfg.overrides.task), shlex.quote(f"hydra.run.dir={run_dir}")])
+
+
+def stopped(signum: int, iteration: int, hydra_cfg: DictConfig) -> NoReturn:
+    fail(f"stopped by {signal.Signals(signum).name} at iteration {iteration}, checkpoint saved; resume: {resume_hint(hydra_cfg)}", 128 + signum)
+
+
+def prepare_task(cfg: DictConfig) -> Job:
+    """The Hydra task of a shared-GPU sweep (resexp/launcher.py): prepare only; bad input ends the sweep."""
     try:
-        return run(cfg)
+        return prepare(cfg)
     except ResexpError as error:
-        discard_if_empty(run_dir, {".hydra", "train.log"})
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            discard_if_empty(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+        drop_unstarted(HydraConfig.get())
+        fail(f"error: {error}")
+
+
+def train_task(cfg: DictConfig) -> float:
+    """The Hydra task of a single run, and of each run of a sweep under Hydra's basic launcher."""
+    hydra_cfg = HydraConfig.get()
+    job = prepare_task(cfg)
+    try:
+        with displays({"train": job.iterations}) as screens, stop_requests() as stops:
+            return job.train(screens[0], stops)
+    except ResexpError as error:
+        drop_unstarted(hydra_cfg)
         fail(f"error: {error}")
     except Interrupted as stop:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            how = f"run the same sweep again with hydra.sweep.dir={hydra_cfg.sweep.dir}"
-        else:
-            how = " ".join(["resexp train", *map(shlex.quote, hydra_cfg.overrides.task), shlex.quote(f"hydra.run.dir={run_dir}")])
-        fail(f"stopped by {signal.Signals(stop.signum).name} at iteration {stop.iteration}, checkpoint saved; resume: {how}", 128 + stop.signum)
+        stopped(stop.signum, stop.iteration, hydra_cfg)
     except KeyboardInterrupt:
-        fail(f"stopped at once; the last checkpoint in {run_dir}, if there is one, is intact", 128 + signal.SIGINT)
+        fail(f"stopped at once; the last checkpoint in {job.run_dir}, if there is one, is intact", 128 + signal.SIGINT)
 
 
 def one_line(error: Exception) -> str:
@@ -203,6 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra then raises its errors instead of printing a trimmed stack trace, and they are reported
     # below in one line; an unexpected error (a bug) still shows its whole traceback.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # Hydra finds plugins by scanning the hydra_plugins namespace package, which editable installs
+    # (setuptools >= 64) can hide: register resexp's launcher by hand.
+    from hydra_plugins.resexp_launcher.shared_gpu_launcher import SharedGPULauncher
+
+    Plugins.instance().register(SharedGPULauncher)
     try:
         check_choices([arg for arg in rest if "=" in arg and not arg.startswith("-")])
         hydra.main(version_base="1.3", config_path=config_path, config_name="train")(train_task)()

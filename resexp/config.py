@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from resexp.errors import ResexpError
 from resexp.models import build_model, canonical_shortcut
 from resexp.models.resnet import net_name
+from resexp.step import PRECISIONS
 from resexp.train import Schedule
 
 
@@ -52,6 +53,15 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ResexpError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
     return device
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA (the tensor cores' fast format, and no loss scaling needed), fp32 elsewhere."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in PRECISIONS:
+        raise ResexpError(f"precision={name!r} is not an option; choose auto, {', '.join(PRECISIONS)}")
+    return name
 
 
 def positive(name: str, value: int) -> int:

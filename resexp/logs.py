@@ -44,9 +44,9 @@ class LogLines:
 class Bar:
     """A terminal: a rich progress bar with the latest training numbers beside it."""
 
-    def __init__(self, progress: Progress, total: int) -> None:
+    def __init__(self, progress: Progress, label: str, total: int) -> None:
         self.progress = progress
-        self.task = progress.add_task("train", total=total, stats="")
+        self.task = progress.add_task(label, total=total, stats="")
 
     def advance(self, iteration: int) -> None:
         self.progress.update(self.task, completed=iteration)
@@ -67,11 +67,13 @@ def console_handler() -> logging.Handler:
 
 
 @contextmanager
-def display(total: int, console: Console | None = None) -> Iterator[Display]:
-    """A progress bar on a terminal, log lines elsewhere; both share rich's console with the log handler."""
+def displays(runs: dict[str, int], console: Console | None = None) -> Iterator[list[Display]]:
+    """One display per run (label: iterations): progress bars on a terminal, all in one rich Progress
+    (runs of a shared-GPU sweep train at once), log lines elsewhere; both share rich's console with the
+    log handler."""
     console = console or get_console()
     if not console.is_terminal:
-        yield LogLines(total)
+        yield [LogLines(total) for total in runs.values()]
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -82,7 +84,7 @@ def display(total: int, console: Console | None = None) -> Iterator[Display]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        yield Bar(progress, total)
+        yield [Bar(progress, label, total) for label, total in runs.items()]
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -209,6 +209,7 @@ def report(directories: list[Path], out: Path | None = None, console: Console | 
         console.print(f"[yellow]left out[/] {run.path} ({run.net}): {run.note}")
 
     out = out or directories[0]
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.md", markdown(rows, left_out))
     atomic_write_text(out / "results.csv", csv_text(rows))
     from resexp.plots import comparison_figure  # matplotlib only when a figure is drawn

@@ -19,7 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 from resexp import checkpoint
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError
-from resexp.logs import describe_run, display, log
+from resexp.logs import Display, describe_run, log
+from resexp.step import Step, autocast, set_lr
 
 MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
 
@@ -63,14 +64,15 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, precision: str = "fp32") -> tuple[float, float]:
     """(error in %, mean cross-entropy) over all batches."""
     model.eval()
     totals = torch.zeros(3, device=device)  # loss sum, wrong predictions, images
     for x, y in batches:
         x, y = to_device(x, y, device)
-        out = model(x)
-        loss = nn.functional.cross_entropy(out, y, reduction="sum")
+        with autocast(device, precision):
+            out = model(x)
+        loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
         totals[0] += loss
         totals[1] += (out.argmax(1) != y).sum()
         totals[2] += len(y)  # a Python number: no host-to-device copy, no sync
@@ -108,34 +110,45 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, saved: dict[str, Any]) -> None:
+    """Put a checkpoint's weights, optimizer state, data stream and RNG back: before the step is built,
+    since a captured step reads these very tensors."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    data.train.load_state_dict(saved["data"])
+    restore_rng_states(saved["rng"])
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    step: Step,
     data: Data,
     schedule: Schedule,
     *,
+    base_lr: float,
     device: torch.device,
     run_dir: Path,
     eval_every: int,
     log_every: int,
     checkpoint_every: int,
     on_nonfinite: str,
+    precision: str,
+    screen: Display,
+    stops: list[int],
     experiment: dict[str, Any],
     hparams: dict[str, Any] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train for `schedule.iterations` steps (from a checkpoint's state when `resume` is given), logging
-    to TensorBoard in `run_dir` and checkpointing there; returns a summary for metrics.json."""
+    """Train for `schedule.iterations` steps with `step` (make_step), logging to TensorBoard in `run_dir`
+    and checkpointing there; returns a summary for metrics.json. `resume`: the checkpoint that
+    `restore` put back, whose loop state this continues. `stops` receives the signals that ask the run
+    to checkpoint and stop (see stop_requests)."""
     path = run_dir / checkpoint.FILENAME
-    base_lr = optimizer.param_groups[0]["lr"]  # read before a checkpoint's optimizer state replaces it
     state = Progress(warming_up=schedule.warmup_lr is not None)
     totals = torch.zeros(3, device=device)  # since the last log point: loss sum, wrong predictions, images
     first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss, 0: none
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        data.train.load_state_dict(resume["data"])
-        restore_rng_states(resume["rng"])
         state = Progress(**resume["progress"])
         totals.copy_(resume["totals"])
         log.info("resuming %s at iteration %d", path, state.iteration)
@@ -167,82 +180,74 @@ def train(
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.iteration + 1 if resume else None)
     if resume is None:
         describe_run(writer, hparams or {}, ["error/train", *(f"error/{name}" for name in data.evals)])
-    started, mark, wall_before, in_a_row = time.perf_counter(), time.perf_counter(), state.wall_seconds, 0
+    started, mark, wall_before, in_a_row, lr_now = time.perf_counter(), time.perf_counter(), state.wall_seconds, 0, math.nan
     try:
-        with display(schedule.iterations) as screen, stop_requests() as stops:
-            model.train()
-            while state.iteration < schedule.iterations:
-                iteration = state.iteration + 1
-                lr = learning_rate(iteration - 1, base_lr, schedule, state.warming_up)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x, y = to_device(*next(data.train), device)  # (B, 3, H, W), (B,)
-                out = model(x)  # (B, num_classes)
-                loss = nn.functional.cross_entropy(out, y)
-                finite = torch.isfinite(loss)
-                optimizer.zero_grad(set_to_none=True)
-                if on_nonfinite == "skip" and not finite:  # one host sync per step, only in this mode
-                    state.skipped, in_a_row = state.skipped + 1, in_a_row + 1
-                    log.warning("iteration %d: non-finite loss, step skipped", iteration)
-                    if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        raise ResexpError(f"{in_a_row} steps in a row had a non-finite loss up to iteration {iteration}: the run has diverged")
-                else:
-                    in_a_row = 0
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        first_bad.copy_(torch.where((first_bad == 0) & ~finite, iteration, first_bad))
-                        totals[0] += loss.detach() * len(y)
-                        totals[1] += (out.argmax(1) != y).sum()
-                        totals[2] += len(y)
-                state.iteration = iteration
-                screen.advance(iteration)
-                last = iteration == schedule.iterations
+        model.train()
+        while state.iteration < schedule.iterations:
+            iteration = state.iteration + 1
+            lr = learning_rate(iteration - 1, base_lr, schedule, state.warming_up)
+            if lr != lr_now:  # a write into the optimizer's lr tensor, which the captured step reads
+                set_lr(optimizer, lr)
+                lr_now = lr
+            x, y = to_device(*next(data.train), device)  # (B, 3, H, W), (B,)
+            stats = step(x, y)  # (summed loss, wrong predictions, images), on the device
+            if on_nonfinite == "skip" and not torch.isfinite(stats[0]):  # the step left the weights alone
+                state.skipped, in_a_row = state.skipped + 1, in_a_row + 1
+                log.warning("iteration %d: non-finite loss, step skipped", iteration)
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise ResexpError(f"{in_a_row} steps in a row had a non-finite loss up to iteration {iteration}: the run has diverged")
+            else:
+                in_a_row = 0
+                first_bad.copy_(torch.where((first_bad == 0) & ~torch.isfinite(stats[0]), iteration, first_bad))
+                totals += stats
+            state.iteration = iteration
+            screen.advance(iteration)
+            last = iteration == schedule.iterations
 
-                if iteration % log_every == 0 or last:
-                    loss_sum, wrong, seen = totals.tolist()  # the one host sync per interval
-                    check_finite()
-                    totals.zero_()
-                    now = time.perf_counter()
-                    state.train_seconds, mark = state.train_seconds + now - mark, now
-                    if seen:
-                        state.final["error/train"], state.final["loss/train"] = 100 * wrong / seen, loss_sum / seen
-                        writer.add_scalar("error/train", state.final["error/train"], iteration)
-                        writer.add_scalar("loss/train", state.final["loss/train"], iteration)
-                    writer.add_scalar("lr", lr, iteration)
-                    speed = (iteration - state.logged_at) / max(state.train_seconds - state.logged_seconds, 1e-9)
-                    state.logged_at, state.logged_seconds = iteration, state.train_seconds
-                    screen.show(
-                        iteration,
-                        f"loss {state.final.get('loss/train', math.nan):.3f}  train err {state.final.get('error/train', math.nan):5.2f}%"
-                        f"  lr {lr:g}  {speed:.1f} it/s",
-                    )
-                    if state.warming_up and state.final.get("error/train", 100) < schedule.warmup_until_error:
-                        # §4.2 (ResNet-110): 0.01 "until the training error is below 80%", then back to 0.1.
-                        state.warming_up = False
-                        log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
-                if iteration % eval_every == 0 or last:
-                    state.train_seconds += time.perf_counter() - mark
-                    for name, batches in data.evals.items():
-                        error, loss_value = evaluate(model, batches, device)
-                        state.final[f"error/{name}"], state.final[f"loss/{name}"] = error, loss_value
-                        writer.add_scalar(f"error/{name}", error, iteration)
-                        writer.add_scalar(f"loss/{name}", loss_value, iteration)
-                        if error < state.best.get(f"error/{name}", math.inf):
-                            state.best[f"error/{name}"], state.best[f"iteration/{name}"] = error, iteration
-                    log.info(
-                        "it %d/%d  %s",
-                        iteration,
-                        schedule.iterations,
-                        "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in data.evals),
-                    )
-                    mark = time.perf_counter()  # evaluation time is not training time
-                if iteration % checkpoint_every == 0 or last or stops:
-                    check_finite()
-                    writer.flush()  # the curves reach disk no later than the checkpoint that covers them
-                    save()
-                if stops and not last:
-                    raise Interrupted(stops[0], iteration)
+            if iteration % log_every == 0 or last:
+                loss_sum, wrong, seen = totals.tolist()  # the one host sync per interval
+                check_finite()
+                totals.zero_()
+                now = time.perf_counter()
+                state.train_seconds, mark = state.train_seconds + now - mark, now
+                if seen:
+                    state.final["error/train"], state.final["loss/train"] = 100 * wrong / seen, loss_sum / seen
+                    writer.add_scalar("error/train", state.final["error/train"], iteration)
+                    writer.add_scalar("loss/train", state.final["loss/train"], iteration)
+                writer.add_scalar("lr", lr, iteration)
+                speed = (iteration - state.logged_at) / max(state.train_seconds - state.logged_seconds, 1e-9)
+                state.logged_at, state.logged_seconds = iteration, state.train_seconds
+                screen.show(
+                    iteration,
+                    f"loss {state.final.get('loss/train', math.nan):.3f}  train err {state.final.get('error/train', math.nan):5.2f}%"
+                    f"  lr {lr:g}  {speed:.1f} it/s",
+                )
+                if state.warming_up and state.final.get("error/train", 100) < schedule.warmup_until_error:
+                    # §4.2 (ResNet-110): 0.01 "until the training error is below 80%", then back to 0.1.
+                    state.warming_up = False
+                    log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
+            if iteration % eval_every == 0 or last:
+                state.train_seconds += time.perf_counter() - mark
+                for name, batches in data.evals.items():
+                    error, loss_value = evaluate(model, batches, device, precision)
+                    state.final[f"error/{name}"], state.final[f"loss/{name}"] = error, loss_value
+                    writer.add_scalar(f"error/{name}", error, iteration)
+                    writer.add_scalar(f"loss/{name}", loss_value, iteration)
+                    if error < state.best.get(f"error/{name}", math.inf):
+                        state.best[f"error/{name}"], state.best[f"iteration/{name}"] = error, iteration
+                log.info(
+                    "it %d/%d  %s",
+                    iteration,
+                    schedule.iterations,
+                    "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in data.evals),
+                )
+                mark = time.perf_counter()  # evaluation time is not training time
+            if iteration % checkpoint_every == 0 or last or stops:
+                check_finite()
+                writer.flush()  # the curves reach disk no later than the checkpoint that covers them
+                save()
+            if stops and not last:
+                raise Interrupted(stops[0], iteration)
     finally:
         writer.close()
     state.wall_seconds = wall_before + time.perf_counter() - started

@@ -1,12 +1,15 @@
-"""Milliseconds per training step of resexp's nets at the paper's batch size, on this machine.
+"""Milliseconds per training step at the paper's batch size: the common PyTorch recipe against resexp's.
 
-    python scripts/benchmark.py                       # ResNet-20/56/110 and plain-56, auto device
-    python scripts/benchmark.py --nets resnet20 --steps 50 --json bench.json
+    python scripts/benchmark.py                                  # ResNet-20/56/110 and plain-56
+    python scripts/benchmark.py --nets resnet56 --compile --json bench.json
 
-One step is what `resexp train` does per iteration: an augmented CIFAR-shaped batch from the stream
-on the device, forward, backward, SGD update. Measured 2026-11-23 on the 2-core CPU CI machine
-(torch 2.14.1, fp32, channels_last, 10 steps after 3 warm-up): ResNet-20 305 ms/step (3.3 it/s,
-420 images/s), ResNet-56 801 ms, ResNet-110 1667 ms, plain-56 799 ms. GPU: not measured yet.
+Per net, in one process: (a) the common recipe, a DataLoader with worker processes doing PIL
+RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, fp32, eager, NCHW; and
+(b) resexp's step as `resexp train` runs it: images resident on the device, augmented there, bf16
+autocast on CUDA, channels_last, the whole step one CUDA graph (`--compile` adds a column with
+torch.compile inside the graph). Then (c) all the nets at once, each in a thread on its own CUDA stream,
+as the shared-GPU sweep launcher trains them: wall time per step of all of them against the sum of (b).
+Random CIFAR-shaped images: speed does not depend on the pixels. Results: README "Performance".
 """
 
 from __future__ import annotations
@@ -14,69 +17,179 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
+import threading
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
+from resexp.config import pick_precision
 from resexp.data import synthetic
 from resexp.models import build_model
+from resexp.step import make_step
 from resexp.train import to_device
 
+MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)  # CIFAR-10's channel statistics
 
-def step_ms(net: str, steps: int, warmup: int, batch_size: int, device: torch.device) -> float:
+
+def make_net(net: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
     residual, depth = net.startswith("resnet"), int(net.removeprefix("resnet").removeprefix("plain"))
-    model = build_model(depth, residual, "basic", "cifar", "identity", 10).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    stream = synthetic(
-        num_classes=10, train_size=batch_size * 4, test_size=1, val_size=0, eval_batch_size=1, batch_size=batch_size, seed=0, device=device
-    ).train
-    for index in range(warmup + steps):
-        if index == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-        x, y = to_device(*next(stream), device)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    model = build_model(depth, residual, "basic", "cifar", "identity", 10).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def sgd(model: torch.nn.Module) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+class PILImages(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: a PIL image from uint8 HWC, then the transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def timed(run_steps: Callable[[int], None], steps: int, warmup: int, device: torch.device) -> float:
+    """ms per step of `run_steps(n)` over `steps` steps, after `warmup` untimed ones."""
+    run_steps(warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    run_steps(steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 1000 * (time.perf_counter() - started) / steps
 
 
+def common_ms(net: str, args: argparse.Namespace, device: torch.device) -> float:
+    model, generator = make_net(net, device, channels_last=False), np.random.default_rng(0)
+    optimizer = sgd(model)
+    images = generator.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8)
+    augment = transforms.Compose(
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    )
+    loader = DataLoader(
+        PILImages(images, generator.integers(0, 10, 50_000), augment),
+        batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+    )
+    batches = iter(loader)
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return timed(run_steps, args.steps, args.warmup, device)
+
+
+def fast_steps(net: str, args: argparse.Namespace, device: torch.device, compile_model: bool) -> Callable[[int], None]:
+    """resexp's training loop minus logging: batch from the device-resident stream, step, running totals."""
+    model = make_net(net, device, channels_last=True)
+    shape = (args.batch_size, 3, 32, 32)
+    step = make_step(model, sgd(model), shape, precision=pick_precision("auto", device), cuda_graph=True, compile_model=compile_model)
+    stream = synthetic(
+        num_classes=10, train_size=args.batch_size * 8, test_size=1, val_size=0, eval_batch_size=1, batch_size=args.batch_size, seed=0, device=device
+    ).train
+    totals = torch.zeros(3, device=device)
+
+    def run_steps(n: int) -> None:
+        nonlocal totals
+        for _ in range(n):
+            totals += step(*to_device(*next(stream), device))
+
+    return run_steps
+
+
+def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device) -> float:
+    """ms per step of all nets training at once, each in a thread on its own CUDA stream."""
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in nets]
+    runs = [fast_steps(net, args, device, compile_model=False) for net in nets]
+
+    def all_steps(n: int) -> None:
+        def work(run_steps: Callable[[int], None], stream: torch.cuda.Stream | None) -> None:
+            if stream is None:
+                run_steps(n)
+                return
+            with torch.cuda.stream(stream):
+                run_steps(n)
+                stream.synchronize()
+
+        threads = [threading.Thread(target=work, args=pair) for pair in zip(runs, streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    return timed(all_steps, args.steps, args.warmup, device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", nargs="+", default=["resnet20", "resnet56", "resnet110", "plain56"], help="CIFAR nets: resnetN or plainN")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per net")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per net and path")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (CUDA graph capture, compilation, worker start)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (the paper: 128)")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes of the common recipe")
+    parser.add_argument("--compile", action="store_true", help="also time resexp's step with compile=true")
+    parser.add_argument("--no-common", action="store_true", help="skip the common recipe (resexp's paths only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.backends.cudnn.benchmark = True  # as resexp train sets it; the common recipe gets it too
 
     rows = []
     for net in args.nets:
-        ms = step_ms(net, args.steps, args.warmup, args.batch_size, device)
-        rows.append({"net": net, "ms_per_step": ms, "it_per_s": 1000 / ms, "images_per_s": 1000 * args.batch_size / ms})
-    table = Table(title=f"training step, batch {args.batch_size}, {device}")
-    for column in ("net", "ms/step", "it/s", "images/s"):
+        row = {"net": net, "common_ms": math.nan if args.no_common else common_ms(net, args, device)}
+        row["resexp_ms"] = timed(fast_steps(net, args, device, False), args.steps, args.warmup, device)
+        if args.compile:
+            row["resexp_compile_ms"] = timed(fast_steps(net, args, device, True), args.steps, args.warmup, device)
+        row["speedup"] = row["common_ms"] / min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
+        rows.append(row)
+        Console().print(row)
+    together = {"nets": args.nets, "ms": together_ms(args.nets, args, device), "sum_of_alone_ms": sum(row["resexp_ms"] for row in rows)}
+
+    table = Table(title=f"ms per training step, batch {args.batch_size}, {device}")
+    for column in ("net", "common recipe", "resexp", *(["resexp + compile"] if args.compile else []), "speed-up", "images/s (resexp)"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row["net"], f"{row['ms_per_step']:.1f}", f"{row['it_per_s']:.2f}", f"{row['images_per_s']:.0f}")
+        best = min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
+        compiled = [f"{row['resexp_compile_ms']:.2f}"] if args.compile else []
+        table.add_row(row["net"], f"{row['common_ms']:.2f}", f"{row['resexp_ms']:.2f}", *compiled, f"{row['speedup']:.1f}x", f"{1000 * args.batch_size / best:,.0f}")
     Console().print(table)
+    Console().print(
+        f"all {len(args.nets)} at once (one thread and CUDA stream each): {together['ms']:.2f} ms per step of all, "
+        f"against {together['sum_of_alone_ms']:.2f} one after another ({together['sum_of_alone_ms'] / together['ms']:.2f}x)"
+    )
     if args.json:
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "date": datetime.date.today().isoformat(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "batch_size": args.batch_size,
+            "steps": args.steps,
             "rows": rows,
+            "together": together,
         }
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)

@@ -84,6 +84,26 @@ def test_multirun_makes_one_directory_per_run(tmp_path):
     nets = [json.loads((run / "metrics.json").read_text())["net"] for run in runs]
     assert nets == ["plain20", "resnet20-A"]
     assert all(len(list(run.glob("events.out.tfevents.*"))) == 1 for run in runs)
+    # The runs trained at once (the shared-GPU launcher); each log file still holds its own run only.
+    plain, residual = ((run / "train.log").read_text() for run in runs)
+    assert "model=plain20: it 4/4" in plain and "model=resnet20" not in plain
+    assert "model=resnet20: it 4/4" in residual and "model=plain20" not in residual
+    assert "model=plain20: it 4/4" in result.stdout and "model=resnet20: it 4/4" in result.stdout
+
+
+def test_a_sweep_larger_than_max_runs_trains_in_batches(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = resexp("train", "-m", *SHRINK, "seed=0,1,2", "hydra.launcher.max_runs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(path.read_text())["seed"] for path in sweep.glob("*/metrics.json")) == [0, 1, 2]
+    assert "seed=2: done" in result.stdout
+
+
+def test_hydras_basic_launcher_is_one_flag_away(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = resexp("train", "-m", *SHRINK, "seed=0,1", "hydra/launcher=basic", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(list(sweep.glob("*/metrics.json"))) == 2 and "seed=1: done" not in result.stdout  # no thread labels
 
 
 def test_default_run_directory_names_the_net(tmp_path):
@@ -107,6 +127,9 @@ def test_validation_split_logs_val_error(tmp_path):
         ("model=nope", ["model='nope' is not one of the model configs", "resnet56", "plain20"]),
         ("-m model=resnet20,nope", ["model='nope'"]),
         ("-m model=plain20 shortcut=Z", ["shortcut='Z' is not an option"]),
+        ("-m model.depth=20,21", ["model.depth=21 is not a CIFAR depth"]),  # the valid run is taken back too
+        ("-m model.depth=20,26 precision=fp16", ["precision='fp16' is not an option"]),
+        ("-m model.depth=20,26 hydra.launcher.max_runs=0", ["hydra.launcher.max_runs=0 must be a positive integer"]),
         ("data=imagenet1k", ["data='imagenet1k' is not one of the data configs", "cifar10, synthetic"]),
         ("experiment=fig7", ["experiment='fig7' is not one of the experiment configs", "cifar10_fig6, cifar10_table6"]),
         ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B) or full (C)"]),
@@ -144,9 +167,10 @@ def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent.parent / "scripts" / "benchmark.py"), "--nets", "plain8", "resnet8",
-         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--device", "cpu", "--json", str(out)],
+         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["net"] for row in rows] == ["plain8", "resnet8"] and all(row["ms_per_step"] > 0 for row in rows)
+    result = json.loads(out.read_text())
+    assert [row["net"] for row in result["rows"]] == ["plain8", "resnet8"]
+    assert all(row["common_ms"] > 0 and row["resexp_ms"] > 0 for row in result["rows"]) and result["together"]["ms"] > 0

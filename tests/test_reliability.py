@@ -18,6 +18,8 @@ from conftest import resexp
 from resexp import checkpoint
 from resexp.data import synthetic
 from resexp.errors import ResexpError
+from resexp.logs import LogLines
+from resexp.step import make_step
 from resexp.models import build_model
 from resexp.train import Schedule, train
 from test_cli import scalars
@@ -112,8 +114,9 @@ def test_finished_runs_are_skipped_and_never_overwritten(tmp_path, straight):
 
 
 def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
+    # Hydra's basic launcher: one run after another, so the first has finished when the second is stopped.
     sweep = tmp_path / "sweep"
-    args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}", "hydra/launcher=basic"]
     process = subprocess.Popen([sys.executable, "-m", "resexp", "train", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = None
     deadline = time.monotonic() + 180
@@ -134,6 +137,33 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     assert "plain20 finished already" in again.stdout and "resuming" in again.stdout
     assert (first / "metrics.json").read_bytes() == first_metrics
     assert json.loads((second / "metrics.json").read_text())["iterations"] == 120
+
+
+def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_path):
+    # The default launcher trains the runs at once: a SIGTERM stops and checkpoints all of them.
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}"]
+    process = subprocess.Popen([sys.executable, "-m", "resexp", "train", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while len(list(sweep.glob("*/checkpoint.pt"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert f"resume: run the same sweep again with hydra.sweep.dir={sweep}" in stderr
+    runs = sorted(p.parent for p in sweep.glob("*/checkpoint.pt"))
+    assert len(runs) == 2 and not list(sweep.glob("*/metrics.json"))
+    stopped_at = [checkpoint.load(run / checkpoint.FILENAME)["progress"]["iteration"] for run in runs]
+    assert all(0 < iteration < 120 for iteration in stopped_at)
+
+    again = resexp("train", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("resuming") == 2
+    assert [json.loads((run / "metrics.json").read_text())["iterations"] for run in runs] == [120, 120]
+    for run in runs:  # every TensorBoard point once, resumed or not
+        steps = [step for step, _ in scalars(run)["error/train"]]
+        assert steps == sorted(set(steps)) and steps[-1] == 120
 
 
 class Payload:
@@ -241,8 +271,10 @@ def train_nan(tmp_path, on_nonfinite):
     data = synthetic(num_classes=10, train_size=64, test_size=16, val_size=0, eval_batch_size=16, batch_size=8, seed=0, device=torch.device("cpu"))
     schedule = Schedule(iterations=10, milestones=(), gamma=0.1, warmup_lr=None, warmup_until_error=80)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return model, train(model, optimizer, data, schedule, device=torch.device("cpu"), run_dir=tmp_path, eval_every=5, log_every=2,
-                        checkpoint_every=2, on_nonfinite=on_nonfinite, experiment={})
+    step = make_step(model, optimizer, (8, 3, 32, 32), precision="fp32", cuda_graph=True, skip_nonfinite=on_nonfinite == "skip")
+    return model, train(model, optimizer, step, data, schedule, base_lr=0.1, device=torch.device("cpu"), run_dir=tmp_path, eval_every=5,
+                        log_every=2, checkpoint_every=2, on_nonfinite=on_nonfinite, precision="fp32", screen=LogLines(10), stops=[],
+                        experiment={})
 
 
 def test_a_nan_loss_stops_the_run_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path):

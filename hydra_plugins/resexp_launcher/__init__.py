@@ -1,0 +1,1 @@
+"""resexp's Hydra launcher; Hydra finds plugins in the `hydra_plugins` namespace package."""

@@ -1,0 +1,167 @@
+"""A Hydra launcher that trains the runs of a sweep at the same time, in one process, on one GPU.
+
+At batch 128 one CIFAR net leaves most of an H100 idle even as a CUDA graph: its kernels are small.
+Separate processes do not help, since the GPU time-slices between them and their kernels never
+overlap. Runs that share one process, each launching from its own thread onto its own CUDA stream,
+do overlap. So this launcher prepares every run of the sweep, one after another in the main thread
+(Hydra's run_job: its directory, saved config and log file; resexp's prepare: data, model, checkpoint,
+and the CUDA graph capture, which must not meet other GPU work), then trains them all at once, each
+in a thread named by what sets it apart.
+
+    resexp train -m model=plain20,plain56,resnet20,resnet56     # conf/hydra/launcher/shared_gpu.yaml
+    resexp train -m ... hydra/launcher=basic                     # Hydra's: one run after another
+
+Each run is the same computation as alone (its own seed, data stream and checkpoints), so an
+interrupted sweep resumes, finished runs are skipped, and `resexp report` reads it as any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+from resexp.cli import Job, discard_if_empty, fail, prepare_task, stopped
+from resexp.errors import Interrupted, ResexpError
+from resexp.logs import Display, displays, log
+from resexp.train import stop_requests
+
+Prepared = tuple[JobReturn, Job, list[logging.Handler]]  # Hydra's record of the job, the run, its log file
+
+
+def label_with_thread(record: logging.LogRecord) -> bool:
+    """Log lines from a run's thread say which run they are about."""
+    if record.threadName != "MainThread":
+        record.msg = f"{record.threadName}: {record.msg}"
+    return True
+
+
+def labels(batch: Sequence[Sequence[str]]) -> list[str]:
+    """Name each run by what differs between the runs (`model=plain20`), for log lines and progress bars."""
+    varying = [[item for item in overrides if any(item not in other for other in batch)] for overrides in batch]
+    names = [",".join(items) or "run" for items in varying]
+    return [f"{name}#{index}" if names.count(name) > 1 else name for index, name in enumerate(names)]
+
+
+class SharedGPULauncher(Launcher):
+    def __init__(self, max_runs: int) -> None:
+        self.max_runs = max_runs  # runs that train at once; more wait for the next batch
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if not isinstance(self.max_runs, int) or self.max_runs < 1:
+            discard_if_empty(Path(str(self.config.hydra.sweep.dir)), {"multirun.yaml"})
+            raise ResexpError(f"hydra.launcher.max_runs={self.max_runs!r} must be a positive integer")
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        returns: list[JobReturn] = []
+        names = labels(job_overrides)
+        for start in range(0, len(job_overrides), self.max_runs):
+            prepared: list[Prepared] = []
+            try:
+                batch = zip(job_overrides[start : start + self.max_runs], names[start : start + self.max_runs])
+                for index, (overrides, label) in enumerate(batch, initial_job_idx + start):
+                    prepared.append(self.prepare(index, overrides, label))
+            except BaseException:  # bad input in one run (prepare_task said which): the sweep starts none
+                for returned, job, files in prepared:
+                    for handler in files:
+                        handler.close()
+                    discard_if_empty(job.run_dir, {".hydra", "train.log"})
+                discard_if_empty(Path(str(self.config.hydra.sweep.dir)), {"multirun.yaml"})
+                raise
+            returns += train_together(prepared, self.config.hydra)
+        return returns
+
+    def prepare(self, index: int, overrides: Sequence[str], label: str) -> Prepared:
+        """Hydra's run_job sets the run up as for any job (directory, saved config, logging); the task
+        only builds it. The log file that run_job opened is kept for the run's thread alone."""
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id = config.hydra.job.num = index
+        returned = run_job(
+            hydra_context=self.hydra_context,
+            task_function=prepare_task,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        job = dataclasses.replace(returned.return_value, label=label)  # raises what a bug in preparing raised
+        files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
+        for handler in files:  # the next run_job would replace it; train_together puts it back
+            logging.getLogger().removeHandler(handler)
+            handler.addFilter(lambda record, label=job.label: record.threadName == label)
+        return returned, job, files
+
+
+def own_stream(device: torch.device) -> ContextManager:
+    """A CUDA stream for this thread's run, after the work that built it on the default stream."""
+    if device.type != "cuda":
+        return nullcontext()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return torch.cuda.stream(stream)
+
+
+def train_together(prepared: list[Prepared], hydra_cfg: DictConfig) -> list[JobReturn]:
+    """Train the prepared runs at once, each in a thread on a CUDA stream of its own; report as one."""
+    root = logging.getLogger()
+    outcomes: dict[str, BaseException | float] = {}
+
+    def work(job: Job, screen: Display, stops: list[int]) -> None:
+        try:
+            with own_stream(job.device):
+                outcomes[job.label] = job.train(screen, stops)
+        except BaseException as error:  # reported below, in the main thread, once every run has stopped
+            outcomes[job.label] = error
+
+    for _, _, files in prepared:
+        for handler in files:
+            root.addHandler(handler)
+    log.addFilter(label_with_thread)
+    try:
+        with displays({job.label: job.iterations for _, job, _ in prepared}) as screens, stop_requests() as stops:
+            threads = [
+                threading.Thread(target=work, args=(job, screen, stops), name=job.label, daemon=True)
+                for (_, job, _), screen in zip(prepared, screens)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    except KeyboardInterrupt:  # a second Ctrl-C: the threads die with the process, checkpoints stay whole
+        fail(f"stopped at once; the last checkpoints in {hydra_cfg.sweep.dir} are intact", 128 + signal.SIGINT)
+    finally:
+        log.removeFilter(label_with_thread)
+        for _, _, files in prepared:
+            for handler in files:
+                root.removeHandler(handler)
+                handler.close()
+
+    errors = [(job.label, outcomes[job.label]) for _, job, _ in prepared if isinstance(outcomes[job.label], BaseException)]
+    for _, error in errors:
+        if not isinstance(error, (ResexpError, Interrupted)):
+            raise error  # a bug: its whole traceback
+    if stops := [error for _, error in errors if isinstance(error, Interrupted)]:
+        for label, error in errors:
+            if isinstance(error, ResexpError):  # a run that had failed before the stop: say so too
+                log.error("%s: %s", label, error)
+        stopped(stops[0].signum, stops[0].iteration, hydra_cfg)
+    if errors:
+        fail("error: " + "; ".join(f"{label}: {error}" for label, error in errors))
+    for returned, job, _ in prepared:
+        returned.return_value, returned.status = outcomes[job.label], JobStatus.COMPLETED
+    return [returned for returned, _, _ in prepared]

@@ -1,0 +1,153 @@
+"""One training step (forward, loss, backward, SGD update) and what makes it fast on a GPU.
+
+At the paper's batch of 128, a CIFAR ResNet on a modern GPU waits on kernel launches, not arithmetic:
+ResNet-110 issues about two thousand small kernels per step. So on CUDA the whole step is captured
+once as a CUDA graph and replayed, one launch per step, with bf16 autocast and channels_last. The
+graph reads its inputs, and the learning rate, from fixed device tensors: a new batch is copied into
+them and a new rate is written into the optimizer's lr tensor, so schedule changes take effect
+without capturing again. On the CPU (and with on_nonfinite=skip, which must look at each loss before
+updating) the same step function runs eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EAGER_STEPS_BEFORE_CAPTURE = 3  # warm-up before capture (torch.cuda.graphs docs: a few iterations on a side stream)
+
+# What a step returns, on the device: (summed loss, wrong predictions, images) of its batch, to add up
+# between log points without a host sync.
+Stats = torch.Tensor
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """Mixed precision for the forward pass; fp32 is no autocast at all. `cache_enabled=False` because
+    autocast's weight cache must not outlive a graph capture (torch.cuda.graphs docs)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], cache_enabled=False)
+
+
+def use_lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Hold each group's learning rate in a device tensor and use the fused SGD kernel, which reads it
+    there: a captured step then follows the schedule (set_lr writes into the tensor). make_step calls
+    it after any checkpoint is restored, since optimizer.load_state_dict puts back plain values."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["fused"], group["foreach"] = True, False
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"].fill_(lr)  # in place: a captured graph reads this very tensor
+
+
+def step_function(
+    forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, skip_nonfinite: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor], Stats]:
+    """The training step as a function of one batch. Gradients must be None (zero_grad(set_to_none=True))
+    when it starts: backward then writes them instead of adding to them. With `skip_nonfinite`, a
+    non-finite loss leaves the weights alone (a host sync per step, so never captured)."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> Stats:
+        with autocast(x.device, precision):
+            out = forward(x)  # (B, num_classes)
+        loss = nn.functional.cross_entropy(out.float(), y)
+        if not skip_nonfinite or torch.isfinite(loss):
+            loss.backward()
+            optimizer.step()
+        wrong = (out.argmax(1) != y).sum().float()
+        return torch.stack([loss.detach() * len(y), wrong, torch.full_like(wrong, len(y))])
+
+    return step
+
+
+class EagerStep:
+    """The step run op by op: CPU, and every step whose loss must be checked before the update."""
+
+    def __init__(self, forward: Callable, optimizer: torch.optim.Optimizer, precision: str, skip_nonfinite: bool = False) -> None:
+        self.optimizer, self.step = optimizer, step_function(forward, optimizer, precision, skip_nonfinite)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.step(x, y)
+
+
+class GraphedStep:
+    """The step as one CUDA graph, captured when built and replayed at every call: a copy of the batch
+    into the graph's fixed inputs and one launch. The results it returns are overwritten by the next
+    call. Build it before training starts, and before other threads train: no other work may reach the
+    GPU during a capture (a shared-GPU sweep builds its runs' steps one after another)."""
+
+    def __init__(self, model: nn.Module, forward: Callable, optimizer: torch.optim.Optimizer, precision: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.eager = EagerStep(forward, optimizer, precision)
+        # A few eager steps first, on a side stream (torch.cuda.graphs docs): cuDNN picks its kernels, the
+        # optimizer makes its momentum buffers. They are undone. The capture itself computes nothing.
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side), undone(model, optimizer):
+            for _ in range(EAGER_STEPS_BEFORE_CAPTURE):
+                self.eager(x, y)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.x, self.y = x.clone(), y.clone()  # the graph's inputs, fixed in memory from now on
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)  # the captured backward allocates and writes them
+        with torch.cuda.graph(self.graph):
+            self.result = self.eager.step(self.x, self.y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.result
+
+
+@contextmanager
+def undone(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The steps taken inside leave no trace: weights, BN statistics and momentum are put back in place
+    (the same tensors, which a graph captured afterwards reads), so warm-up steps change nothing."""
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    momenta = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+    momenta = [None if m is None else m.clone() for m in momenta]
+    yield
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(weights[name])
+        for p, saved in zip(params, momenta):
+            buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None:  # no momentum before: zeros make the next update what a first one is
+                buffer.zero_() if saved is None else buffer.copy_(saved)
+
+
+Step = EagerStep | GraphedStep
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_shape: tuple[int, ...],
+    *,
+    precision: str,
+    cuda_graph: bool,
+    compile_model: bool = False,
+    skip_nonfinite: bool = False,
+) -> Step:
+    """The fastest step that can run here: a CUDA graph on CUDA when asked for and possible, else eager.
+    `batch_shape` (B, C, H, W) sizes the graph's inputs. `compile_model` puts torch.compile's fused
+    kernels (BN, ReLU and the addition in one) inside the step. Build it after restoring a checkpoint."""
+    device = next(model.parameters()).device
+    use_lr_tensors(optimizer, device)
+    forward = torch.compile(model) if compile_model else model
+    if cuda_graph and device.type == "cuda" and not skip_nonfinite:
+        # Any batch will do for warming up and capturing (undone): zeros, not the data stream's next.
+        x = torch.zeros(batch_shape, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
+        return GraphedStep(model, forward, optimizer, precision, x, y)
+    return EagerStep(forward, optimizer, precision, skip_nonfinite)
