@@ -69,7 +69,7 @@ def previous_run(run_dir: Path, resume: bool, experiment: dict[str, Any]) -> dic
 @dataclass
 class Job:
     """A run built from its config and ready to train: only `train` is left, which no longer reads the
-    config, so the runs of a sweep can train side by side (resexp/launcher.py)."""
+    config, so the runs of a sweep can train side by side (hydra_plugins/resexp_launcher/)."""
 
     label: str  # how log lines and progress bars name it: the net, or in a sweep what sets it apart
     run_dir: Path  # where it writes
@@ -211,7 +211,7 @@ def stopped(signum: int, iteration: int, hydra_cfg: DictConfig) -> NoReturn:
 
 
 def prepare_task(cfg: DictConfig) -> Job:
-    """The Hydra task of a shared-GPU sweep (resexp/launcher.py): prepare only; bad input ends the sweep."""
+    """The Hydra task of a shared-GPU sweep (hydra_plugins/resexp_launcher/): prepare only; bad input ends the sweep."""
     try:
         return prepare(cfg)
     except ResexpError as error:
