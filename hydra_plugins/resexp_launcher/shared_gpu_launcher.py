@@ -32,7 +32,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from resexp.cli import Job, discard_if_empty, fail, prepare_task, stopped
+from resexp.cli import Job, discard_if_empty, drop_unstarted, fail, prepare_task, stopped
 from resexp.errors import Interrupted, ResexpError
 from resexp.logs import Display, displays, log
 from resexp.train import stop_requests
@@ -77,11 +77,11 @@ class SharedGPULauncher(Launcher):
                 for index, (overrides, label) in enumerate(batch, initial_job_idx + start):
                     prepared.append(self.prepare(index, overrides, label))
             except BaseException:  # bad input in one run (prepare_task said which): the sweep starts none
-                for returned, job, files in prepared:
+                for returned, _, files in prepared:
                     for handler in files:
                         handler.close()
-                    discard_if_empty(job.run_dir, {".hydra", "train.log"})
-                discard_if_empty(Path(str(self.config.hydra.sweep.dir)), {"multirun.yaml"})
+                    drop_unstarted(returned.hydra_cfg.hydra)
+                discard_if_empty(Path(str(self.config.hydra.sweep.dir)), {"multirun.yaml"})  # none prepared
                 raise
             returns += train_together(prepared, self.config.hydra)
         return returns
