@@ -117,7 +117,7 @@ def prepare(cfg: DictConfig) -> Job:
     step = make_step(
         model,
         optimizer,
-        (batch_size, *data.train.images.shape[1:]),
+        (batch_size, *data.image_shape),
         precision=precision,
         cuda_graph=bool(cfg.cuda_graph),
         compile_model=bool(cfg.compile),

@@ -90,8 +90,8 @@ def make_schedule(cfg: DictConfig) -> Schedule:
         iterations=iterations,
         milestones=milestones,
         gamma=schedule.gamma,
-        # §4.2: only the deepest nets (110 layers and up) start at the low warm-up rate.
-        warmup_lr=schedule.warmup_lr if cfg.model.depth >= schedule.warmup_min_depth else None,
+        # §4.2: only the deepest CIFAR nets (110 layers and up) start at the low warm-up rate.
+        warmup_lr=schedule.warmup_lr if schedule.warmup_min_depth is not None and cfg.model.depth >= schedule.warmup_min_depth else None,
         warmup_until_error=schedule.warmup_until_error,
     )
 

@@ -59,6 +59,7 @@ class Row:
     test: tuple[float, float]  # final test error: mean, std
     best: float  # lowest final test error of the runs
     paper: PaperResult | None
+    top5: tuple[float, float] | None = None  # final top-5 test error (ImageNet): mean, std
 
     @property
     def difference(self) -> float | None:
@@ -140,10 +141,12 @@ def summarize(runs: list[Run]) -> list[Row]:
     for (data, net), members in groups.items():
         tests = [run.final["error/test"] for run in members]
         trains = [run.final.get("error/train", float("nan")) for run in members]
+        top5 = [run.final["error_top5/test"] for run in members if "error_top5/test" in run.final]
         residual = members[0].residual
         rows.append(
             Row(data, net, members[0].depth, net.split("-")[1] if residual and "-" in net else "-",
-                members[0].params, len(members), mean_std(trains), mean_std(tests), min(tests), lookup(data, net))
+                members[0].params, len(members), mean_std(trains), mean_std(tests), min(tests), lookup(data, net),
+                mean_std(top5) if len(top5) == len(members) else None)
         )
     # Plain before residual, shallow before deep, as the paper's tables read.
     return sorted(rows, key=lambda row: (row.data, not row.net.startswith("plain"), row.depth or 0, row.net))
@@ -155,7 +158,8 @@ def paper_text(result: PaperResult | None) -> str:
     if result.error is None:
         return result.source
     spread = f", {result.mean:.2f}±{result.std:.2f} mean" if result.mean is not None else ""
-    return f"{result.error:.2f}{spread} ({result.source})"
+    top5 = f", top-5 {result.top5:.2f}" if result.top5 is not None else ""
+    return f"{result.error:.2f}{spread}{top5} ({result.source})"
 
 
 def plus_minus(pair: tuple[float, float], runs: int) -> str:
@@ -168,8 +172,9 @@ COLUMNS = ["data", "net", "shortcut", "params", "runs", "train err %", "test err
 def cells(row: Row) -> list[str]:
     difference = f"{row.difference:+.2f}" if row.difference is not None else "-"
     params = f"{row.params:,}" if row.params else "?"
+    test = plus_minus(row.test, row.runs) + (f", top-5 {plus_minus(row.top5, row.runs)}" if row.top5 else "")
     return [row.data, row.net, row.shortcut, params, str(row.runs), plus_minus(row.train, row.runs),
-            plus_minus(row.test, row.runs), f"{row.best:.2f}", paper_text(row.paper), difference]
+            test, f"{row.best:.2f}", paper_text(row.paper), difference]
 
 
 def markdown(rows: list[Row], left_out: list[Run]) -> str:
@@ -184,11 +189,12 @@ def csv_text(rows: list[Row]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["data", "net", "depth", "shortcut", "params", "runs", "train_error_mean", "train_error_std",
-                     "test_error_mean", "test_error_std", "test_error_best", "paper_error", "paper_mean", "paper_source", "difference"])
+                     "test_error_mean", "test_error_std", "test_error_best", "paper_error", "paper_mean", "paper_source", "difference",
+                     "test_top5_mean", "test_top5_std", "paper_top5"])
     for row in rows:
         paper = row.paper or PaperResult(None, "")
         writer.writerow([row.data, row.net, row.depth, row.shortcut, row.params, row.runs, *row.train, *row.test, row.best,
-                         paper.error, paper.mean, paper.source, row.difference])
+                         paper.error, paper.mean, paper.source, row.difference, *(row.top5 or (None, None)), paper.top5])
     return out.getvalue()
 
 

@@ -64,21 +64,25 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, precision: str = "fp32") -> tuple[float, float]:
-    """(error in %, mean cross-entropy) over all batches."""
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """Top-1 and top-5 error (%) and mean cross-entropy over all batches. A batch of several views per
+    image, (B, V, 3, H, W), is scored by the mean of the views' softmax (10-crop testing, §3.4)."""
     model.eval()
-    totals = torch.zeros(3, device=device)  # loss sum, wrong predictions, images
+    totals = torch.zeros(4, device=device)  # loss sum, top-1 wrong, top-5 wrong, images
     for x, y in batches:
-        x, y = to_device(x, y, device)
+        views = x.shape[1] if x.dim() == 5 else 1
+        x, y = to_device(x.flatten(0, x.dim() - 4), y, device)
         with autocast(device, precision):
             out = model(x)
-        loss = nn.functional.cross_entropy(out.float(), y, reduction="sum")
-        totals[0] += loss
-        totals[1] += (out.argmax(1) != y).sum()
-        totals[2] += len(y)  # a Python number: no host-to-device copy, no sync
+        # log of the mean probability over the views; one view: log_softmax itself
+        log_p = out.float().log_softmax(1).unflatten(0, (len(y), views)).logsumexp(1) - math.log(views)
+        totals[0] += nn.functional.nll_loss(log_p, y, reduction="sum")
+        totals[1] += (log_p.argmax(1) != y).sum()
+        totals[2] += (log_p.topk(min(5, log_p.shape[1]), 1).indices != y[:, None]).all(1).sum()
+        totals[3] += len(y)  # a Python number: no host-to-device copy, no sync
     model.train()
-    loss_sum, wrong, seen = totals.tolist()
-    return 100 * wrong / seen, loss_sum / seen
+    loss_sum, wrong, wrong5, seen = totals.tolist()
+    return {"error": 100 * wrong / seen, "error_top5": 100 * wrong5 / seen, "loss": loss_sum / seen}
 
 
 @contextmanager
@@ -179,7 +183,7 @@ def train(
     # purge_step: TensorBoard drops points that an interrupted run logged after its last checkpoint.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.iteration + 1 if resume else None)
     if resume is None:
-        describe_run(writer, hparams or {}, ["error/train", *(f"error/{name}" for name in data.evals)])
+        describe_run(writer, hparams or {}, ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})])
     started, mark, wall_before, in_a_row, lr_now = time.perf_counter(), time.perf_counter(), state.wall_seconds, 0, math.nan
     try:
         model.train()
@@ -228,18 +232,19 @@ def train(
                     log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
             if iteration % eval_every == 0 or last:
                 state.train_seconds += time.perf_counter() - mark
-                for name, batches in data.evals.items():
-                    error, loss_value = evaluate(model, batches, device, precision)
-                    state.final[f"error/{name}"], state.final[f"loss/{name}"] = error, loss_value
-                    writer.add_scalar(f"error/{name}", error, iteration)
-                    writer.add_scalar(f"loss/{name}", loss_value, iteration)
-                    if error < state.best.get(f"error/{name}", math.inf):
-                        state.best[f"error/{name}"], state.best[f"iteration/{name}"] = error, iteration
+                held_out = {**data.evals, **(data.final if last else {})}
+                for name, batches in held_out.items():
+                    result = evaluate(model, batches, device, precision)
+                    for metric in ("error", "loss", *(("error_top5",) if data.top5 else ())):
+                        state.final[f"{metric}/{name}"] = result[metric]
+                        writer.add_scalar(f"{metric}/{name}", result[metric], iteration)
+                    if result["error"] < state.best.get(f"error/{name}", math.inf):
+                        state.best[f"error/{name}"], state.best[f"iteration/{name}"] = result["error"], iteration
                 log.info(
                     "it %d/%d  %s",
                     iteration,
                     schedule.iterations,
-                    "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in data.evals),
+                    "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in held_out),
                 )
                 mark = time.perf_counter()  # evaluation time is not training time
             if iteration % checkpoint_every == 0 or last or stops:

@@ -11,12 +11,13 @@ from resexp.errors import ResexpError
 from resexp.train import Schedule, learning_rate
 
 IMAGENET = {"plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+TABLE3 = {"resnet34-B", "resnet34-C"}  # ResNet-34 with the other shortcut options
 
 
 def test_the_presets_are_the_papers_nets():
     cifar = {f"{kind}{depth}" for kind in ("plain", "resnet") for depth in (20, 32, 44, 56, 110)} | {"resnet1202"}
-    assert set(MODELS) == cifar | IMAGENET
-    assert set(DATASETS) >= {"cifar10", "synthetic"}
+    assert set(MODELS) == cifar | IMAGENET | TABLE3
+    assert set(DATASETS) >= {"cifar10", "imagenet", "synthetic"}
 
 
 @pytest.mark.parametrize("data", DATASETS)
@@ -33,8 +34,9 @@ def test_every_model_composes_with_every_dataset(model, data):
         out = net(torch.randn(2, 3, size, size))
     assert out.shape == (2, cfg.data.num_classes)
     schedule = make_schedule(cfg)
-    assert schedule.iterations == 64_000
-    assert (schedule.warmup_lr is not None) == (cfg.model.depth >= 110)
+    # The paper's schedule for the data: §4.2 for CIFAR (warm-up from 110 layers), §3.4 for ImageNet.
+    assert schedule.iterations == (600_000 if data == "imagenet" else 64_000)
+    assert (schedule.warmup_lr is not None) == (data != "imagenet" and cfg.model.depth >= 110)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -42,7 +44,8 @@ def test_default_shortcut_follows_the_paper(model):
     cfg = compose_config(f"model={model}")
     bottleneck = cfg.model.block == "bottleneck"
     # Table 2 / §4.2: option A for the CIFAR nets and ImageNet 18/34; Table 3 / §4.1: B for 50/101/152.
-    assert cfg.shortcut == ("projection" if bottleneck else "identity")
+    expected = {"resnet34-B": "projection", "resnet34-C": "full"}.get(model, "projection" if bottleneck else "identity")
+    assert cfg.shortcut == expected
     assert bottleneck == (cfg.model.depth in (50, 101, 152))
 
 

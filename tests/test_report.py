@@ -6,7 +6,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import SHRINK, compose_config, resexp
 from fabricate import fake_run
+from resexp.config import make_model
 from resexp.errors import ResexpError
+from resexp.paper import lookup
 from resexp.report import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -97,11 +99,13 @@ def test_report_of_real_short_runs(tmp_path):
     assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
 
 
-@pytest.mark.parametrize("experiment, nets", [
-    ("cifar10_fig6", "plain20,plain32,plain44,plain56,resnet20,resnet32,resnet44,resnet56,resnet110"),
-    ("cifar10_table6", "resnet20,resnet32,resnet44,resnet56,resnet110,resnet1202"),
+@pytest.mark.parametrize("experiment, nets, data, iterations", [
+    ("cifar10_fig6", "plain20,plain32,plain44,plain56,resnet20,resnet32,resnet44,resnet56,resnet110", "cifar10", 64_000),
+    ("cifar10_table6", "resnet20,resnet32,resnet44,resnet56,resnet110,resnet1202", "cifar10", 64_000),
+    ("imagenet_table2", "plain18,plain34,resnet18,resnet34", "imagenet", 600_000),
+    ("imagenet_table3", "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152", "imagenet", 600_000),
 ])
-def test_experiment_presets_sweep_the_papers_nets(experiment, nets):
+def test_experiment_presets_sweep_the_papers_nets(experiment, nets, data, iterations):
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF
@@ -109,8 +113,17 @@ def test_experiment_presets_sweep_the_papers_nets(experiment, nets):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params.model == nets
-    assert cfg.data.val_size == 0 and cfg.schedule.iterations == 64_000 and cfg.shortcut == "identity"
-    assert compose_config(f"experiment={experiment}").model.depth == 20
+    assert cfg.hydra.runtime.choices.data == data and cfg.schedule.iterations == iterations
+    for model in nets.split(","):  # each run of the sweep: the preset's data, the paper's schedule for it
+        run = compose_config(f"experiment={experiment}", f"model={model}")
+        assert run.data._target_ == f"resexp.data.{data}" and run.schedule.iterations == iterations
+
+
+def test_imagenet_table3_rows_are_the_papers():
+    names = [make_model(compose_config("experiment=imagenet_table3", f"model={model}"))[1]
+             for model in "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152".split(",")]
+    assert names == ["resnet34-A", "resnet34-B", "resnet34-C", "resnet50-B", "resnet101-B", "resnet152-B"]
+    assert all(lookup("imagenet", name).source.startswith(("Table 3", "Tables 2 and 3")) for name in names)
 
 
 def test_experiment_sweep_runs_from_the_command_line(tmp_path):

@@ -8,8 +8,9 @@ checkpointed and resumed exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -98,11 +99,22 @@ class EvalSet:
             yield normalize(self.images[start:end], self.mean), self.labels[start:end]
 
 
+class Batches(Protocol):
+    """Endless augmented training batches on the device, resumable from their state."""
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class Data:
-    train: TrainBatches  # augmented training batches, endless and resumable
-    evals: dict[str, EvalSet]  # "test", and "val" with a split
+    train: Batches  # augmented training batches, endless and resumable
+    evals: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]  # evaluated over the run: "test", and "val" with a split
     num_train: int  # images trained on
+    image_shape: tuple[int, int, int]  # (channels, height, width) of a training image
+    final: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # evaluated once, at the end
+    top5: bool = False  # also log the top-5 error (ImageNet)
 
 
 def tensor_data(
@@ -136,4 +148,5 @@ def tensor_data(
         train=TrainBatches(train_images, train_labels, mean, batch_size, seed),
         evals={name: EvalSet(x.to(device), y.to(device), mean, eval_batch_size) for name, (x, y) in sets.items()},
         num_train=len(train_labels),
+        image_shape=tuple(train_images.shape[1:]),
     )

@@ -1,0 +1,236 @@
+"""ImageNet (ILSVRC-2012) from class folders (<root>/train/<wnid>/*.JPEG, <root>/val/<wnid>/*.JPEG),
+with the paper's preprocessing (§3.4).
+
+Training: the shorter side resized to a random length in [256, 480] (scale augmentation), a random
+224x224 crop of the image or its horizontal flip, AlexNet's colour augmentation, the mean subtracted.
+Decoding and resizing run in DataLoader workers (torchvision's ImageFolder and transforms); the colour
+noise and the mean run on the training device. Every random draw of an image comes from a seed given
+with its index, so the stream resumes exactly whatever the number of workers.
+
+Evaluation: the validation set's centre crops during training (the bold curves of Fig. 4) and, once at
+the end, the standard 10-crop testing of Tables 2 and 3 (logged as the test error).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import pil_loader
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from resexp.data.loaders import Data, normalize
+from resexp.errors import ResexpError
+
+# AlexNet's colour augmentation (Krizhevsky et al. 2012, cited in §3.4): the principal components of
+# ImageNet's RGB pixel values (in [0, 1]), as published with fb.resnet.torch.
+EIGENVALUES = (0.2175, 0.0188, 0.0045)
+EIGENVECTORS = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))  # columns
+
+
+def lighting(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Add to every pixel of each image the same random mix of the principal components, weighted by
+    their eigenvalues and one N(0, std) draw per component and image."""
+    alpha = torch.randn((len(x), 3), generator=generator, device=x.device) * std
+    eigenvalues = torch.tensor(EIGENVALUES, device=x.device)
+    eigenvectors = torch.tensor(EIGENVECTORS, device=x.device)
+    return x + ((alpha * eigenvalues) @ eigenvectors.T)[:, :, None, None]
+
+
+class FolderImages(Dataset):
+    """Class-folder images through a transform. Indexed by (index, seed), the transform's random draws
+    come from that seed; indexed by a plain index, the transform must be deterministic."""
+
+    def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.samples, self.transform = folder.samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        path, label = self.samples[index]
+        try:
+            image = pil_loader(path)  # converted to RGB: grayscale and CMYK JPEGs included
+        except OSError as error:  # PIL's UnidentifiedImageError is one; a truncated file raises another
+            raise ResexpError(f"{path} is not a readable image ({error}); remove or replace it") from None
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+            torch.manual_seed(seed)  # torchvision's random transforms draw from the global generator
+            return self.transform(image), label
+
+
+class EpochOrder(Sampler):
+    """One epoch of (index, seed) pairs from `start` on: a permutation (sampling without replacement)
+    and one seed per image, both fixed by the run's seed and the epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # distinct for any epoch count a run reaches
+        order = torch.randperm(self.size, generator=generator)
+        seeds = torch.randint(2**62, (self.size,), generator=generator)
+        return zip(order[self.start :].tolist(), seeds[self.start :].tolist())
+
+
+class ImageBatches:
+    """Endless augmented training batches from image files; a last batch smaller than `batch_size` is
+    dropped, as for CIFAR. The state is the epoch, the images served in it and the colour generator."""
+
+    def __init__(self, images: FolderImages, batch_size: int, seed: int, workers: int, lighting_std: float, mean: torch.Tensor, device: torch.device) -> None:
+        self.order = EpochOrder(len(images), seed)
+        self.loader = DataLoader(
+            images,
+            batch_size=batch_size,
+            sampler=self.order,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,  # no new worker processes every epoch
+        )
+        self.lighting_std, self.mean, self.device = lighting_std, mean, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # the colour noise, drawn on the device
+        self.batches: Iterator | None = None  # the loader's iterator over the rest of this epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batches is None:
+            self.batches = iter(self.loader)
+        try:
+            images, labels = next_batch(self.batches)
+        except StopIteration:  # the epoch is over: a fresh permutation
+            self.order.epoch, self.order.start = self.order.epoch + 1, 0
+            self.batches = iter(self.loader)
+            images, labels = next_batch(self.batches)
+        self.order.start += len(labels)
+        x = normalize(images.to(self.device, non_blocking=True), self.mean)
+        if self.lighting_std:
+            x = lighting(x, self.lighting_std, self.generator)
+        return x, labels.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.order.epoch, "position": self.order.start, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.epoch, self.order.start = state["epoch"], state["position"]
+        self.generator.set_state(state["generator"])
+        self.batches = None  # the next batch starts from the restored position
+
+
+class FolderEval:
+    """A held-out set in fixed views, normalized on the device: batches of (B, 3, H, W), or of
+    (B, 10, 3, H, W) for ten crops."""
+
+    def __init__(self, images: FolderImages, batch_size: int, workers: int, mean: torch.Tensor, device: torch.device) -> None:
+        self.loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+        self.mean, self.device = mean, device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(self.loader)
+        while True:
+            try:
+                images, labels = next_batch(batches)
+            except StopIteration:
+                return
+            yield normalize(images.to(self.device, non_blocking=True), self.mean), labels.to(self.device, non_blocking=True)
+
+
+def centre_crop(image: Image.Image, size: int, crop: int) -> torch.Tensor:
+    """The shorter side resized to `size`, the central `crop` x `crop` window, as uint8."""
+    return F.center_crop(F.pil_to_tensor(F.resize(image, size)), crop)
+
+
+def ten_crops(image: Image.Image, size: int, crop: int) -> torch.Tensor:
+    """§3.4's "standard 10-crop testing" (AlexNet's): the four corners and the centre of the image
+    resized to `size`, and of its mirror image; (10, 3, crop, crop) uint8."""
+    return torch.stack(F.ten_crop(F.pil_to_tensor(F.resize(image, size)), crop))
+
+
+def next_batch(batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loader's next batch. A worker's ResexpError arrives with its traceback in the message: keep the message."""
+    try:
+        return next(batches)
+    except ResexpError as error:
+        raise ResexpError(str(error).strip().splitlines()[-1].split("ResexpError: ", 1)[-1]) from None
+
+
+def class_folder(path: Path, what: str) -> ImageFolder:
+    """The images of `path`/<class>/, or a one-line error saying what is missing."""
+    if not path.is_dir():
+        raise ResexpError(
+            f"ImageNet {what} images not found: {path} is not a folder; point data.root (or RESEXP_IMAGENET) at "
+            "a folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (ImageNet cannot be downloaded for you)"
+        )
+    try:
+        return ImageFolder(str(path))
+    except OSError as error:  # no class folders, or class folders without images
+        raise ResexpError(f"ImageNet {what} images not found in {path}: {error}") from None
+
+
+def imagenet(
+    *,
+    root: str,
+    num_classes: int,
+    scale: list[int],
+    crop: int,
+    test_size: int,
+    lighting_std: float,
+    mean: list[float],
+    workers: int | str,
+    eval_batch_size: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> Data:
+    base = Path(root).expanduser().absolute()  # absolute: the messages say where it looked
+    if workers == "auto":
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not isinstance(workers, int) or workers < 0:
+        raise ResexpError(f"data.workers={workers!r} must be auto or a number of processes (0: decode in the training process)")
+    if eval_batch_size < 1:
+        raise ResexpError(f"data.eval_batch_size={eval_batch_size} must be a positive integer")
+    if not (len(scale) == 2 and 0 < crop <= scale[0] <= scale[1] and crop <= test_size):
+        raise ResexpError(f"data.scale={list(scale)}, data.crop={crop}, data.test_size={test_size}: need crop <= scale[0] <= scale[1] and crop <= test_size")
+    train, val = class_folder(base / "train", "training"), class_folder(base / "val", "validation")
+    if len(train.classes) > num_classes:
+        raise ResexpError(f"{base / 'train'} has {len(train.classes)} classes, more than data.num_classes={num_classes}")
+    if unknown := sorted(set(val.classes) - set(train.classes)):
+        raise ResexpError(f"{base / 'val'} has classes that {base / 'train'} lacks: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    if batch_size > len(train):
+        raise ResexpError(f"batch size {batch_size} is larger than the {len(train)} training images in {base / 'train'}")
+    # A label is its class's position in train/'s sorted list, ImageNet's standard order when all 1000 are there.
+    val.samples = [(path, train.class_to_idx[val.classes[label]]) for path, label in val.samples]
+    augment = v2.Compose([
+        v2.RandomResize(scale[0], scale[1] + 1),  # the shorter side, uniformly in [256, 480] (scale augmentation)
+        v2.RandomCrop(crop),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(),  # uint8: a quarter of float32's bytes to move to the device
+    ])
+    # Per channel: over random scales and crops the per-pixel mean is flat, so the two are the same.
+    mean_tensor = torch.tensor(mean, device=device)[:, None, None]
+
+    def held_out(views: Callable[..., torch.Tensor]) -> FolderEval:
+        return FolderEval(FolderImages(val, partial(views, size=test_size, crop=crop)), eval_batch_size, workers, mean_tensor, device)
+
+    return Data(
+        train=ImageBatches(FolderImages(train, augment), batch_size, seed, workers, lighting_std, mean_tensor, device),
+        evals={"val": held_out(centre_crop)},  # centre crops during training: the bold curves of Fig. 4
+        final={"test": held_out(ten_crops)},  # ten crops once at the end: the numbers of Tables 2 and 3
+        num_train=len(train),
+        image_shape=(3, crop, crop),
+        top5=True,
+    )
