@@ -33,7 +33,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 import resexp
 from resexp import checkpoint
-from resexp.config import check_choices, config_dir, experiment_of, make_model, make_schedule, pick_device, pick_precision, positive
+from resexp.config import (
+    check_choices,
+    config_dir,
+    experiment_of,
+    make_model,
+    make_schedule,
+    pick_device,
+    pick_on_nonfinite,
+    pick_precision,
+    positive,
+)
 from resexp.errors import Interrupted, ResexpError
 from resexp.logs import Display, displays, log, write_json
 from resexp.models import canonical_shortcut, count_parameters
@@ -87,13 +97,12 @@ def prepare(cfg: DictConfig) -> Job:
     batch_size = positive("schedule.batch_size", cfg.schedule.batch_size)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
-    if cfg.on_nonfinite not in ("stop", "skip"):
-        raise ResexpError(f"on_nonfinite={cfg.on_nonfinite!r} is not an option; choose stop or skip")
+    on_nonfinite = pick_on_nonfinite(cfg.on_nonfinite)
     settings = dict(  # plain values: the job must not read cfg once it trains beside others
         eval_every=math.ceil(schedule.iterations / positive("eval_points", cfg.eval_points)),
         log_every=positive("log_every", cfg.log_every),
         checkpoint_every=positive("checkpoint_every", cfg.checkpoint_every),
-        on_nonfinite=cfg.on_nonfinite,
+        on_nonfinite=on_nonfinite,
         precision=precision,
     )
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
@@ -121,7 +130,7 @@ def prepare(cfg: DictConfig) -> Job:
         precision=precision,
         cuda_graph=bool(cfg.cuda_graph),
         compile_model=bool(cfg.compile),
-        skip_nonfinite=cfg.on_nonfinite == "skip",
+        skip_nonfinite=on_nonfinite == "skip",
     )
     params = count_parameters(model)
     log.info("%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, precision, run_dir)

@@ -64,6 +64,12 @@ def pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def pick_on_nonfinite(name: str) -> str:
+    if name not in ("stop", "skip"):
+        raise ResexpError(f"on_nonfinite={name!r} is not an option; choose stop or skip")
+    return name
+
+
 def positive(name: str, value: int) -> int:
     if not isinstance(value, int) or value < 1:
         raise ResexpError(f"{name}={value!r} must be a positive integer")
