@@ -60,6 +60,22 @@ def test_writes_tables_and_the_figure(sweep):
     assert (sweep / "figure6.svg").read_text().count("<path") > 10  # both panels' curves are drawn
 
 
+def test_imagenet_runs_report_top5_beside_the_papers(tmp_path):
+    for seed, (top1, top5) in enumerate([(25.5, 8.0), (26.5, 8.4)]):
+        fake_run(tmp_path / f"r34-{seed}", depth=34, residual=True, final_train=20, final_test=top1, final_top5=top5,
+                 seed=seed, data="imagenet", shortcut="projection", iterations=600_000)
+    [row] = report([tmp_path])
+    assert (row.net, row.runs) == ("resnet34-B", 2)
+    assert row.test == pytest.approx((26.0, 0.7071), abs=1e-3) and row.top5 == pytest.approx((8.2, 0.2828), abs=1e-3)
+    assert row.difference == pytest.approx(26.0 - 24.52)  # Table 3, option B
+    assert "26.00±0.71, top-5 8.20±0.28" in (tmp_path / "results.md").read_text()
+    assert "24.52, top-5 7.46 (Table 3)" in (tmp_path / "results.md").read_text()
+    with open(tmp_path / "results.csv") as file:
+        [entry] = list(csv.DictReader(file))
+    assert float(entry["test_top5_mean"]) == pytest.approx(8.2) and entry["paper_top5"] == "7.46"
+    assert (tmp_path / "figure4.png").read_bytes().startswith(PNG)
+
+
 def test_unfinished_and_broken_runs_are_listed_not_averaged(sweep):
     fake_run(sweep / "resnet20-stopped", depth=20, residual=True, final_train=50, final_test=50, finished=False)
     truncated = fake_run(sweep / "resnet20-truncated", depth=20, residual=True, final_train=50, final_test=50)
