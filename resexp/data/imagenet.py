@@ -14,6 +14,7 @@ the end, the standard 10-crop testing of Tables 2 and 3 (logged as the test erro
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -40,13 +41,18 @@ EIGENVALUES = (0.2175, 0.0188, 0.0045)
 EIGENVECTORS = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))  # columns
 
 
+@functools.cache
+def scaled_components(device: torch.device) -> torch.Tensor:
+    """The principal components (columns) times their eigenvalues, made once per device: not a copy to
+    the device every training step."""
+    return torch.tensor(EIGENVECTORS, device=device) * torch.tensor(EIGENVALUES, device=device)
+
+
 def lighting(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """Add to every pixel of each image the same random mix of the principal components, weighted by
     their eigenvalues and one N(0, std) draw per component and image."""
     alpha = torch.randn((len(x), 3), generator=generator, device=x.device) * std
-    eigenvalues = torch.tensor(EIGENVALUES, device=x.device)
-    eigenvectors = torch.tensor(EIGENVECTORS, device=x.device)
-    return x + ((alpha * eigenvalues) @ eigenvectors.T)[:, :, None, None]
+    return x + (alpha @ scaled_components(x.device).T)[:, :, None, None]
 
 
 class FolderImages(Dataset):
