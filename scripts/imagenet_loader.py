@@ -1,5 +1,5 @@
 """Images per second of resexp's ImageNet input pipeline (resexp/data/imagenet.py): the augmented
-training stream, the centre crops and the ten crops, with the paper's sizes. An ImageNet run is bound by
+training stream, the centre crops and the ten crops, with the settings of conf/data/imagenet.yaml. An ImageNet run is bound by
 this rate when the GPU is faster; it tells how many `data.workers` a run needs.
 
     python scripts/imagenet_loader.py ROOT [--workers 0 4 16] [--batches 20]
@@ -14,8 +14,10 @@ import itertools
 import time
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from resexp.data import imagenet
+from resexp.config import config_dir
 
 
 def rate(batches, limit: int) -> float:
@@ -36,10 +38,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     args = parser.parse_args()
     print(f"{'workers':>8} {'train img/s':>12} {'centre img/s':>13} {'ten-crop img/s':>15}")
+    settings = OmegaConf.create(config_dir().joinpath("data", "imagenet.yaml").read_text())  # the config a run uses
     for workers in args.workers:
-        data = imagenet(root=args.root, num_classes=1000, scale=[256, 480], crop=224, test_size=256, lighting_std=0.1,
-                        mean=[0.485, 0.456, 0.406], workers=workers, eval_batch_size=args.batch_size,
-                        batch_size=args.batch_size, seed=0, device=torch.device("cpu"))
+        build = instantiate(settings, root=args.root, workers=workers, eval_batch_size=args.batch_size)
+        data = build(batch_size=args.batch_size, seed=0, device=torch.device("cpu"))
         train = rate(data.train, args.batches)
         centre, ten = rate(data.evals["val"], args.batches), rate(data.final["test"], args.batches)
         print(f"{workers:>8} {train:>12.0f} {centre:>13.0f} {ten:>15.0f}")
