@@ -25,13 +25,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from resexp.config import pick_precision
+from resexp.config import config_dir, pick_precision
 from resexp.data import synthetic
 from resexp.models import build_model
 from resexp.step import make_step
@@ -47,7 +49,9 @@ def make_net(net: str, device: torch.device, channels_last: bool) -> torch.nn.Mo
 
 
 def sgd(model: torch.nn.Module) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    """The optimizer a run builds: conf/optim/sgd.yaml (the paper's lr 0.1, momentum 0.9, weight decay 1e-4)."""
+    settings = OmegaConf.create(config_dir().joinpath("optim", "sgd.yaml").read_text())
+    return instantiate(settings)(model.parameters())
 
 
 class PILImages(Dataset):
