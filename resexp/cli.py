@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +30,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 import resexp
 from resexp import checkpoint
@@ -48,7 +49,7 @@ from resexp.errors import Interrupted, ResexpError
 from resexp.logs import Display, displays, log, write_json
 from resexp.models import canonical_shortcut, count_parameters
 from resexp.models.resnet import net_name
-from resexp.step import make_step
+from resexp.step import Step, make_step
 from resexp.train import restore, stop_requests, train
 
 COMMANDS = {
@@ -78,14 +79,21 @@ def previous_run(run_dir: Path, resume: bool, experiment: dict[str, Any]) -> dic
 
 @dataclass
 class Job:
-    """A run built from its config and ready to train: only `train` is left, which no longer reads the
-    config, so the runs of a sweep can train side by side (hydra_plugins/resexp_launcher/)."""
+    """A run built from its config and ready to train: only its step and `train` are left, neither of
+    which reads the config, so the runs of a sweep can train side by side (hydra_plugins/resexp_launcher/)."""
 
     label: str  # how log lines and progress bars name it: the net, or in a sweep what sets it apart
     run_dir: Path  # where it writes
     iterations: int  # steps of its schedule
     device: torch.device  # where it trains
-    train: Callable[[Display, list[int]], float]  # (display, stop signals) -> final test error
+    train: Callable[[Display, list[int], Step | None], float]  # (display, stop signals, step) -> final test error
+    model: nn.Module | None = None  # what its step trains (None: the run finished already)
+    optimizer: torch.optim.Optimizer | None = None
+    step_options: dict[str, Any] = field(default_factory=dict)  # make_step's keywords
+    kin: str = ""  # runs with the same kin differ only in their seed: they can train as one group (resexp/group.py)
+
+    def make_step(self) -> Step | None:
+        return None if self.model is None else make_step(self.model, self.optimizer, **self.step_options)
 
 
 def prepare(cfg: DictConfig) -> Job:
@@ -114,7 +122,7 @@ def prepare(cfg: DictConfig) -> Job:
     if previous is not None and "metrics" in previous:
         log.info("%s finished already (%s): nothing to do", name, run_dir / "metrics.json")
         error = previous["metrics"]["final"]["error/test"]
-        return Job(name, run_dir, 0, device, lambda screen, stops: error)
+        return Job(name, run_dir, 0, device, lambda screen, stops, step: error)
     model.to(device, memory_format=torch.channels_last)  # the layout to_device gives the images
     if not cfg.model.residual:
         log.info("%s is a plain net: shortcut=%s has no effect", name, cfg.shortcut)
@@ -123,15 +131,16 @@ def prepare(cfg: DictConfig) -> Job:
     base_lr = cfg.optim.lr  # the schedule scales this; a checkpoint's optimizer holds the scaled one
     if previous is not None:
         restore(model, optimizer, data, previous)
-    step = make_step(
-        model,
-        optimizer,
-        (batch_size, *data.image_shape),
+    step_options = dict(
+        batch_shape=(batch_size, *data.image_shape),
         precision=precision,
         cuda_graph=bool(cfg.cuda_graph),
         compile_model=bool(cfg.compile),
         skip_nonfinite=on_nonfinite == "skip",
     )
+    # Runs alike in all but the seed, on one device and at one iteration, can train as one group.
+    done = previous["progress"]["iteration"] if previous is not None else 0
+    kin = json.dumps([{key: value for key, value in experiment.items() if key != "seed"}, str(device), step_options, done], default=str)
     params = count_parameters(model)
     log.info("%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, precision, run_dir)
     about = {  # what the run is, for metrics.json and TensorBoard's HPARAMS tab
@@ -148,7 +157,7 @@ def prepare(cfg: DictConfig) -> Job:
         "seed": cfg.seed,
     }
 
-    def train_and_record(screen: Display, stops: list[int]) -> float:
+    def train_and_record(screen: Display, stops: list[int], step: Step) -> float:
         summary = train(
             model,
             optimizer,
@@ -182,7 +191,7 @@ def prepare(cfg: DictConfig) -> Job:
         log.info("done: train err %.2f%%  test err %.2f%%  -> %s", final["error/train"], final["error/test"], run_dir / "metrics.json")
         return final["error/test"]
 
-    return Job(name, run_dir, schedule.iterations, device, train_and_record)
+    return Job(name, run_dir, schedule.iterations, device, train_and_record, model, optimizer, step_options, kin)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -234,7 +243,7 @@ def train_task(cfg: DictConfig) -> float:
     job = prepare_task(cfg)
     try:
         with displays({"train": job.iterations}) as screens, stop_requests() as stops:
-            return job.train(screens[0], stops)
+            return job.train(screens[0], stops, job.make_step())
     except ResexpError as error:
         drop_unstarted(hydra_cfg)
         fail(f"error: {error}")

@@ -11,7 +11,7 @@ updating) the same step function runs eagerly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import ContextManager
 
@@ -69,13 +69,15 @@ def step_function(
 
 
 class EagerStep:
-    """The step run op by op: CPU, and every step whose loss must be checked before the update."""
+    """The step run op by op: CPU, and every step whose loss must be checked before the update.
+    `step` is a step function (step_function, or group.group_step_function for several runs at once);
+    `model` holds the parameters it differentiates, whose gradients each call clears first."""
 
-    def __init__(self, forward: Callable, optimizer: torch.optim.Optimizer, precision: str, skip_nonfinite: bool = False) -> None:
-        self.optimizer, self.step = optimizer, step_function(forward, optimizer, precision, skip_nonfinite)
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], Stats], model: nn.Module) -> None:
+        self.step, self.model = step, model
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Stats:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         return self.step(x, y)
 
 
@@ -85,21 +87,21 @@ class GraphedStep:
     call. Build it before training starts, and before other threads train: no other work may reach the
     GPU during a capture (a shared-GPU sweep builds its runs' steps one after another)."""
 
-    def __init__(self, model: nn.Module, forward: Callable, optimizer: torch.optim.Optimizer, precision: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.eager = EagerStep(forward, optimizer, precision)
+    def __init__(self, eager: EagerStep, optimizers: Sequence[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor) -> None:
+        self.eager = eager
         # A few eager steps first, on a side stream (torch.cuda.graphs docs): cuDNN picks its kernels, the
         # optimizer makes its momentum buffers. They are undone. The capture itself computes nothing.
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), undone(model, optimizer):
+        with torch.cuda.stream(side), undone(eager.model, *optimizers):
             for _ in range(EAGER_STEPS_BEFORE_CAPTURE):
-                self.eager(x, y)
+                eager(x, y)
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.x, self.y = x.clone(), y.clone()  # the graph's inputs, fixed in memory from now on
         self.graph = torch.cuda.CUDAGraph()
-        optimizer.zero_grad(set_to_none=True)  # the captured backward allocates and writes them
+        eager.model.zero_grad(set_to_none=True)  # the captured backward allocates and writes them
         with torch.cuda.graph(self.graph):
-            self.result = self.eager.step(self.x, self.y)
+            self.result = eager.step(self.x, self.y)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Stats:
         self.x.copy_(x)
@@ -109,18 +111,18 @@ class GraphedStep:
 
 
 @contextmanager
-def undone(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+def undone(model: nn.Module, *optimizers: torch.optim.Optimizer) -> Iterator[None]:
     """The steps taken inside leave no trace: weights, BN statistics and momentum are put back in place
     (the same tensors, which a graph captured afterwards reads), so warm-up steps change nothing."""
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    momenta = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+    params = [(optimizer, p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    momenta = [optimizer.state.get(p, {}).get("momentum_buffer") for optimizer, p in params]
     momenta = [None if m is None else m.clone() for m in momenta]
     yield
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             tensor.copy_(weights[name])
-        for p, saved in zip(params, momenta):
+        for (optimizer, p), saved in zip(params, momenta):
             buffer = optimizer.state.get(p, {}).get("momentum_buffer")
             if buffer is not None:  # no momentum before: zeros make the next update what a first one is
                 buffer.zero_() if saved is None else buffer.copy_(saved)
@@ -142,12 +144,20 @@ def make_step(
     """The fastest step that can run here: a CUDA graph on CUDA when asked for and possible, else eager.
     `batch_shape` (B, C, H, W) sizes the graph's inputs. `compile_model` puts torch.compile's fused
     kernels (BN, ReLU and the addition in one) inside the step. Build it after restoring a checkpoint."""
-    device = next(model.parameters()).device
-    use_lr_tensors(optimizer, device)
     forward = torch.compile(model) if compile_model else model
-    if cuda_graph and device.type == "cuda" and not skip_nonfinite:
-        # Any batch will do for warming up and capturing (undone): zeros, not the data stream's next.
-        x = torch.zeros(batch_shape, device=device).contiguous(memory_format=torch.channels_last)
-        y = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
-        return GraphedStep(model, forward, optimizer, precision, x, y)
-    return EagerStep(forward, optimizer, precision, skip_nonfinite)
+    eager = EagerStep(step_function(forward, optimizer, precision, skip_nonfinite), model)
+    return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), cuda_graph and not skip_nonfinite)
+
+
+def fastest(eager: EagerStep, optimizers: Sequence[torch.optim.Optimizer], x_shape: tuple[int, ...], y_shape: tuple[int, ...], cuda_graph: bool) -> Step:
+    """`eager` captured as a CUDA graph when asked for and on CUDA, else itself; the optimizers read
+    their rates from device tensors either way (use_lr_tensors)."""
+    device = next(eager.model.parameters()).device
+    for optimizer in optimizers:
+        use_lr_tensors(optimizer, device)
+    if not cuda_graph or device.type != "cuda":
+        return eager
+    # Any batch will do for warming up and capturing (undone): zeros, not the data stream's next.
+    x = torch.zeros(x_shape, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(y_shape, dtype=torch.int64, device=device)
+    return GraphedStep(eager, optimizers, x, y)

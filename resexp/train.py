@@ -163,7 +163,9 @@ def train(
             path,
             {
                 "experiment": experiment,
-                "model": model.state_dict(),
+                # clones: a grouped run's tensors are views into its group's (resexp/group.py), and
+                # torch.save would write the whole group's storage for each run
+                "model": {name: tensor.clone() for name, tensor in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(),
                 "data": data.train.state_dict(),
                 "rng": rng_states(),

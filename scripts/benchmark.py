@@ -2,13 +2,15 @@
 
     python scripts/benchmark.py                                  # ResNet-20/56/110 and plain-56
     python scripts/benchmark.py --nets resnet56 --compile --json bench.json
+    python scripts/benchmark.py --no-common --group 5                # five seeds as one network
 
 Per net, in one process: (a) the common recipe, a DataLoader with worker processes doing PIL
 RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, fp32, eager, NCHW; and
 (b) resexp's step as `resexp train` runs it: images resident on the device, augmented there, bf16
 autocast on CUDA, channels_last, the whole step one CUDA graph (`--compile` adds a column with
-torch.compile inside the graph). Then (c) all the nets at once, each in a thread on its own CUDA stream,
-as the shared-GPU sweep launcher trains them: wall time per step of all of them against the sum of (b).
+torch.compile inside the graph; `--group K` one with K runs of the net as one grouped network, per run).
+Then (c) all the nets at once, each in a thread on its own CUDA stream, as the shared-GPU sweep launcher
+trains them: wall time per step of all of them against the sum of (b).
 Random CIFAR-shaped images: speed does not depend on the pixels. Results: README "Performance".
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -34,7 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from resexp.config import config_dir, pick_precision
+from hydra_plugins.resexp_launcher.shared_gpu_launcher import new_stream, on
 from resexp.data import synthetic
+from resexp.group import Lockstep, make_group_step
 from resexp.models import build_model
 from resexp.step import make_step
 from resexp.train import to_device
@@ -105,13 +110,10 @@ def common_ms(net: str, args: argparse.Namespace, device: torch.device) -> float
     return timed(run_steps, args.steps, args.warmup, device)
 
 
-def fast_steps(net: str, args: argparse.Namespace, device: torch.device, compile_model: bool) -> Callable[[int], None]:
-    """resexp's training loop minus logging: batch from the device-resident stream, step, running totals."""
-    model = make_net(net, device, channels_last=True)
-    shape = (args.batch_size, 3, 32, 32)
-    step = make_step(model, sgd(model), shape, precision=pick_precision("auto", device), cuda_graph=True, compile_model=compile_model)
+def steps_of(step: Callable, seed: int, args: argparse.Namespace, device: torch.device) -> Callable[[int], None]:
+    """resexp's training loop minus logging: batch from a device-resident stream, step, running totals."""
     stream = synthetic(
-        num_classes=10, train_size=args.batch_size * 8, test_size=1, val_size=0, eval_batch_size=1, batch_size=args.batch_size, seed=0, device=device
+        num_classes=10, train_size=args.batch_size * 8, test_size=1, val_size=0, eval_batch_size=1, batch_size=args.batch_size, seed=seed, device=device
     ).train
     totals = torch.zeros(3, device=device)
 
@@ -123,19 +125,22 @@ def fast_steps(net: str, args: argparse.Namespace, device: torch.device, compile
     return run_steps
 
 
-def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device) -> float:
-    """ms per step of all nets training at once, each in a thread on its own CUDA stream."""
-    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in nets]
-    runs = [fast_steps(net, args, device, compile_model=False) for net in nets]
+def fast_steps(net: str, args: argparse.Namespace, device: torch.device, compile_model: bool) -> Callable[[int], None]:
+    model = make_net(net, device, channels_last=True)
+    shape = (args.batch_size, 3, 32, 32)
+    step = make_step(model, sgd(model), shape, precision=pick_precision("auto", device), cuda_graph=True, compile_model=compile_model)
+    return steps_of(step, 0, args, device)
+
+
+def in_threads(runs: list[Callable[[int], None]], streams: list[torch.cuda.Stream | None]) -> Callable[[int], None]:
+    """`n` steps of every run at once, each in a thread on its stream, as the sweep launcher trains them."""
 
     def all_steps(n: int) -> None:
         def work(run_steps: Callable[[int], None], stream: torch.cuda.Stream | None) -> None:
-            if stream is None:
+            with on(stream):
                 run_steps(n)
-                return
-            with torch.cuda.stream(stream):
-                run_steps(n)
-                stream.synchronize()
+                if stream is not None:
+                    stream.synchronize()
 
         threads = [threading.Thread(target=work, args=pair) for pair in zip(runs, streams)]
         for thread in threads:
@@ -143,7 +148,24 @@ def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device)
         for thread in threads:
             thread.join()
 
-    return timed(all_steps, args.steps, args.warmup, device)
+    return all_steps
+
+
+def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device) -> float:
+    """ms per step of all nets training at once, each in a thread on its own CUDA stream."""
+    runs = [fast_steps(net, args, device, compile_model=False) for net in nets]
+    return timed(in_threads(runs, [new_stream(device) for _ in nets]), args.steps, args.warmup, device)
+
+
+def grouped_ms(net: str, copies: int, args: argparse.Namespace, device: torch.device) -> float:
+    """ms per step of `copies` runs of `net` trained as one grouped network (hydra.launcher.group_seeds=true):
+    each run in its thread with its own data, one group step for all (resexp/group.py)."""
+    models = [make_net(net, device, channels_last=True) for _ in range(copies)]
+    optimizers = [sgd(model) for model in models]
+    shape = (args.batch_size, 3, 32, 32)
+    lockstep = Lockstep(make_group_step(models, optimizers, shape, precision=pick_precision("auto", device), cuda_graph=True), optimizers, [])
+    runs = [steps_of(functools.partial(lockstep.step, k), k, args, device) for k in range(copies)]
+    return timed(in_threads(runs, [new_stream(device)] * copies), args.steps, args.warmup, device)
 
 
 def main() -> None:
@@ -154,6 +176,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (the paper: 128)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes of the common recipe")
     parser.add_argument("--compile", action="store_true", help="also time resexp's step with compile=true")
+    parser.add_argument("--group", type=int, default=0, metavar="K", help="also time K runs of each net as one grouped network (group_seeds)")
     parser.add_argument("--no-common", action="store_true", help="skip the common recipe (resexp's paths only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", help="also write the results here")
@@ -167,18 +190,22 @@ def main() -> None:
         row["resexp_ms"] = timed(fast_steps(net, args, device, False), args.steps, args.warmup, device)
         if args.compile:
             row["resexp_compile_ms"] = timed(fast_steps(net, args, device, True), args.steps, args.warmup, device)
+        if args.group:  # per run: the group's step time over its runs
+            row["grouped_ms_per_run"] = grouped_ms(net, args.group, args, device) / args.group
         row["speedup"] = row["common_ms"] / min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
         rows.append(row)
         Console().print(row)
     together = {"nets": args.nets, "ms": together_ms(args.nets, args, device), "sum_of_alone_ms": sum(row["resexp_ms"] for row in rows)}
 
     table = Table(title=f"ms per training step, batch {args.batch_size}, {device}")
-    for column in ("net", "common recipe", "resexp", *(["resexp + compile"] if args.compile else []), "speed-up", "images/s (resexp)"):
+    grouped = [f"resexp, {args.group} seeds grouped (per run)"] if args.group else []
+    for column in ("net", "common recipe", "resexp", *(["resexp + compile"] if args.compile else []), *grouped, "speed-up", "images/s (resexp)"):
         table.add_column(column, justify="right")
     for row in rows:
         best = min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
         compiled = [f"{row['resexp_compile_ms']:.2f}"] if args.compile else []
-        table.add_row(row["net"], f"{row['common_ms']:.2f}", f"{row['resexp_ms']:.2f}", *compiled, f"{row['speedup']:.1f}x", f"{1000 * args.batch_size / best:,.0f}")
+        grouped = [f"{row['grouped_ms_per_run']:.2f}"] if args.group else []
+        table.add_row(row["net"], f"{row['common_ms']:.2f}", f"{row['resexp_ms']:.2f}", *compiled, *grouped, f"{row['speedup']:.1f}x", f"{1000 * args.batch_size / best:,.0f}")
     Console().print(table)
     Console().print(
         f"all {len(args.nets)} at once (one thread and CUDA stream each): {together['ms']:.2f} ms per step of all, "

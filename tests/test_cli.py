@@ -160,10 +160,11 @@ def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent.parent / "scripts" / "benchmark.py"), "--nets", "plain8", "resnet8",
-         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--json", str(out)],
+         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--group", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     result = json.loads(out.read_text())
     assert [row["net"] for row in result["rows"]] == ["plain8", "resnet8"]
-    assert all(row["common_ms"] > 0 and row["resexp_ms"] > 0 for row in result["rows"]) and result["together"]["ms"] > 0
+    assert all(row["common_ms"] > 0 and row["resexp_ms"] > 0 and row["grouped_ms_per_run"] > 0 for row in result["rows"])
+    assert result["together"]["ms"] > 0

@@ -139,18 +139,25 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     assert json.loads((second / "metrics.json").read_text())["iterations"] == 120
 
 
-def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_path):
-    # The default launcher trains the runs at once: a SIGTERM stops and checkpoints all of them.
-    sweep = tmp_path / "sweep"
-    args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}"]
-    process = subprocess.Popen([sys.executable, "-m", "resexp", "train", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def stop_midway(args: list[str], sweep: Path, runs: int) -> str:
+    """Start `resexp train ARGS` (a sweep into `sweep`), SIGTERM it once its `runs` runs have each written
+    a checkpoint, and return its stderr after it has stopped as a stopped sweep does."""
+    process = subprocess.Popen([sys.executable, "-m", "resexp", "train", *args], cwd=sweep.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while len(list(sweep.glob("*/checkpoint.pt"))) < 2:
+    while len(list(sweep.glob("*/checkpoint.pt"))) < runs:
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
+    return stderr
+
+
+def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_path):
+    # The default launcher trains the runs at once: a SIGTERM stops and checkpoints all of them.
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}"]
+    stderr = stop_midway(args, sweep, 2)
     assert f"resume: run the same sweep again with hydra.sweep.dir={sweep}" in stderr
     runs = sorted(p.parent for p in sweep.glob("*/checkpoint.pt"))
     assert len(runs) == 2 and not list(sweep.glob("*/metrics.json"))

@@ -84,18 +84,18 @@ def test_warm_up_steps_before_capture_are_undone_exactly():
     plain, plain_sgd = net_and_sgd()
     for model, optimizer in ((warmed, warmed_sgd), (plain, plain_sgd)):
         use_lr_tensors(optimizer, CPU)
-        EagerStep(model, optimizer, "fp32")(*batch(5))  # a real step first: momentum exists
+        EagerStep(step_function(model, optimizer, "fp32"), model)(*batch(5))  # a real step first: momentum exists
     before = weights(warmed)
     momentum = [warmed_sgd.state[p]["momentum_buffer"].clone() for p in warmed.parameters()]
     with undone(warmed, warmed_sgd):
         for _ in range(3):
-            EagerStep(warmed, warmed_sgd, "fp32")(torch.zeros(16, 3, 32, 32), torch.zeros(16, dtype=torch.int64))
+            EagerStep(step_function(warmed, warmed_sgd, "fp32"), warmed)(torch.zeros(16, 3, 32, 32), torch.zeros(16, dtype=torch.int64))
         assert any(not torch.equal(before[name], t) for name, t in warmed.state_dict().items())
     for name, tensor in warmed.state_dict().items():
         assert torch.equal(tensor, before[name]), name  # running_mean/var and num_batches_tracked too
     assert all(torch.equal(warmed_sgd.state[p]["momentum_buffer"], m) for p, m in zip(warmed.parameters(), momentum))
     for model, optimizer in ((warmed, warmed_sgd), (plain, plain_sgd)):
-        EagerStep(model, optimizer, "fp32")(*batch(6))
+        EagerStep(step_function(model, optimizer, "fp32"), model)(*batch(6))
     for (name, p), q in zip(warmed.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
@@ -108,11 +108,11 @@ def test_warm_up_on_a_fresh_optimizer_leaves_a_momentum_that_acts_as_none():
     use_lr_tensors(warmed_sgd, CPU)
     use_lr_tensors(fresh_sgd, CPU)
     with undone(warmed, warmed_sgd):
-        EagerStep(warmed, warmed_sgd, "fp32")(*batch(7))
+        EagerStep(step_function(warmed, warmed_sgd, "fp32"), warmed)(*batch(7))
     assert all(warmed_sgd.state[p]["momentum_buffer"].abs().sum() == 0 for p in warmed.parameters())
     for _ in range(2):
         for model, optimizer in ((warmed, warmed_sgd), (fresh, fresh_sgd)):
-            EagerStep(model, optimizer, "fp32")(*batch(8))
+            EagerStep(step_function(model, optimizer, "fp32"), model)(*batch(8))
     for (name, p), q in zip(warmed.named_parameters(), fresh.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 

@@ -13,18 +13,23 @@ in a thread named by what sets it apart.
 
 Each run is the same computation as alone (its own seed, data stream and checkpoints), so an
 interrupted sweep resumes, finished runs are skipped, and `resexp report` reads it as any other.
+
+With `hydra.launcher.group_seeds=true`, runs that differ only in their seed (`seed=0,1,2,3,4`) train
+as one network of K grouped copies, one step for all (resexp/group.py), still each in its own thread
+and directory; the groups and the other runs overlap on their streams as above.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import ContextManager
+from typing import ContextManager, NamedTuple
 
 import torch
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
@@ -34,7 +39,9 @@ from omegaconf import DictConfig, open_dict
 
 from resexp.cli import Job, discard_if_empty, drop_unstarted, fail, prepare_task, stopped
 from resexp.errors import Interrupted, ResexpError
+from resexp.group import Lockstep, make_group_step
 from resexp.logs import Display, displays, log
+from resexp.step import Step
 from resexp.train import stop_requests
 
 Prepared = tuple[JobReturn, Job, list[logging.Handler]]  # Hydra's record of the job, the run, its log file
@@ -55,8 +62,9 @@ def labels(batch: Sequence[Sequence[str]]) -> list[str]:
 
 
 class SharedGPULauncher(Launcher):
-    def __init__(self, max_runs: int) -> None:
+    def __init__(self, max_runs: int, group_seeds: bool = False) -> None:
         self.max_runs = max_runs  # runs that train at once; more wait for the next batch
+        self.group_seeds = group_seeds  # runs that differ only in their seed train as one grouped network
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
@@ -83,7 +91,7 @@ class SharedGPULauncher(Launcher):
                     drop_unstarted(returned.hydra_cfg.hydra)
                 discard_if_empty(Path(str(self.config.hydra.sweep.dir)), {"multirun.yaml"})  # none prepared
                 raise
-            returns += train_together(prepared, self.config.hydra)
+            returns += train_together(prepared, self.config.hydra, self.group_seeds)
         return returns
 
     def prepare(self, index: int, overrides: Sequence[str], label: str) -> Prepared:
@@ -107,26 +115,74 @@ class SharedGPULauncher(Launcher):
         return returned, job, files
 
 
-def own_stream(device: torch.device) -> ContextManager:
-    """A CUDA stream for this thread's run, after the work that built it on the default stream."""
+class Seat(NamedTuple):  # not a dataclass: Hydra's plugin scan imports this file outside sys.modules
+    """How one run of a batch trains: its step, the stop requests it reads, what to do when its training
+    ends, however it ends, and its CUDA stream (None off CUDA)."""
+
+    step: Step | None
+    stops: list[int]
+    leave: Callable[[], None] = lambda: None
+    stream: torch.cuda.Stream | None = None
+
+
+def new_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A CUDA stream for a run (or a group), after the work that built it on the default stream."""
     if device.type != "cuda":
-        return nullcontext()
+        return None
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    return torch.cuda.stream(stream)
+    return stream
 
 
-def train_together(prepared: list[Prepared], hydra_cfg: DictConfig) -> list[JobReturn]:
-    """Train the prepared runs at once, each in a thread on a CUDA stream of its own; report as one."""
+def on(stream: torch.cuda.Stream | None) -> ContextManager:
+    return nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+def group_seats(group: list[Job], signals: list[int]) -> list[Seat]:
+    """Runs of one kin (the same experiment but the seed) trained as one grouped network: each run's
+    step hands its batch to the group's (resexp/group.py), and all read their stops from it."""
+    optimizers = [job.optimizer for job in group]
+    step = make_group_step([job.model for job in group], optimizers, **group[0].step_options)
+    lockstep = Lockstep(step, optimizers, signals)
+    log.info("%s train as one network (hydra.launcher.group_seeds)", ", ".join(job.label for job in group))
+    if group[0].device.type != "cuda":  # grouped convolutions are slow CPU kernels: measured 1.8x slower per run
+        log.warning("on %s a group trains slower than its runs apart; group_seeds is meant for a GPU", group[0].device)
+    return [Seat(functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k)) for k in range(len(group))]
+
+
+def seats(jobs: list[Job], group_seeds: bool, signals: list[int]) -> list[Seat]:
+    """Each run's step, built here one after another in the main thread (a CUDA graph capture must not
+    meet other GPU work): alone, or with `group_seeds` one step for each set of runs of the same kin.
+    A group's runs share one stream, which keeps the order in which their threads hand in work."""
+    groups: dict[str, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault(job.kin if group_seeds and job.model is not None else f"#{index}", []).append(index)
+    seated: dict[int, Seat] = {}
+    for members in groups.values():
+        if len(members) == 1:
+            seated[members[0]] = Seat(jobs[members[0]].make_step(), signals)
+        else:
+            seated.update(zip(members, group_seats([jobs[index] for index in members], signals)))
+    for members in groups.values():  # after every capture, which the streams must follow
+        stream = new_stream(jobs[members[0]].device)
+        seated.update({index: seated[index]._replace(stream=stream) for index in members})
+    return [seated[index] for index in range(len(jobs))]
+
+
+def train_together(prepared: list[Prepared], hydra_cfg: DictConfig, group_seeds: bool = False) -> list[JobReturn]:
+    """Train the prepared runs at once, each in a thread on a CUDA stream of its own (or its group's);
+    report as one."""
     root = logging.getLogger()
     outcomes: dict[str, BaseException | float] = {}
 
-    def work(job: Job, screen: Display, stops: list[int]) -> None:
+    def work(job: Job, screen: Display, seat: Seat) -> None:
         try:
-            with own_stream(job.device):
-                outcomes[job.label] = job.train(screen, stops)
+            with on(seat.stream):
+                outcomes[job.label] = job.train(screen, seat.stops, seat.step)
         except BaseException as error:  # reported below, in the main thread, once every run has stopped
             outcomes[job.label] = error
+        finally:
+            seat.leave()
 
     for _, _, files in prepared:
         for handler in files:
@@ -134,9 +190,10 @@ def train_together(prepared: list[Prepared], hydra_cfg: DictConfig) -> list[JobR
     log.addFilter(label_with_thread)
     try:
         with displays({job.label: job.iterations for _, job, _ in prepared}) as screens, stop_requests() as stops:
+            jobs = [job for _, job, _ in prepared]
             threads = [
-                threading.Thread(target=work, args=(job, screen, stops), name=job.label, daemon=True)
-                for (_, job, _), screen in zip(prepared, screens)
+                threading.Thread(target=work, args=(job, screen, seat), name=job.label, daemon=True)
+                for job, screen, seat in zip(jobs, screens, seats(jobs, group_seeds, stops))
             ]
             for thread in threads:
                 thread.start()

@@ -1,0 +1,197 @@
+"""Several runs of one net, differing only in their seed, trained as one network on one GPU.
+
+The paper reports its CIFAR nets over five runs (Table 6: ResNet-110 "best (mean±std)"), and at batch
+128 one such net leaves most of a GPU idle: its kernels are small. K copies of a net side by side,
+every convolution grouped (groups=K), every BN over K times the channels, make one network whose
+kernels are K times larger and launch as often as one copy's. Throwaway prototypes of such K-copy
+nets, CUDA-graphed on an H100, ran at 1.4x (K=2) to 2.4x (K=4-8) the throughput per net of one copy
+(not yet timed for this code: scripts/benchmark.py --group K). On the CPU it is slower than the copies
+one by one.
+
+The copies stay separate experiments: copy k sees only run k's batches (its block of input channels),
+its loss is run k's alone, and its own optimizer updates it with its own learning rate (ResNet-110's
+warm-up ends at a different iteration per seed). Each run keeps its model and optimizer: its model's
+tensors become views of its slice of the group's, so evaluation, checkpoints and metrics work on the
+run as if it trained alone. Each run trains in its own thread (hydra_plugins/resexp_launcher/); its
+step waits for the others' (Lockstep) and the last to arrive runs the group's step for all.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resexp.models.resnet import ZeroPadShortcut
+from resexp.step import EagerStep, Stats, Step, autocast, fastest, set_lr
+
+
+class GroupedZeroPad(ZeroPadShortcut):
+    """Option A's zero channels added to each copy's block of channels, not after the last copy's."""
+
+    def __init__(self, copies: int, shortcut: ZeroPadShortcut) -> None:
+        nn.Module.__init__(self)
+        self.copies, self.extra_channels, self.stride = copies, shortcut.extra_channels, shortcut.stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride].unflatten(1, (self.copies, -1))  # (B, K, C, H, W)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels)).flatten(1, 2)
+
+
+class GroupedLinear(nn.Conv2d):
+    """K fully connected layers as one grouped 1x1 convolution: (B, K * in) to (B, K * out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, None, None]).flatten(1)
+
+
+def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
+    """One module doing the work of `parts` (the same layer of each copy) side by side along the
+    channels, holding their weights; None where the layer holds nothing and works per channel anyway."""
+    first, copies = parts[0], len(parts)
+    like = {"device": next(itertools.chain(first.parameters(), first.buffers()), torch.empty(0)).device}
+    if isinstance(first, nn.Conv2d):
+        group = nn.Conv2d(
+            copies * first.in_channels, copies * first.out_channels, first.kernel_size, first.stride, first.padding,
+            groups=copies * first.groups, bias=first.bias is not None, **like,
+        )
+    elif isinstance(first, nn.BatchNorm2d):
+        group = nn.BatchNorm2d(copies * first.num_features, first.eps, first.momentum, **like)
+        group.num_batches_tracked = first.num_batches_tracked.clone()  # one count: the copies step together
+    elif isinstance(first, nn.Linear):
+        group = GroupedLinear(copies * first.in_features, copies * first.out_features, 1, groups=copies, bias=first.bias is not None, **like)
+    elif isinstance(first, ZeroPadShortcut):
+        return GroupedZeroPad(copies, first)
+    elif next(first.parameters(recurse=False), None) is None and next(first.buffers(recurse=False), None) is None:
+        return None
+    else:
+        raise TypeError(f"cannot group {type(first).__name__} layers")
+    with torch.no_grad():
+        for name, tensor in itertools.chain(group.named_parameters(), group.named_buffers()):
+            if name != "num_batches_tracked":
+                tensor.copy_(torch.cat([getattr(part, name).reshape(-1, *tensor.shape[1:]) for part in parts]))
+    return group
+
+
+def slice_of(whole: torch.Tensor, k: int, copies: int, shape: torch.Size) -> torch.Tensor:
+    """Copy k's part of a grouped tensor (its rows of dim 0) in copy k's shape: a view, not a copy."""
+    return whole if whole.dim() == 0 else whole.unflatten(0, (copies, -1))[k].view(shape)
+
+
+def tie(models: Sequence[nn.Module]) -> nn.Module:
+    """The grouped network of `models` (identical nets), holding their current weights and statistics;
+    from now on each model's tensors are views of its slice of it, so training it trains them."""
+    net = copy.deepcopy(models[0])
+    for name, module in list(net.named_modules()):
+        if (group := grouped_module([model.get_submodule(name) for model in models])) is not None:
+            net.set_submodule(name, group)
+    net.to(memory_format=torch.channels_last)  # the layout of the images (train.to_device)
+    for k, model in enumerate(models):
+        own = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+        for name, whole in itertools.chain(net.named_parameters(), net.named_buffers()):
+            own[name].data = slice_of(whole.detach(), k, len(models), own[name].shape)
+    return net
+
+
+def group_step_function(
+    net: nn.Module, forward: nn.Module, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], precision: str, skip_nonfinite: bool
+):
+    """step_function for a group: x (B, K * C, H, W) holds run k's images in channel block k, y (K, B)
+    its labels; returns each run's (summed loss, wrong predictions, images) as a (K, 3) tensor."""
+    copies = len(models)
+    wholes = dict(net.named_parameters())
+    links = [(k, param, wholes[name]) for k, model in enumerate(models) for name, param in model.named_parameters()]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> Stats:
+        with autocast(x.device, precision):
+            out = forward(x)  # (B, K * num_classes)
+        out = out.float().unflatten(1, (copies, -1)).transpose(0, 1)  # (K, B, num_classes)
+        losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").unflatten(0, y.shape).mean(1)
+        losses.sum().backward()  # the sum: each copy's gradient is its own run's loss's
+        for k, param, whole in links:
+            param.grad = slice_of(whole.grad, k, copies, param.shape)
+        updates = torch.isfinite(losses).tolist() if skip_nonfinite else [True] * copies
+        for optimizer, update in zip(optimizers, updates):
+            if update:
+                optimizer.step()
+        wrong = (out.argmax(2) != y).sum(1).float()
+        return torch.stack([losses.detach() * y.shape[1], wrong, torch.full_like(wrong, y.shape[1])], 1)
+
+    return step
+
+
+def make_group_step(
+    models: Sequence[nn.Module],
+    optimizers: Sequence[torch.optim.Optimizer],
+    batch_shape: tuple[int, ...],
+    *,
+    precision: str,
+    cuda_graph: bool,
+    compile_model: bool = False,
+    skip_nonfinite: bool = False,
+) -> Step:
+    """make_step for K runs of one net: the step of their grouped network, taking (B, K * C, H, W)
+    images and (K, B) labels. Build it after restoring the runs' checkpoints."""
+    net = tie(models)
+    forward = torch.compile(net) if compile_model else net
+    eager = EagerStep(group_step_function(net, forward, models, optimizers, precision, skip_nonfinite), net)
+    batch, channels, *size = batch_shape
+    return fastest(eager, optimizers, (batch, len(models) * channels, *size), (len(models), batch), cuda_graph and not skip_nonfinite)
+
+
+class Lockstep:
+    """The runs of a group train in threads of their own and call `step(k, x, y)` with their batch; the
+    last to arrive runs the group's step for all, and each gets its own row of the result (overwritten
+    at the next group step, as a GraphedStep's). A run that ends leaves (`leave`), and the others go on
+    without it: its copy rides along with a learning rate of zero, so it stays as the run left it.
+
+    `stops` is what the runs must read as their stop requests (train.stop_requests): `signals` as of
+    the last group step, so every run of the group sees a stop after the same iteration and their
+    checkpoints stay at one iteration, ready to be grouped again on resume."""
+
+    def __init__(self, step: Step, optimizers: Sequence[torch.optim.Optimizer], signals: list[int]) -> None:
+        self.group_step, self.optimizers, self.signals = step, optimizers, signals
+        self.stops: list[int] = []
+        self.batches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(optimizers)
+        self.running, self.arrived = set(range(len(optimizers))), set()
+        self.rounds, self.result, self.error = 0, None, None
+        self.condition = threading.Condition()
+
+    def step(self, k: int, x: torch.Tensor, y: torch.Tensor) -> Stats:
+        with self.condition:
+            self.batches[k] = (x, y)
+            self.arrived.add(k)
+            rounds = self.rounds
+            if self.arrived >= self.running:
+                self.run()
+            else:
+                self.condition.wait_for(lambda: self.rounds != rounds)
+            if self.error is not None:
+                raise self.error
+            return self.result[k]
+
+    def leave(self, k: int) -> None:
+        with self.condition:
+            self.running.discard(k)
+            set_lr(self.optimizers[k], 0.0)
+            if self.running and self.arrived >= self.running:
+                self.run()
+
+    def run(self) -> None:
+        """The group step, on the batches that arrived; a run that left, or never came, gives its last
+        batch or zeros (its copy does not learn from them)."""
+        x, y = next(batch for batch in self.batches if batch is not None)
+        batches = [batch or (torch.zeros_like(x), torch.zeros_like(y)) for batch in self.batches]
+        try:
+            self.result = self.group_step(torch.cat([x for x, _ in batches], 1), torch.stack([y for _, y in batches]))
+        except BaseException as error:  # every waiting run raises it, not only the one that ran the step
+            self.error = error
+        self.stops[:] = self.signals
+        self.rounds += 1
+        self.arrived.clear()
+        self.condition.notify_all()

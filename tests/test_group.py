@@ -1,0 +1,152 @@
+"""Runs that differ only in their seed, trained as one grouped network (resexp/group.py): each copy must
+train exactly as its run would alone, and a group sweep must stop, resume and report as any sweep."""
+
+import copy
+import json
+import signal
+import threading
+
+import pytest
+import torch
+
+from conftest import SHRINK, resexp
+from resexp import checkpoint
+from resexp.group import Lockstep, make_group_step
+from resexp.models import build_model
+from resexp.step import make_step, set_lr
+from test_reliability import RUN, stop_midway
+
+
+def runs(count: int, **net):
+    """`count` nets of one kind with different initial weights, each with the paper's SGD."""
+    pairs = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        model = build_model(**{"depth": 8, "residual": True, "block": "basic", "stem": "cifar", "shortcut": "identity", "num_classes": 10, **net})
+        model = model.to(memory_format=torch.channels_last)
+        pairs.append((model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)))
+    return pairs
+
+
+def alone(pairs, shape):
+    """Copies of the runs, each with its own step, as they would train outside a group."""
+    copies = []
+    for model, _ in pairs:
+        twin = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        copies.append((twin, optimizer, make_step(twin, optimizer, shape, precision="fp32", cuda_graph=False)))
+    return copies
+
+
+def batches(count: int, seed: int, size: int = 8, pixels: int = 32):
+    generator = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(size, 3, pixels, pixels, generator=generator).contiguous(memory_format=torch.channels_last) for _ in range(count)]
+    return xs, [torch.randint(0, 10, (size,), generator=generator) for _ in range(count)]
+
+
+def assert_same(model, twin, optimizer, twin_optimizer):
+    for name, tensor in model.state_dict().items():  # weights, and BN's running statistics and count
+        torch.testing.assert_close(tensor, twin.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], twin_optimizer.state[q]["momentum_buffer"], rtol=1e-3, atol=1e-4)
+
+
+# ResNet-50 on 64-pixel images at batch 8 (BN over 2x2 maps) is so ill-conditioned that weights 1e-7
+# apart give gradients 6% apart: one step is all that float rounding lets two computations agree on.
+@pytest.mark.parametrize(
+    "net, steps",
+    [({}, 3), ({"shortcut": "projection"}, 3), ({"residual": False}, 3), ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1)],
+    ids=["option-A", "option-B", "plain", "bottleneck-imagenet-stem"],
+)
+def test_each_copy_of_a_group_trains_as_its_run_alone(net, steps):
+    pairs = runs(3, **net)
+    pixels = 32 if net.get("stem") != "imagenet" else 64
+    twins = alone(pairs, (8, 3, pixels, pixels))
+    step = make_group_step([m for m, _ in pairs], [o for _, o in pairs], (8, 3, pixels, pixels), precision="fp32", cuda_graph=True)
+    rates = [(0.1, 0.1, 0.1), (0.1, 0.0, 0.01), (0.01, 0.05, 0.1)]  # each run its own rate
+    for iteration, rates in enumerate(rates[:steps]):
+        xs, ys = batches(3, iteration, pixels=pixels)
+        for (_, optimizer), (_, twin_optimizer, _), lr in zip(pairs, twins, rates):
+            set_lr(optimizer, lr)
+            set_lr(twin_optimizer, lr)
+        stats = step(torch.cat(xs, 1), torch.stack(ys))
+        for k, ((_, _, twin_step), x, y) in enumerate(zip(twins, xs, ys)):
+            torch.testing.assert_close(stats[k], twin_step(x, y), rtol=1e-4, atol=1e-4)
+    for (model, optimizer), (twin, twin_optimizer, _) in zip(pairs, twins):
+        assert_same(model, twin, optimizer, twin_optimizer)
+
+
+def test_a_run_that_leaves_the_group_is_left_as_it_was():
+    # Run 1 stops after one step (its thread ends); run 0 trains on alone, and must not carry run 1 along.
+    pairs, signals = runs(2), []
+    twins = alone(pairs, (8, 3, 32, 32))
+    lockstep = Lockstep(make_group_step([m for m, _ in pairs], [o for _, o in pairs], (8, 3, 32, 32), precision="fp32", cuda_graph=False), [o for _, o in pairs], signals)
+    xs, ys = zip(*(batches(2, seed) for seed in range(3)))
+
+    def work(k: int, steps: int) -> None:
+        try:
+            for t in range(steps):
+                lockstep.step(k, xs[t][k], ys[t][k])
+                if k == 0 and t == 1:
+                    signals.append(signal.SIGTERM)  # read at the next group step, by every run at once
+        finally:
+            lockstep.leave(k)
+
+    threads = [threading.Thread(target=work, args=(k, steps)) for k, steps in ((0, 3), (1, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert lockstep.stops == [signal.SIGTERM]
+    for k, steps in ((0, 3), (1, 1)):
+        twin, twin_optimizer, twin_step = twins[k]
+        for t in range(steps):
+            twin_step(xs[t][k], ys[t][k])
+        model, optimizer = pairs[k]
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param, dict(twin.named_parameters())[name], rtol=1e-4, atol=1e-5, msg=f"run {k}: {name}")
+
+
+def test_skip_nonfinite_in_a_group_skips_only_the_run_whose_loss_is_not_finite():
+    pairs = runs(2)
+    before = [copy.deepcopy(model.state_dict()) for model, _ in pairs]
+    step = make_group_step([m for m, _ in pairs], [o for _, o in pairs], (8, 3, 32, 32), precision="fp32", cuda_graph=False, skip_nonfinite=True)
+    xs, ys = batches(2, 0)
+    stats = step(torch.cat([xs[0] * float("nan"), xs[1]], 1), torch.stack(ys))
+    assert not torch.isfinite(stats[0, 0]) and torch.isfinite(stats[1, 0])
+    moved = [any(not torch.equal(p, before[k][name]) for name, p in model.named_parameters()) for k, (model, _) in enumerate(pairs)]
+    assert moved == [False, True]
+
+
+def test_a_seed_sweep_with_group_seeds_matches_the_same_sweep_without(tmp_path):
+    sweeps = {}
+    for grouped in ("true", "false"):
+        sweeps[grouped] = tmp_path / grouped
+        result = resexp("train", "-m", *SHRINK, "seed=0,1", f"hydra.launcher.group_seeds={grouped}", f"hydra.sweep.dir={sweeps[grouped]}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ("seed=0, seed=1 train as one network" in result.stdout) == (grouped == "true")
+    for seed in (0, 1):
+        [one], [other] = (list(sweeps[grouped].glob(f"*seed={seed}")) for grouped in ("true", "false"))
+        a, b = (json.loads((run / "metrics.json").read_text()) for run in (one, other))
+        assert a["seed"] == b["seed"] == seed and a["iterations"] == 4
+        for key, value in b["final"].items():
+            assert a["final"][key] == pytest.approx(value, rel=1e-3, abs=0.5), key  # error %: a few images may flip
+        saved = [checkpoint.load(run / checkpoint.FILENAME)["model"] for run in (one, other)]
+        for name, tensor in saved[1].items():
+            torch.testing.assert_close(saved[0][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+            assert saved[0][name].untyped_storage().nbytes() == tensor.untyped_storage().nbytes(), name  # its slice, not the group's
+
+
+def test_a_stopped_group_checkpoints_its_runs_at_one_iteration_and_resumes_them_as_a_group(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RUN, "seed=0,1", "hydra.launcher.group_seeds=true", f"hydra.sweep.dir={sweep}"]
+    stop_midway(args, sweep, 2)
+    runs_dirs = sorted(p.parent for p in sweep.glob("*/checkpoint.pt"))
+    stopped_at = {checkpoint.load(run / checkpoint.FILENAME)["progress"]["iteration"] for run in runs_dirs}
+    assert len(runs_dirs) == 2 and len(stopped_at) == 1 and 0 < min(stopped_at) < 120
+
+    again = resexp("train", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("resuming") == 2 and "train as one network" in again.stdout
+    assert [json.loads((run / "metrics.json").read_text())["iterations"] for run in runs_dirs] == [120, 120]
