@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,17 +54,18 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
     """One module doing the work of `parts` (the same layer of each copy) side by side along the
     channels, holding their weights; None where the layer holds nothing and works per channel anyway."""
     first, copies = parts[0], len(parts)
-    like = {"device": next(itertools.chain(first.parameters(), first.buffers()), torch.empty(0)).device}
     if isinstance(first, nn.Conv2d):
         group = nn.Conv2d(
             copies * first.in_channels, copies * first.out_channels, first.kernel_size, first.stride, first.padding,
-            groups=copies * first.groups, bias=first.bias is not None, **like,
+            groups=copies * first.groups, bias=first.bias is not None, device=first.weight.device,
         )
     elif isinstance(first, nn.BatchNorm2d):
-        group = nn.BatchNorm2d(copies * first.num_features, first.eps, first.momentum, **like)
+        group = nn.BatchNorm2d(copies * first.num_features, first.eps, first.momentum, device=first.weight.device)
         group.num_batches_tracked = first.num_batches_tracked.clone()  # one count: the copies step together
     elif isinstance(first, nn.Linear):
-        group = GroupedLinear(copies * first.in_features, copies * first.out_features, 1, groups=copies, bias=first.bias is not None, **like)
+        group = GroupedLinear(
+            copies * first.in_features, copies * first.out_features, 1, groups=copies, bias=first.bias is not None, device=first.weight.device
+        )
     elif isinstance(first, ZeroPadShortcut):
         return GroupedZeroPad(copies, first)
     elif next(first.parameters(recurse=False), None) is None and next(first.buffers(recurse=False), None) is None:
@@ -87,7 +88,7 @@ def tie(models: Sequence[nn.Module]) -> nn.Module:
     """The grouped network of `models` (identical nets), holding their current weights and statistics;
     from now on each model's tensors are views of its slice of it, so training it trains them."""
     net = copy.deepcopy(models[0])
-    for name, module in list(net.named_modules()):
+    for name in [name for name, _ in net.named_modules()]:
         if (group := grouped_module([model.get_submodule(name) for model in models])) is not None:
             net.set_submodule(name, group)
     net.to(memory_format=torch.channels_last)  # the layout of the images (train.to_device)
@@ -100,7 +101,7 @@ def tie(models: Sequence[nn.Module]) -> nn.Module:
 
 def group_step_function(
     net: nn.Module, forward: nn.Module, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], precision: str, skip_nonfinite: bool
-):
+) -> Callable[[torch.Tensor, torch.Tensor], Stats]:
     """step_function for a group: x (B, K * C, H, W) holds run k's images in channel block k, y (K, B)
     its labels; returns each run's (summed loss, wrong predictions, images) as a (K, 3) tensor."""
     copies = len(models)

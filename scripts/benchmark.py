@@ -36,8 +36,8 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from resexp.config import config_dir, pick_precision
 from hydra_plugins.resexp_launcher.shared_gpu_launcher import new_stream, on
+from resexp.config import config_dir, pick_precision
 from resexp.data import synthetic
 from resexp.group import Lockstep, make_group_step
 from resexp.models import build_model
