@@ -90,7 +90,7 @@ class Job:
     model: nn.Module | None = None  # what its step trains (None: the run finished already)
     optimizer: torch.optim.Optimizer | None = None
     step_options: dict[str, Any] = field(default_factory=dict)  # make_step's keywords
-    kin: str = ""  # runs with the same kin differ only in their seed: they can train as one group (resexp/group.py)
+    kin: str = ""  # runs with the same kin have the same layers (seeds; plain/residual twins, option A): they can train as one group (resexp/group.py)
 
     def make_step(self) -> Step | None:
         return None if self.model is None else make_step(self.model, self.optimizer, **self.step_options)
@@ -138,9 +138,11 @@ def prepare(cfg: DictConfig) -> Job:
         compile_model=bool(cfg.compile),
         skip_nonfinite=on_nonfinite == "skip",
     )
-    # Runs alike in all but the seed, on one device and at one iteration, can train as one group.
+    # Runs alike in all but the seed, on one device and at one iteration, can train as one group; so can
+    # plain and residual twins with option A's shortcuts, which have no weights (resexp/group.py).
     done = previous["progress"]["iteration"] if previous is not None else 0
-    kin = json.dumps([{key: value for key, value in experiment.items() if key != "seed"}, str(device), step_options, done], default=str)
+    apart = {"seed", "model.residual"} if experiment["shortcut"] == "identity" else {"seed"}
+    kin = json.dumps([{key: value for key, value in experiment.items() if key not in apart}, str(device), step_options, done], default=str)
     params = count_parameters(model)
     log.info("%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, precision, run_dir)
     about = {  # what the run is, for metrics.json and TensorBoard's HPARAMS tab
@@ -210,11 +212,32 @@ def discard_if_empty(directory: Path, hydra_files: set[str]) -> None:
     directory.rmdir()
 
 
+def discard_default_parents(directory: Path, hydra_cfg: DictConfig) -> None:
+    """After bad input: the folders under outputs/ that the default run and sweep directories nest in
+    (outputs/<date>/, outputs/multirun/<date>/), where they are left empty. The folders around a
+    hydra.run.dir or hydra.sweep.dir that the user chose are never touched."""
+    chosen = {override.split("=", 1)[0].lstrip("+~") for override in hydra_cfg.overrides.hydra}
+    if {"hydra.run.dir", "hydra.sweep.dir"} & chosen:
+        return
+    for parent in directory.parents:
+        if not parent.is_relative_to("outputs") or parent == Path("outputs"):
+            break
+        discard_if_empty(parent, set())
+
+
+def discard_sweep(hydra_cfg: DictConfig) -> None:
+    """After bad input: the sweep directory, and the default folders it nests in, if nothing else is there."""
+    discard_if_empty(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+    discard_default_parents(Path(hydra_cfg.sweep.dir), hydra_cfg)
+
+
 def drop_unstarted(hydra_cfg: DictConfig) -> None:
     """Bad input: take back the directories Hydra made for a run that never started."""
     discard_if_empty(Path(hydra_cfg.runtime.output_dir), {".hydra", "train.log"})
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        discard_if_empty(Path(hydra_cfg.sweep.dir), {"multirun.yaml"})
+        discard_sweep(hydra_cfg)
+    else:
+        discard_default_parents(Path(hydra_cfg.run.dir), hydra_cfg)
 
 
 def resume_hint(hydra_cfg: DictConfig) -> str:

@@ -1,12 +1,18 @@
-"""Several runs of one net, differing only in their seed, trained as one network on one GPU.
+"""Several runs of one net's layers trained as one network on one GPU: runs that differ only in their
+seed, and plain nets beside their residual twins where the shortcuts are option A's (no parameters).
 
 The paper reports its CIFAR nets over five runs (Table 6: ResNet-110 "best (mean±std)"), and at batch
 128 one such net leaves most of a GPU idle: its kernels are small. K copies of a net side by side,
 every convolution grouped (groups=K), every BN over K times the channels, make one network whose
 kernels are K times larger and launch as often as one copy's. Throwaway prototypes of such K-copy
 nets, CUDA-graphed on an H100, ran at 1.4x (K=2) to 2.4x (K=4-8) the throughput per net of one copy
-(not yet timed for this code: scripts/benchmark.py --group K). On the CPU it is slower than the copies
-one by one.
+(not yet timed for this code: scripts/benchmark.py --group K --twins). On the CPU it is slower than the
+copies one by one.
+
+Fig. 6 and Table 2 compare plain and residual nets of equal depth: the same layers, differing only in
+the skip connections (§3.3). With option A's shortcuts (identity and zero padding, no weights) a plain
+net is a copy of its residual twin whose shortcuts output zero (GatedShortcut), so a single-seed Fig. 6
+sweep trains as four plain/residual pairs and ResNet-110 rather than nine nets.
 
 The copies stay separate experiments: copy k sees only run k's batches (its block of input channels),
 its loss is run k's alone, and its own optimizer updates it with its own learning rate (ResNet-110's
@@ -39,8 +45,25 @@ class GroupedZeroPad(ZeroPadShortcut):
         self.copies, self.extra_channels, self.stride = copies, shortcut.extra_channels, shortcut.stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride].unflatten(1, (self.copies, -1))  # (B, K, C, H, W)
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels)).flatten(1, 2)
+        # Padded as (B, H, W, K, C), the group's channels_last memory order, so the residual add reads
+        # both of its terms in one layout.
+        x = x[:, :, :: self.stride, :: self.stride].permute(0, 2, 3, 1).unflatten(3, (self.copies, -1))
+        return F.pad(x, (0, self.extra_channels)).flatten(3).permute(0, 3, 1, 2)
+
+
+class GatedShortcut(nn.Module):
+    """A parameter-free shortcut of a group where only some copies are residual: the plain copies' part
+    of it is zero, so their blocks compute F(x) alone, as the plain twin's would (§3.3)."""
+
+    def __init__(self, shortcut: nn.Module, residual: Sequence[bool], device: torch.device) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+        # (K, 1, 1, 1): broadcast over each copy's block of channels; not saved, it is not a weight.
+        self.register_buffer("gate", torch.tensor(residual, device=device).view(-1, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shortcut(x).unflatten(1, (len(self.gate), -1))  # (B, K, C, H, W)
+        return torch.where(self.gate, out, 0.0).flatten(1, 2)  # where, not a product: keeps bf16 as bf16
 
 
 class GroupedLinear(nn.Conv2d):
@@ -79,23 +102,45 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
     return group
 
 
+def gated_shortcut(parts: Sequence[nn.Module | None], device: torch.device) -> GatedShortcut:
+    """The shortcut of a block in a group of plain (None: no shortcut) and residual copies."""
+    shortcut = next(part for part in parts if part is not None)
+    if next(shortcut.parameters(), None) is not None:
+        raise TypeError(f"cannot group plain nets with residual ones whose shortcuts have weights ({type(shortcut).__name__}); only option A's can be gated")
+    grouped = grouped_module([shortcut] * len(parts))  # option A's zero padding for every copy
+    return GatedShortcut(nn.Identity() if grouped is None else grouped, [part is not None for part in parts], device)
+
+
+def layer(model: nn.Module, name: str) -> nn.Module | None:
+    """model's layer called `name`, or None where it has none (a plain net's shortcuts)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def slice_of(whole: torch.Tensor, k: int, copies: int, shape: torch.Size) -> torch.Tensor:
     """Copy k's part of a grouped tensor (its rows of dim 0) in copy k's shape: a view, not a copy."""
     return whole if whole.dim() == 0 else whole.unflatten(0, (copies, -1))[k].view(shape)
 
 
 def tie(models: Sequence[nn.Module]) -> nn.Module:
-    """The grouped network of `models` (identical nets), holding their current weights and statistics;
-    from now on each model's tensors are views of its slice of it, so training it trains them."""
-    net = copy.deepcopy(models[0])
+    """The grouped network of `models` (nets of the same layers, some perhaps plain), holding their current
+    weights and statistics; from now on each model's tensors are views of its slice of it, so training it
+    trains them."""
+    net = copy.deepcopy(max(models, key=lambda model: len(list(model.modules()))))  # a residual one, if any
+    device = next(net.parameters()).device
     for name in [name for name, _ in net.named_modules()]:
-        if (group := grouped_module([model.get_submodule(name) for model in models])) is not None:
+        parts = [layer(model, name) for model in models]
+        if None in parts:
+            net.set_submodule(name, gated_shortcut(parts, device))
+        elif (group := grouped_module(parts)) is not None:
             net.set_submodule(name, group)
     net.to(memory_format=torch.channels_last)  # the layout of the images (train.to_device)
+    wholes = dict(itertools.chain(net.named_parameters(), net.named_buffers()))
     for k, model in enumerate(models):
-        own = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
-        for name, whole in itertools.chain(net.named_parameters(), net.named_buffers()):
-            own[name].data = slice_of(whole.detach(), k, len(models), own[name].shape)
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            tensor.data = slice_of(wholes[name].detach(), k, len(models), tensor.shape)
     return net
 
 
@@ -136,7 +181,7 @@ def make_group_step(
     compile_model: bool = False,
     skip_nonfinite: bool = False,
 ) -> Step:
-    """make_step for K runs of one net: the step of their grouped network, taking (B, K * C, H, W)
+    """make_step for K runs of one net's layers: the step of their grouped network, taking (B, K * C, H, W)
     images and (K, B) labels. Build it after restoring the runs' checkpoints."""
     net = tie(models)
     forward = torch.compile(net) if compile_model else net

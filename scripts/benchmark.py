@@ -3,14 +3,18 @@
     python scripts/benchmark.py                                  # ResNet-20/56/110 and plain-56
     python scripts/benchmark.py --nets resnet56 --compile --json bench.json
     python scripts/benchmark.py --no-common --group 5                # five seeds as one network
+    python scripts/benchmark.py --no-common --twins --nets plain20 plain32 plain44 plain56 \
+        resnet20 resnet32 resnet44 resnet56 resnet110                # Fig. 6's sweep, twins grouped
 
 Per net, in one process: (a) the common recipe, a DataLoader with worker processes doing PIL
 RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, fp32, eager, NCHW; and
 (b) resexp's step as `resexp train` runs it: images resident on the device, augmented there, bf16
 autocast on CUDA, channels_last, the whole step one CUDA graph (`--compile` adds a column with
-torch.compile inside the graph; `--group K` one with K runs of the net as one grouped network, per run).
+torch.compile inside the graph; `--group K` one with K runs of the net as one grouped network, per run;
+`--twins` one with the net and its plain/residual twin as one grouped network, per run).
 Then (c) all the nets at once, each in a thread on its own CUDA stream, as the shared-GPU sweep launcher
-trains them: wall time per step of all of them against the sum of (b).
+trains them: wall time per step of all of them against the sum of (b); with `--twins` also with the
+nets of each depth grouped, as `hydra.launcher.group_runs=true` trains them.
 Random CIFAR-shaped images: speed does not depend on the pixels. Results: README "Performance".
 """
 
@@ -47,9 +51,16 @@ from resexp.train import to_device
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)  # CIFAR-10's channel statistics
 
 
+def depth_of(net: str) -> int:
+    return int(net.removeprefix("resnet").removeprefix("plain"))
+
+
+def twin_of(net: str) -> str:
+    return f"{'plain' if net.startswith('resnet') else 'resnet'}{depth_of(net)}"
+
+
 def make_net(net: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    residual, depth = net.startswith("resnet"), int(net.removeprefix("resnet").removeprefix("plain"))
-    model = build_model(depth, residual, "basic", "cifar", "identity", 10).to(device)
+    model = build_model(depth_of(net), net.startswith("resnet"), "basic", "cifar", "identity", 10).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -151,21 +162,26 @@ def in_threads(runs: list[Callable[[int], None]], streams: list[torch.cuda.Strea
     return all_steps
 
 
-def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device) -> float:
-    """ms per step of all nets training at once, each in a thread on its own CUDA stream."""
-    runs = [fast_steps(net, args, device, compile_model=False) for net in nets]
-    return timed(in_threads(runs, [new_stream(device) for _ in nets]), args.steps, args.warmup, device)
-
-
-def grouped_ms(net: str, copies: int, args: argparse.Namespace, device: torch.device) -> float:
-    """ms per step of `copies` runs of `net` trained as one grouped network (hydra.launcher.group_seeds=true):
-    each run in its thread with its own data, one group step for all (resexp/group.py)."""
-    models = [make_net(net, device, channels_last=True) for _ in range(copies)]
+def grouped_steps(nets: list[str], args: argparse.Namespace, device: torch.device) -> Callable[[int], None]:
+    """Runs of `nets` (nets of the same layers: one net's seeds, or plain/residual twins) trained as one
+    grouped network (hydra.launcher.group_runs=true): each run in its thread with its own data, one group
+    step for all (resexp/group.py)."""
+    models = [make_net(net, device, channels_last=True) for net in nets]
     optimizers = [sgd(model) for model in models]
     shape = (args.batch_size, 3, 32, 32)
     lockstep = Lockstep(make_group_step(models, optimizers, shape, precision=pick_precision("auto", device), cuda_graph=True), optimizers, [])
-    runs = [steps_of(functools.partial(lockstep.step, k), k, args, device) for k in range(copies)]
-    return timed(in_threads(runs, [new_stream(device)] * copies), args.steps, args.warmup, device)
+    runs = [steps_of(functools.partial(lockstep.step, k), k, args, device) for k in range(len(nets))]
+    return in_threads(runs, [new_stream(device)] * len(nets))
+
+
+def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device, twins: bool) -> float:
+    """ms per step of all nets training at once, each in a thread on its own CUDA stream; with `twins`,
+    the nets of one depth as one grouped network on one stream."""
+    groups: dict[str, list[str]] = {}
+    for net in nets:
+        groups.setdefault(str(depth_of(net)) if twins else net, []).append(net)
+    runs = [fast_steps(group[0], args, device, compile_model=False) if len(group) == 1 else grouped_steps(group, args, device) for group in groups.values()]
+    return timed(in_threads(runs, [new_stream(device) for _ in runs]), args.steps, args.warmup, device)
 
 
 def main() -> None:
@@ -176,7 +192,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (the paper: 128)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes of the common recipe")
     parser.add_argument("--compile", action="store_true", help="also time resexp's step with compile=true")
-    parser.add_argument("--group", type=int, default=0, metavar="K", help="also time K runs of each net as one grouped network (group_seeds)")
+    parser.add_argument("--group", type=int, default=0, metavar="K", help="also time K runs of each net as one grouped network (group_runs)")
+    parser.add_argument("--twins", action="store_true", help="also time each net grouped with its plain/residual twin (group_runs), and the nets at once so")
     parser.add_argument("--no-common", action="store_true", help="skip the common recipe (resexp's paths only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", help="also write the results here")
@@ -191,26 +208,32 @@ def main() -> None:
         if args.compile:
             row["resexp_compile_ms"] = timed(fast_steps(net, args, device, True), args.steps, args.warmup, device)
         if args.group:  # per run: the group's step time over its runs
-            row["grouped_ms_per_run"] = grouped_ms(net, args.group, args, device) / args.group
+            row["grouped_ms_per_run"] = timed(grouped_steps([net] * args.group, args, device), args.steps, args.warmup, device) / args.group
+        if args.twins:
+            row["twins_ms_per_run"] = timed(grouped_steps([net, twin_of(net)], args, device), args.steps, args.warmup, device) / 2
         row["speedup"] = row["common_ms"] / min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
         rows.append(row)
         Console().print(row)
-    together = {"nets": args.nets, "ms": together_ms(args.nets, args, device), "sum_of_alone_ms": sum(row["resexp_ms"] for row in rows)}
+    together = {"nets": args.nets, "ms": together_ms(args.nets, args, device, False), "sum_of_alone_ms": sum(row["resexp_ms"] for row in rows)}
+    if args.twins:
+        together["twins_grouped_ms"] = together_ms(args.nets, args, device, True)
 
     table = Table(title=f"ms per training step, batch {args.batch_size}, {device}")
-    grouped = [f"resexp, {args.group} seeds grouped (per run)"] if args.group else []
+    grouped = [f"resexp, {args.group} seeds grouped (per run)"] * bool(args.group) + ["resexp, with its twin grouped (per run)"] * args.twins
     for column in ("net", "common recipe", "resexp", *(["resexp + compile"] if args.compile else []), *grouped, "speed-up", "images/s (resexp)"):
         table.add_column(column, justify="right")
     for row in rows:
         best = min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
         compiled = [f"{row['resexp_compile_ms']:.2f}"] if args.compile else []
-        grouped = [f"{row['grouped_ms_per_run']:.2f}"] if args.group else []
+        grouped = [f"{row[key]:.2f}" for key in ("grouped_ms_per_run", "twins_ms_per_run") if key in row]
         table.add_row(row["net"], f"{row['common_ms']:.2f}", f"{row['resexp_ms']:.2f}", *compiled, *grouped, f"{row['speedup']:.1f}x", f"{1000 * args.batch_size / best:,.0f}")
     Console().print(table)
     Console().print(
         f"all {len(args.nets)} at once (one thread and CUDA stream each): {together['ms']:.2f} ms per step of all, "
         f"against {together['sum_of_alone_ms']:.2f} one after another ({together['sum_of_alone_ms'] / together['ms']:.2f}x)"
     )
+    if args.twins:
+        Console().print(f"the same with the nets of each depth as one grouped network: {together['twins_grouped_ms']:.2f} ms per step of all")
     if args.json:
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",

@@ -146,6 +146,18 @@ def test_bad_input_is_a_one_line_error_and_leaves_nothing_behind(tmp_path, overr
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("flags", [[], ["-m", "seed=0,1"]], ids=["run", "sweep"])
+def test_bad_input_leaves_no_empty_folders_in_the_default_directories(tmp_path, flags):
+    earlier = tmp_path / "outputs" / "2026-01-01" / "run" / "metrics.json"  # what was there stays
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    result = resexp("train", *flags, *SHRINK, "schedule.batch_size=0", cwd=tmp_path)
+    assert_one_line_error(result, "schedule.batch_size=0 must be a positive integer")
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        "outputs", "outputs/2026-01-01", "outputs/2026-01-01/run", "outputs/2026-01-01/run/metrics.json"
+    ]
+
+
 def test_hydra_flags_work(tmp_path):
     result = resexp("train", "model=plain56", "--cfg", "job", "--resolve", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -160,11 +172,11 @@ def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent.parent / "scripts" / "benchmark.py"), "--nets", "plain8", "resnet8",
-         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--group", "2", "--json", str(out)],
+         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--group", "2", "--twins", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     result = json.loads(out.read_text())
     assert [row["net"] for row in result["rows"]] == ["plain8", "resnet8"]
-    assert all(row["common_ms"] > 0 and row["resexp_ms"] > 0 and row["grouped_ms_per_run"] > 0 for row in result["rows"])
-    assert result["together"]["ms"] > 0
+    assert all(row["common_ms"] > 0 and row["resexp_ms"] > 0 and row["grouped_ms_per_run"] > 0 and row["twins_ms_per_run"] > 0 for row in result["rows"])
+    assert result["together"]["ms"] > 0 and result["together"]["twins_grouped_ms"] > 0

@@ -1,5 +1,6 @@
-"""Runs that differ only in their seed, trained as one grouped network (resexp/group.py): each copy must
-train exactly as its run would alone, and a group sweep must stop, resume and report as any sweep."""
+"""Runs of the same layers (seeds; plain nets beside their residual twins) trained as one grouped network
+(resexp/group.py): each copy must train exactly as its run would alone, and a group sweep must stop,
+resume and report as any sweep."""
 
 import copy
 import json
@@ -18,11 +19,13 @@ from test_reliability import RUN, stop_midway
 
 
 def runs(count: int, **net):
-    """`count` nets of one kind with different initial weights, each with the paper's SGD."""
+    """`count` nets of one kind with different initial weights, each with the paper's SGD; a list
+    value (residual=[False, True, False]) sets that key per net."""
     pairs = []
     for seed in range(count):
         torch.manual_seed(seed)
-        model = build_model(**{"depth": 8, "residual": True, "block": "basic", "stem": "cifar", "shortcut": "identity", "num_classes": 10, **net})
+        own = {key: value[seed] if isinstance(value, list) else value for key, value in net.items()}
+        model = build_model(**{"depth": 8, "residual": True, "block": "basic", "stem": "cifar", "shortcut": "identity", "num_classes": 10, **own})
         model = model.to(memory_format=torch.channels_last)
         pairs.append((model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)))
     return pairs
@@ -55,8 +58,15 @@ def assert_same(model, twin, optimizer, twin_optimizer):
 # apart give gradients 6% apart: one step is all that float rounding lets two computations agree on.
 @pytest.mark.parametrize(
     "net, steps",
-    [({}, 3), ({"shortcut": "projection"}, 3), ({"residual": False}, 3), ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1)],
-    ids=["option-A", "option-B", "plain", "bottleneck-imagenet-stem"],
+    [
+        ({}, 3),
+        ({"shortcut": "projection"}, 3),
+        ({"residual": False}, 3),
+        ({"residual": [False, True, False]}, 3),  # Fig. 6's twins: plain copies beside a residual one
+        ({"residual": [True, False, True], "depth": 18, "stem": "imagenet"}, 1),  # Table 2's, as ResNet-50 below
+        ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1),
+    ],
+    ids=["option-A", "option-B", "plain", "plain-beside-residual", "plain-beside-residual-imagenet", "bottleneck-imagenet-stem"],
 )
 def test_each_copy_of_a_group_trains_as_its_run_alone(net, steps):
     pairs = runs(3, **net)
@@ -119,28 +129,49 @@ def test_skip_nonfinite_in_a_group_skips_only_the_run_whose_loss_is_not_finite()
     assert moved == [False, True]
 
 
-def test_a_seed_sweep_with_group_seeds_matches_the_same_sweep_without(tmp_path):
+@pytest.mark.parametrize(
+    "sweep, runs, grouped_as",
+    [
+        (["seed=0,1"], ["seed=0", "seed=1"], "seed=0, seed=1"),
+        (["model=plain20,resnet20"], ["model=plain20", "model=resnet20"], "model=plain20, model=resnet20"),  # Fig. 6's twins
+        (["model=plain20,resnet20", "shortcut=B"], ["model=plain20", "model=resnet20"], None),  # B's projections: not twins
+    ],
+    ids=["seeds", "plain-and-residual", "plain-and-option-B"],
+)
+def test_a_sweep_with_group_runs_matches_the_same_sweep_without(tmp_path, sweep, runs, grouped_as):
     sweeps = {}
     for grouped in ("true", "false"):
         sweeps[grouped] = tmp_path / grouped
-        result = resexp("train", "-m", *SHRINK, "seed=0,1", f"hydra.launcher.group_seeds={grouped}", f"hydra.sweep.dir={sweeps[grouped]}", cwd=tmp_path)
+        # lr 0.01: at 0.1 plain-20 amplifies float rounding (grouped convolutions sum in another order)
+        # to 1e-3 in 4 steps; in float64 the two agree to 1e-15.
+        result = resexp("train", "-m", *SHRINK, "optim.lr=0.01", *sweep, f"hydra.launcher.group_runs={grouped}", f"hydra.sweep.dir={sweeps[grouped]}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        assert ("seed=0, seed=1 train as one network" in result.stdout) == (grouped == "true")
-    for seed in (0, 1):
-        [one], [other] = (list(sweeps[grouped].glob(f"*seed={seed}")) for grouped in ("true", "false"))
-        a, b = (json.loads((run / "metrics.json").read_text()) for run in (one, other))
-        assert a["seed"] == b["seed"] == seed and a["iterations"] == 4
+        assert ("train as one network" in result.stdout) == (grouped == "true" and grouped_as is not None)
+        assert grouped_as is None or (f"{grouped_as} train as one network" in result.stdout) == (grouped == "true")
+    for run in runs:
+        [one], [other] = (list(sweeps[grouped].glob(f"*{run}*")) for grouped in ("true", "false"))
+        a, b = (json.loads((path / "metrics.json").read_text()) for path in (one, other))
+        assert (a["net"], a["seed"], a["iterations"]) == (b["net"], b["seed"], 4)
         for key, value in b["final"].items():
             assert a["final"][key] == pytest.approx(value, rel=1e-3, abs=0.5), key  # error %: a few images may flip
-        saved = [checkpoint.load(run / checkpoint.FILENAME)["model"] for run in (one, other)]
+        saved = [checkpoint.load(path / checkpoint.FILENAME)["model"] for path in (one, other)]
+        assert saved[0].keys() == saved[1].keys()  # a plain run saves no gate of its group
         for name, tensor in saved[1].items():
             torch.testing.assert_close(saved[0][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
             assert saved[0][name].untyped_storage().nbytes() == tensor.untyped_storage().nbytes(), name  # its slice, not the group's
 
 
+def test_max_runs_counts_a_group_as_one_training(tmp_path):
+    # Two runs, one group: max_runs=1 must not split them into two batches of one run each.
+    result = resexp("train", "-m", *SHRINK, "seed=0,1", "hydra.launcher.max_runs=1", "hydra.launcher.group_runs=true", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "seed=0, seed=1 train as one network" in result.stdout
+    assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2
+
+
 def test_a_stopped_group_checkpoints_its_runs_at_one_iteration_and_resumes_them_as_a_group(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", *RUN, "seed=0,1", "hydra.launcher.group_seeds=true", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", *RUN, "seed=0,1", "hydra.launcher.group_runs=true", f"hydra.sweep.dir={sweep}"]
     stop_midway(args, sweep, 2)
     runs_dirs = sorted(p.parent for p in sweep.glob("*/checkpoint.pt"))
     stopped_at = {checkpoint.load(run / checkpoint.FILENAME)["progress"]["iteration"] for run in runs_dirs}

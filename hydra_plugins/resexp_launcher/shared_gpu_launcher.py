@@ -14,9 +14,11 @@ in a thread named by what sets it apart.
 Each run is the same computation as alone (its own seed, data stream and checkpoints), so an
 interrupted sweep resumes, finished runs are skipped, and `resexp report` reads it as any other.
 
-With `hydra.launcher.group_seeds=true`, runs that differ only in their seed (`seed=0,1,2,3,4`) train
-as one network of K grouped copies, one step for all (resexp/group.py), still each in its own thread
-and directory; the groups and the other runs overlap on their streams as above.
+With `hydra.launcher.group_runs=true`, runs of the same layers train as one network of K grouped
+copies, one step for all (resexp/group.py), still each in its own thread and directory: runs that
+differ only in their seed (`seed=0,1,2,3,4`), and plain nets with their residual twins where the
+shortcuts are option A's (Fig. 6: plain20 with resnet20). The groups and the other runs overlap on
+their streams as above.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from resexp.cli import Job, discard_if_empty, drop_unstarted, fail, prepare_task, stopped
+from resexp.cli import Job, discard_sweep, drop_unstarted, fail, prepare_task, stopped
 from resexp.errors import Interrupted, ResexpError
 from resexp.group import Lockstep, make_group_step
 from resexp.logs import Display, displays, log
@@ -62,36 +64,45 @@ def labels(batch: Sequence[Sequence[str]]) -> list[str]:
 
 
 class SharedGPULauncher(Launcher):
-    def __init__(self, max_runs: int, group_seeds: bool = False) -> None:
-        self.max_runs = max_runs  # runs that train at once; more wait for the next batch
-        self.group_seeds = group_seeds  # runs that differ only in their seed train as one grouped network
+    def __init__(self, max_runs: int, group_runs: bool = False) -> None:
+        self.max_runs = max_runs  # runs (with group_runs: groups of runs) that train at once; more wait for the next batch
+        self.group_runs = group_runs  # runs of the same layers (seeds, plain/residual twins) train as one grouped network
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if not isinstance(self.max_runs, int) or self.max_runs < 1:
-            discard_if_empty(Path(str(self.config.hydra.sweep.dir)), {"multirun.yaml"})
+            discard_sweep(self.config.hydra)
             raise ResexpError(f"hydra.launcher.max_runs={self.max_runs!r} must be a positive integer")
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         returns: list[JobReturn] = []
-        names = labels(job_overrides)
-        for start in range(0, len(job_overrides), self.max_runs):
-            prepared: list[Prepared] = []
+        pending = list(enumerate(zip(job_overrides, labels(job_overrides)), initial_job_idx))
+        waiting: list[Prepared] = []  # prepared for a batch that was full: the first of the next one
+        while pending or waiting:
+            # A batch takes runs in sweep order while they make at most max_runs trainings (a group is
+            # one), so a sweep of five seeds per net does not split a net's seeds across batches.
+            prepared, waiting = waiting, []
             try:
-                batch = zip(job_overrides[start : start + self.max_runs], names[start : start + self.max_runs])
-                for index, (overrides, label) in enumerate(batch, initial_job_idx + start):
-                    prepared.append(self.prepare(index, overrides, label))
-            except BaseException:  # bad input in one run (prepare_task said which): the sweep starts none
+                while pending and not waiting:
+                    index, (overrides, label) = pending.pop(0)
+                    run = self.prepare(index, overrides, label)
+                    jobs = [job for _, job, _ in prepared] + [run[1]]
+                    training = [members for members in trainings(jobs, self.group_runs) if jobs[members[0]].model is not None]
+                    if len(training) > self.max_runs:
+                        waiting = [run]
+                    else:
+                        prepared.append(run)
+            except BaseException:  # bad input in one run (prepare_task said which): the batch starts none
                 for returned, _, files in prepared:
                     for handler in files:
                         handler.close()
                     drop_unstarted(returned.hydra_cfg.hydra)
-                discard_if_empty(Path(str(self.config.hydra.sweep.dir)), {"multirun.yaml"})  # none prepared
+                discard_sweep(self.config.hydra)  # none prepared
                 raise
-            returns += train_together(prepared, self.config.hydra, self.group_seeds)
+            returns += train_together(prepared, self.config.hydra, self.group_runs)
         return returns
 
     def prepare(self, index: int, overrides: Sequence[str], label: str) -> Prepared:
@@ -139,37 +150,44 @@ def on(stream: torch.cuda.Stream | None) -> ContextManager:
 
 
 def group_seats(group: list[Job], signals: list[int]) -> list[Seat]:
-    """Runs of one kin (the same experiment but the seed) trained as one grouped network: each run's
+    """Runs of one kin (the same layers: seeds, plain/residual twins) trained as one grouped network: each run's
     step hands its batch to the group's (resexp/group.py), and all read their stops from it."""
     optimizers = [job.optimizer for job in group]
     step = make_group_step([job.model for job in group], optimizers, **group[0].step_options)
     lockstep = Lockstep(step, optimizers, signals)
-    log.info("%s train as one network (hydra.launcher.group_seeds)", ", ".join(job.label for job in group))
+    log.info("%s train as one network (hydra.launcher.group_runs)", ", ".join(job.label for job in group))
     if group[0].device.type != "cuda":  # grouped convolutions are slow CPU kernels: measured 1.8x slower per run
-        log.warning("on %s a group trains slower than its runs apart; group_seeds is meant for a GPU", group[0].device)
+        log.warning("on %s a group trains slower than its runs apart; group_runs is meant for a GPU", group[0].device)
     return [Seat(functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k)) for k in range(len(group))]
 
 
-def seats(jobs: list[Job], group_seeds: bool, signals: list[int]) -> list[Seat]:
-    """Each run's step, built here one after another in the main thread (a CUDA graph capture must not
-    meet other GPU work): alone, or with `group_seeds` one step for each set of runs of the same kin.
-    A group's runs share one stream, which keeps the order in which their threads hand in work."""
-    groups: dict[str, list[int]] = {}
+def trainings(jobs: list[Job], group_runs: bool) -> list[list[int]]:
+    """Which runs (their indices in `jobs`) train as one: with `group_runs` the runs of each kin, and
+    every other run (finished ones too) alone."""
+    together: dict[str, list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault(job.kin if group_seeds and job.model is not None else f"#{index}", []).append(index)
+        together.setdefault(job.kin if group_runs and job.model is not None else f"#{index}", []).append(index)
+    return list(together.values())
+
+
+def seats(jobs: list[Job], group_runs: bool, signals: list[int]) -> list[Seat]:
+    """Each run's step, built here one after another in the main thread (a CUDA graph capture must not
+    meet other GPU work): alone, or with `group_runs` one step for each set of runs of the same kin.
+    A group's runs share one stream, which keeps the order in which their threads hand in work."""
+    groups = trainings(jobs, group_runs)
     seated: dict[int, Seat] = {}
-    for members in groups.values():
+    for members in groups:
         if len(members) == 1:
             seated[members[0]] = Seat(jobs[members[0]].make_step(), signals)
         else:
             seated.update(zip(members, group_seats([jobs[index] for index in members], signals)))
-    for members in groups.values():  # after every capture, which the streams must follow
+    for members in groups:  # after every capture, which the streams must follow
         stream = new_stream(jobs[members[0]].device)
         seated.update({index: seated[index]._replace(stream=stream) for index in members})
     return [seated[index] for index in range(len(jobs))]
 
 
-def train_together(prepared: list[Prepared], hydra_cfg: DictConfig, group_seeds: bool = False) -> list[JobReturn]:
+def train_together(prepared: list[Prepared], hydra_cfg: DictConfig, group_runs: bool = False) -> list[JobReturn]:
     """Train the prepared runs at once, each in a thread on a CUDA stream of its own (or its group's);
     report as one."""
     root = logging.getLogger()
@@ -193,7 +211,7 @@ def train_together(prepared: list[Prepared], hydra_cfg: DictConfig, group_seeds:
             jobs = [job for _, job, _ in prepared]
             threads = [
                 threading.Thread(target=work, args=(job, screen, seat), name=job.label, daemon=True)
-                for job, screen, seat in zip(jobs, screens, seats(jobs, group_seeds, stops))
+                for job, screen, seat in zip(jobs, screens, seats(jobs, group_runs, stops))
             ]
             for thread in threads:
                 thread.start()
