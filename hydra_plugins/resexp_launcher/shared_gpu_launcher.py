@@ -156,8 +156,6 @@ def group_seats(group: list[Job], signals: list[int]) -> list[Seat]:
     step = make_group_step([job.model for job in group], optimizers, **group[0].step_options)
     lockstep = Lockstep(step, optimizers, signals)
     log.info("%s train as one network (hydra.launcher.group_runs)", ", ".join(job.label for job in group))
-    if group[0].device.type != "cuda":  # grouped convolutions are slow CPU kernels: measured 1.8x slower per run
-        log.warning("on %s a group trains slower than its runs apart; group_runs is meant for a GPU", group[0].device)
     return [Seat(functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k)) for k in range(len(group))]
 
 
@@ -175,6 +173,10 @@ def seats(jobs: list[Job], group_runs: bool, signals: list[int]) -> list[Seat]:
     meet other GPU work): alone, or with `group_runs` one step for each set of runs of the same kin.
     A group's runs share one stream, which keeps the order in which their threads hand in work."""
     groups = trainings(jobs, group_runs)
+    grouped_on = {jobs[members[0]].device for members in groups if len(members) > 1}
+    if off_gpu := sorted(str(device) for device in grouped_on if device.type != "cuda"):
+        # grouped convolutions are slow CPU kernels: measured 1.8x slower per run
+        log.warning("on %s a group trains slower than its runs apart; group_runs is meant for a GPU", ", ".join(off_gpu))
     seated: dict[int, Seat] = {}
     for members in groups:
         if len(members) == 1:
