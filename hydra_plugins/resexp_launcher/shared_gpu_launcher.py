@@ -96,14 +96,22 @@ class SharedGPULauncher(Launcher):
                     else:
                         prepared.append(run)
             except BaseException:  # bad input in one run (prepare_task said which): the batch starts none
-                for returned, _, files in prepared:
-                    for handler in files:
-                        handler.close()
-                    drop_unstarted(returned.hydra_cfg.hydra)
-                discard_sweep(self.config.hydra)  # none prepared
+                self.take_back(prepared)
                 raise
-            returns += train_together(prepared, self.config.hydra, self.group_runs)
+            try:
+                returns += train_together(prepared, self.config.hydra, self.group_runs)
+            except BaseException:  # stopped, or failed: the run prepared for the next batch never starts
+                self.take_back(waiting)
+                raise
         return returns
+
+    def take_back(self, runs: list[Prepared]) -> None:
+        """What Hydra made for prepared runs that will not train (directories holding nothing more)."""
+        for returned, _, files in runs:
+            for handler in files:
+                handler.close()
+            drop_unstarted(returned.hydra_cfg.hydra)
+        discard_sweep(self.config.hydra)  # if no run is left in it
 
     def prepare(self, index: int, overrides: Sequence[str], label: str) -> Prepared:
         """Hydra's run_job sets the run up as for any job (directory, saved config, logging); the task
