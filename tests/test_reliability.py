@@ -174,7 +174,7 @@ def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_p
 
 
 def test_a_sweep_stopped_in_its_first_batch_leaves_no_directory_for_the_second(tmp_path):
-    # max_runs=1: seed=1 is prepared (and its directory made) while seed=0 trains; the stop takes it back.
+    # max_runs=1: seed=1 is prepared (its directory made) before seed=0 trains; the stop takes it back.
     sweep = tmp_path / "sweep"
     stop_midway(["-m", *RUN, "seed=0,1", "hydra.launcher.max_runs=1", f"hydra.sweep.dir={sweep}"], sweep, 1)
     runs = [path for path in sweep.iterdir() if path.is_dir()]
