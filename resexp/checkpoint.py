@@ -23,7 +23,9 @@ def save(path: Path, state: dict[str, Any]) -> None:
         atomic_write(path, lambda file: torch.save({**state, "version": VERSION}, file))
     except OSError as error:  # disk full, quota, read-only: the old checkpoint is untouched
         kept = f"the previous checkpoint {path} is intact" if Path(path).exists() else "no checkpoint was kept"
-        raise ResexpError(f"could not write a checkpoint to {Path(path).parent} ({error.strerror or error}); {kept}") from None
+        raise ResexpError(
+            f"could not write a checkpoint to {Path(path).parent} ({error.strerror or error}); {kept}"
+        ) from None
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -52,7 +54,11 @@ def load(path: Path) -> dict[str, Any]:
 def check_same_experiment(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A checkpoint continues only the experiment that wrote it: the same net, shortcut, data and recipe."""
     keys = sorted(set(saved) | set(current))
-    differences = [f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now" for key in keys if saved.get(key) != current.get(key)]
+    differences = [
+        f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
     if differences:
         raise ResexpError(
             f"{path} belongs to another experiment ({'; '.join(differences)}); "

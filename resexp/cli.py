@@ -56,8 +56,11 @@ COMMANDS = {
     "train": "train a plain or residual net (a Hydra app: `resexp train --help`, `resexp train -m ...`)",
     "report": "the runs under some directories as the paper's tables and figures (`resexp report --help`)",
 }
-USAGE = "usage: resexp {" + ",".join(COMMANDS) + "} [args]\n\ncommands:\n" + "".join(
-    f"  {name:8s}{text}\n" for name, text in COMMANDS.items()
+USAGE = (
+    "usage: resexp {"
+    + ",".join(COMMANDS)
+    + "} [args]\n\ncommands:\n"
+    + "".join(f"  {name:8s}{text}\n" for name, text in COMMANDS.items())
 )
 
 
@@ -68,7 +71,9 @@ def previous_run(run_dir: Path, resume: bool, experiment: dict[str, Any]) -> dic
     if not saved.exists() and not metrics.exists():
         return None
     if not resume:
-        raise ResexpError(f"{run_dir} already holds a run; resume=true continues it, another hydra.run.dir starts a new one")
+        raise ResexpError(
+            f"{run_dir} already holds a run; resume=true continues it, another hydra.run.dir starts a new one"
+        )
     state = checkpoint.load(saved) if saved.exists() else None
     if state is not None:
         checkpoint.check_same_experiment(saved, state["experiment"], experiment)
@@ -142,9 +147,21 @@ def prepare(cfg: DictConfig) -> Job:
     # plain and residual twins with option A's shortcuts, which have no weights (resexp/group.py).
     done = previous["progress"]["iteration"] if previous is not None else 0
     apart = {"seed", "model.residual"} if experiment["shortcut"] == "identity" else {"seed"}
-    kin = json.dumps([{key: value for key, value in experiment.items() if key not in apart}, str(device), step_options, done], default=str)
+    kin = json.dumps(
+        [{key: value for key, value in experiment.items() if key not in apart}, str(device), step_options, done],
+        default=str,
+    )
     params = count_parameters(model)
-    log.info("%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s", name, f"{params:,}", schedule.iterations, batch_size, device, precision, run_dir)
+    log.info(
+        "%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s",
+        name,
+        f"{params:,}",
+        schedule.iterations,
+        batch_size,
+        device,
+        precision,
+        run_dir,
+    )
     about = {  # what the run is, for metrics.json and TensorBoard's HPARAMS tab
         "net": name,
         "model": hydra_cfg.runtime.choices.get("model"),
@@ -190,7 +207,12 @@ def prepare(cfg: DictConfig) -> Job:
             },
         )
         final = summary["final"]
-        log.info("done: train err %.2f%%  test err %.2f%%  -> %s", final["error/train"], final["error/test"], run_dir / "metrics.json")
+        log.info(
+            "done: train err %.2f%%  test err %.2f%%  -> %s",
+            final["error/train"],
+            final["error/test"],
+            run_dir / "metrics.json",
+        )
         return final["error/test"]
 
     return Job(name, run_dir, schedule.iterations, device, train_and_record, model, optimizer, step_options, kin)
@@ -244,11 +266,16 @@ def resume_hint(hydra_cfg: DictConfig) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f"run the same sweep again with hydra.sweep.dir={hydra_cfg.sweep.dir}"
     run_dir = hydra_cfg.runtime.output_dir
-    return " ".join(["resexp train", *map(shlex.quote, hydra_cfg.overrides.task), shlex.quote(f"hydra.run.dir={run_dir}")])
+    return " ".join(
+        ["resexp train", *map(shlex.quote, hydra_cfg.overrides.task), shlex.quote(f"hydra.run.dir={run_dir}")]
+    )
 
 
 def stopped(signum: int, iteration: int, hydra_cfg: DictConfig) -> NoReturn:
-    fail(f"stopped by {signal.Signals(signum).name} at iteration {iteration}, checkpoint saved; resume: {resume_hint(hydra_cfg)}", 128 + signum)
+    fail(
+        f"stopped by {signal.Signals(signum).name} at iteration {iteration}, checkpoint saved; resume: {resume_hint(hydra_cfg)}",
+        128 + signum,
+    )
 
 
 def prepare_task(cfg: DictConfig) -> Job:
@@ -295,8 +322,12 @@ def main(argv: list[str] | None = None) -> None:
         from resexp import report  # TensorBoard's event reader and matplotlib: only for reports
 
         parser = argparse.ArgumentParser(prog="resexp report", description=report.__doc__.splitlines()[0])
-        parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run or sweep directories (searched recursively)")
-        parser.add_argument("--out", type=Path, help="where results.md, results.csv and the figures go (default: the first DIR)")
+        parser.add_argument(
+            "dirs", nargs="+", type=Path, metavar="DIR", help="run or sweep directories (searched recursively)"
+        )
+        parser.add_argument(
+            "--out", type=Path, help="where results.md, results.csv and the figures go (default: the first DIR)"
+        )
         args = parser.parse_args(rest)
         try:
             report.report(args.dirs, args.out)
@@ -322,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"error: {error}")
     except OSError as error:  # typically the run directory: not writable, not a directory, disk full
         where = f" {error.filename}" if error.filename else ""
-        fail(f"error: cannot write{where} ({error.strerror or error}); choose a writable hydra.run.dir or hydra.sweep.dir")
+        fail(
+            f"error: cannot write{where} ({error.strerror or error}); choose a writable hydra.run.dir or hydra.sweep.dir"
+        )
     except (HydraException, OmegaConfBaseException) as error:
         fail(f"error: {one_line(error)}")

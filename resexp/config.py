@@ -36,11 +36,19 @@ def check_choices(overrides: list[str]) -> None:
         group = override.key_or_group
         if group not in groups or override.is_delete() or override.package is not None:
             continue
-        options = sorted(entry.name.removesuffix(".yaml") for entry in root.joinpath(group).iterdir() if entry.name.endswith(".yaml"))
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+        options = sorted(
+            entry.name.removesuffix(".yaml") for entry in root.joinpath(group).iterdir() if entry.name.endswith(".yaml")
+        )
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
         for value in values:
             if value not in options and value != "null":  # null: the group left out (experiment=null)
-                raise ResexpError(f"{group}={value!r} is not one of the {group} configs; choose one of {', '.join(options)}")
+                raise ResexpError(
+                    f"{group}={value!r} is not one of the {group} configs; choose one of {', '.join(options)}"
+                )
 
 
 def pick_device(name: str) -> torch.device:
@@ -97,7 +105,9 @@ def make_schedule(cfg: DictConfig) -> Schedule:
         milestones=milestones,
         gamma=schedule.gamma,
         # §4.2: only the deepest CIFAR nets (110 layers and up) start at the low warm-up rate.
-        warmup_lr=schedule.warmup_lr if schedule.warmup_min_depth is not None and cfg.model.depth >= schedule.warmup_min_depth else None,
+        warmup_lr=schedule.warmup_lr
+        if schedule.warmup_min_depth is not None and cfg.model.depth >= schedule.warmup_min_depth
+        else None,
         warmup_until_error=schedule.warmup_until_error,
     )
 

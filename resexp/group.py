@@ -79,15 +79,26 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
     first, copies = parts[0], len(parts)
     if isinstance(first, nn.Conv2d):
         group = nn.Conv2d(
-            copies * first.in_channels, copies * first.out_channels, first.kernel_size, first.stride, first.padding,
-            groups=copies * first.groups, bias=first.bias is not None, device=first.weight.device,
+            copies * first.in_channels,
+            copies * first.out_channels,
+            first.kernel_size,
+            first.stride,
+            first.padding,
+            groups=copies * first.groups,
+            bias=first.bias is not None,
+            device=first.weight.device,
         )
     elif isinstance(first, nn.BatchNorm2d):
         group = nn.BatchNorm2d(copies * first.num_features, first.eps, first.momentum, device=first.weight.device)
         group.num_batches_tracked = first.num_batches_tracked.clone()  # one count: the copies step together
     elif isinstance(first, nn.Linear):
         group = GroupedLinear(
-            copies * first.in_features, copies * first.out_features, 1, groups=copies, bias=first.bias is not None, device=first.weight.device
+            copies * first.in_features,
+            copies * first.out_features,
+            1,
+            groups=copies,
+            bias=first.bias is not None,
+            device=first.weight.device,
         )
     elif isinstance(first, ZeroPadShortcut):
         return GroupedZeroPad(copies, first)
@@ -106,7 +117,9 @@ def gated_shortcut(parts: Sequence[nn.Module | None], device: torch.device) -> G
     """The shortcut of a block in a group of plain (None: no shortcut) and residual copies."""
     shortcut = next(part for part in parts if part is not None)
     if next(shortcut.parameters(), None) is not None:
-        raise TypeError(f"cannot group plain nets with residual ones whose shortcuts have weights ({type(shortcut).__name__}); only option A's can be gated")
+        raise TypeError(
+            f"cannot group plain nets with residual ones whose shortcuts have weights ({type(shortcut).__name__}); only option A's can be gated"
+        )
     grouped = grouped_module([shortcut] * len(parts))  # option A's zero padding for every copy
     return GatedShortcut(nn.Identity() if grouped is None else grouped, [part is not None for part in parts], device)
 
@@ -145,7 +158,12 @@ def tie(models: Sequence[nn.Module]) -> nn.Module:
 
 
 def group_step_function(
-    net: nn.Module, forward: nn.Module, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], precision: str, skip_nonfinite: bool
+    net: nn.Module,
+    forward: nn.Module,
+    models: Sequence[nn.Module],
+    optimizers: Sequence[torch.optim.Optimizer],
+    precision: str,
+    skip_nonfinite: bool,
 ) -> Callable[[torch.Tensor, torch.Tensor], Stats]:
     """step_function for a group: x (B, K * C, H, W) holds run k's images in channel block k, y (K, B)
     its labels; returns each run's (summed loss, wrong predictions, images) as a (K, 3) tensor."""
@@ -187,7 +205,13 @@ def make_group_step(
     forward = torch.compile(net) if compile_model else net
     eager = EagerStep(group_step_function(net, forward, models, optimizers, precision, skip_nonfinite), net)
     batch, channels, *size = batch_shape
-    return fastest(eager, optimizers, (batch, len(models) * channels, *size), (len(models), batch), cuda_graph and not skip_nonfinite)
+    return fastest(
+        eager,
+        optimizers,
+        (batch, len(models) * channels, *size),
+        (len(models), batch),
+        cuda_graph and not skip_nonfinite,
+    )
 
 
 class Lockstep:

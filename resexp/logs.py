@@ -99,5 +99,10 @@ def describe_run(writer: SummaryWriter, hparams: dict[str, Any], metric_tags: li
         writer.file_writer.add_summary(record)
     held_out = [tag for tag in metric_tags if tag != "error/train"]
     writer.add_custom_scalars(
-        {"plain vs residual": {"training error (%)": ["Multiline", ["error/train"]], "test error (%)": ["Multiline", held_out]}}
+        {
+            "plain vs residual": {
+                "training error (%)": ["Multiline", ["error/train"]],
+                "test error (%)": ["Multiline", held_out],
+            }
+        }
     )

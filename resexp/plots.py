@@ -43,32 +43,52 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
         depths = sorted({run.depth for run in members if run.depth is not None})
         colours = {depth: f"C{index % 10}" for index, depth in enumerate(depths)}
         families = [("plain", False), ("ResNet", True)]  # the paper's panel names
-        families = [(label, residual) for label, residual in families if any(run.residual == residual for run in members)]
+        families = [
+            (label, residual) for label, residual in families if any(run.residual == residual for run in members)
+        ]
         figure = Figure(figsize=(5.2 * len(families), 4.2), layout="constrained")
         axes = figure.subplots(1, len(families), squeeze=False)[0]
         longest = max((step for run in members for curve in run.curves.values() for step, _ in curve), default=1)
         scale = 1e4 if longest >= 2e4 else 1
         highest = 0.0
         for ax, (label, residual) in zip(axes, families):
-            nets = sorted((net for net, group in by_net.items() if group[0].residual == residual), key=lambda n: by_net[n][0].depth or 0)
+            nets = sorted(
+                (net for net, group in by_net.items() if group[0].residual == residual),
+                key=lambda n: by_net[n][0].depth or 0,
+            )
             for net in nets:
                 group, colour = by_net[net], colours.get(by_net[net][0].depth, "k")
-                name = f"{label}-{group[0].depth}" + (f" ({net.split('-')[1]})" if residual and len({n.split('-')[-1] for n in nets}) > 1 else "")
+                name = f"{label}-{group[0].depth}" + (
+                    f" ({net.split('-')[1]})" if residual and len({n.split("-")[-1] for n in nets}) > 1 else ""
+                )
                 for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
                     curves = [run.curves[tag] for run in group if run.curves.get(tag)]
                     if not curves:
                         continue
                     steps, values = mean_curve(curves)
                     highest = max(highest, max(values, default=0))
-                    ax.plot([s / scale for s in steps], values, style, color=colour, linewidth=width,
-                            label=name if tag == held_out else None)
+                    ax.plot(
+                        [s / scale for s in steps],
+                        values,
+                        style,
+                        color=colour,
+                        linewidth=width,
+                        label=name if tag == held_out else None,
+                    )
             ax.set_title(label)
             ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
             ax.set_ylabel("error (%)")
             ax.grid(alpha=0.3)
-            ax.legend(loc="upper right", fontsize="small", title="bold: test, dashed: train" if held_out == "error/test" else "bold: val, dashed: train", title_fontsize="x-small")
+            ax.legend(
+                loc="upper right",
+                fontsize="small",
+                title="bold: test, dashed: train" if held_out == "error/test" else "bold: val, dashed: train",
+                title_fontsize="x-small",
+            )
         finals = [run.final.get(tag, 100) for run in members for tag in ("error/train", held_out)]
-        for ax in axes:  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise
+        for ax in (
+            axes
+        ):  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise
             ax.set_ylim(0, 20 if max(finals) < 19 else min(100, highest * 1.05 + 1))
         figure.suptitle(title)
         path = out / f"{stem}{'' if data in ('cifar10', 'imagenet') else '_' + data}.png"

@@ -76,7 +76,9 @@ def find_runs(directories: list[Path]) -> list[Path]:
         if not directory.is_dir():
             raise ResexpError(f"{directory} is not a directory of runs")
         for marker in ("metrics.json", ".hydra/config.yaml"):
-            found.update(path.parent if marker == "metrics.json" else path.parent.parent for path in directory.rglob(marker))
+            found.update(
+                path.parent if marker == "metrics.json" else path.parent.parent for path in directory.rglob(marker)
+            )
     return sorted(found)
 
 
@@ -113,7 +115,9 @@ def read_run(run_dir: Path) -> Run:
     if not metrics_path.exists():
         planned = config.get("schedule", {}).get("iterations", "?")
         reached = max((points[-1][0] for points in run.curves.values() if points), default=0)
-        run.note = f"unfinished: reached iteration {reached} of {planned}" if reached else "failed before its first log point"
+        run.note = (
+            f"unfinished: reached iteration {reached} of {planned}" if reached else "failed before its first log point"
+        )
         return run
     try:
         metrics = json.loads(metrics_path.read_text())
@@ -144,9 +148,19 @@ def summarize(runs: list[Run]) -> list[Row]:
         top5 = [run.final["error_top5/test"] for run in members if "error_top5/test" in run.final]
         residual = members[0].residual
         rows.append(
-            Row(data, net, members[0].depth, net.split("-")[1] if residual and "-" in net else "-",
-                members[0].params, len(members), mean_std(trains), mean_std(tests), min(tests), lookup(data, net),
-                mean_std(top5) if len(top5) == len(members) else None)
+            Row(
+                data,
+                net,
+                members[0].depth,
+                net.split("-")[1] if residual and "-" in net else "-",
+                members[0].params,
+                len(members),
+                mean_std(trains),
+                mean_std(tests),
+                min(tests),
+                lookup(data, net),
+                mean_std(top5) if len(top5) == len(members) else None,
+            )
         )
     # Plain before residual, shallow before deep, as the paper's tables read.
     return sorted(rows, key=lambda row: (row.data, not row.net.startswith("plain"), row.depth or 0, row.net))
@@ -166,15 +180,36 @@ def plus_minus(pair: tuple[float, float], runs: int) -> str:
     return f"{pair[0]:.2f}±{pair[1]:.2f}" if runs > 1 else f"{pair[0]:.2f}"
 
 
-COLUMNS = ["data", "net", "shortcut", "params", "runs", "train err %", "test err %", "best test %", "paper %", "Δ vs paper"]
+COLUMNS = [
+    "data",
+    "net",
+    "shortcut",
+    "params",
+    "runs",
+    "train err %",
+    "test err %",
+    "best test %",
+    "paper %",
+    "Δ vs paper",
+]
 
 
 def cells(row: Row) -> list[str]:
     difference = f"{row.difference:+.2f}" if row.difference is not None else "-"
     params = f"{row.params:,}" if row.params else "?"
     test = plus_minus(row.test, row.runs) + (f", top-5 {plus_minus(row.top5, row.runs)}" if row.top5 else "")
-    return [row.data, row.net, row.shortcut, params, str(row.runs), plus_minus(row.train, row.runs),
-            test, f"{row.best:.2f}", paper_text(row.paper), difference]
+    return [
+        row.data,
+        row.net,
+        row.shortcut,
+        params,
+        str(row.runs),
+        plus_minus(row.train, row.runs),
+        test,
+        f"{row.best:.2f}",
+        paper_text(row.paper),
+        difference,
+    ]
 
 
 def markdown(rows: list[Row], left_out: list[Run]) -> str:
@@ -188,13 +223,49 @@ def markdown(rows: list[Row], left_out: list[Run]) -> str:
 def csv_text(rows: list[Row]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["data", "net", "depth", "shortcut", "params", "runs", "train_error_mean", "train_error_std",
-                     "test_error_mean", "test_error_std", "test_error_best", "paper_error", "paper_mean", "paper_source", "difference",
-                     "test_top5_mean", "test_top5_std", "paper_top5"])
+    writer.writerow(
+        [
+            "data",
+            "net",
+            "depth",
+            "shortcut",
+            "params",
+            "runs",
+            "train_error_mean",
+            "train_error_std",
+            "test_error_mean",
+            "test_error_std",
+            "test_error_best",
+            "paper_error",
+            "paper_mean",
+            "paper_source",
+            "difference",
+            "test_top5_mean",
+            "test_top5_std",
+            "paper_top5",
+        ]
+    )
     for row in rows:
         paper = row.paper or PaperResult(None, "")
-        writer.writerow([row.data, row.net, row.depth, row.shortcut, row.params, row.runs, *row.train, *row.test, row.best,
-                         paper.error, paper.mean, paper.source, row.difference, *(row.top5 or (None, None)), paper.top5])
+        writer.writerow(
+            [
+                row.data,
+                row.net,
+                row.depth,
+                row.shortcut,
+                row.params,
+                row.runs,
+                *row.train,
+                *row.test,
+                row.best,
+                paper.error,
+                paper.mean,
+                paper.source,
+                row.difference,
+                *(row.top5 or (None, None)),
+                paper.top5,
+            ]
+        )
     return out.getvalue()
 
 
@@ -203,7 +274,9 @@ def report(directories: list[Path], out: Path | None = None, console: Console | 
     console = console or Console(width=None if Console().is_terminal else 160)  # logs: no wrapped table
     runs = [read_run(path) for path in find_runs(directories)]
     if not runs:
-        raise ResexpError(f"no runs under {', '.join(map(str, directories))} (a run directory holds .hydra/config.yaml or metrics.json)")
+        raise ResexpError(
+            f"no runs under {', '.join(map(str, directories))} (a run directory holds .hydra/config.yaml or metrics.json)"
+        )
     rows, left_out = summarize(runs), [run for run in runs if not run.finished]
     table = Table(title=f"{len(runs) - len(left_out)} finished runs in {len(rows)} groups")
     for column in COLUMNS:

@@ -12,8 +12,8 @@ updating) the same step function runs eagerly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
-from typing import ContextManager
 
 import torch
 from torch import nn
@@ -49,7 +49,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def step_function(
-    forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, skip_nonfinite: bool = False
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    precision: str,
+    skip_nonfinite: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], Stats]:
     """The training step as a function of one batch. Gradients must be None (zero_grad(set_to_none=True))
     when it starts: backward then writes them instead of adding to them. With `skip_nonfinite`, a
@@ -87,7 +90,9 @@ class GraphedStep:
     call. Build it before training starts, and before other threads train: no other work may reach the
     GPU during a capture (a shared-GPU sweep builds its runs' steps one after another)."""
 
-    def __init__(self, eager: EagerStep, optimizers: Sequence[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(
+        self, eager: EagerStep, optimizers: Sequence[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         self.eager = eager
         # A few eager steps first, on a side stream (torch.cuda.graphs docs): cuDNN picks its kernels, the
         # optimizer makes its momentum buffers. They are undone. The capture itself computes nothing.
@@ -149,7 +154,13 @@ def make_step(
     return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), cuda_graph and not skip_nonfinite)
 
 
-def fastest(eager: EagerStep, optimizers: Sequence[torch.optim.Optimizer], x_shape: tuple[int, ...], y_shape: tuple[int, ...], cuda_graph: bool) -> Step:
+def fastest(
+    eager: EagerStep,
+    optimizers: Sequence[torch.optim.Optimizer],
+    x_shape: tuple[int, ...],
+    y_shape: tuple[int, ...],
+    cuda_graph: bool,
+) -> Step:
     """`eager` captured as a CUDA graph when asked for and on CUDA, else itself; the optimizers read
     their rates from device tensors either way (use_lr_tensors)."""
     device = next(eager.model.parameters()).device

@@ -30,7 +30,9 @@ class Schedule:
     iterations: int  # training steps in all
     milestones: tuple[int, ...]  # iterations at which the learning rate is multiplied by `gamma`
     gamma: float  # the factor at each milestone (the paper divides by 10)
-    warmup_lr: float | None  # the learning rate until the training error falls below `warmup_until_error`; None: no warm-up
+    warmup_lr: (
+        float | None
+    )  # the learning rate until the training error falls below `warmup_until_error`; None: no warm-up
     warmup_until_error: float  # % training error that ends the warm-up
 
 
@@ -64,7 +66,12 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, precision: str = "fp32") -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, float]:
     """Top-1 and top-5 error (%) and mean cross-entropy over all batches. A batch of several views per
     image, (B, V, 3, H, W), is scored by the mean of the views' softmax (10-crop testing, §3.4)."""
     model.eval()
@@ -185,8 +192,16 @@ def train(
     # purge_step: TensorBoard drops points that an interrupted run logged after its last checkpoint.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.iteration + 1 if resume else None)
     if resume is None:
-        describe_run(writer, hparams or {}, ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})])
-    started, mark, wall_before, in_a_row, lr_now = time.perf_counter(), time.perf_counter(), state.wall_seconds, 0, math.nan
+        describe_run(
+            writer, hparams or {}, ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})]
+        )
+    started, mark, wall_before, in_a_row, lr_now = (
+        time.perf_counter(),
+        time.perf_counter(),
+        state.wall_seconds,
+        0,
+        math.nan,
+    )
     try:
         model.train()
         while state.iteration < schedule.iterations:
@@ -201,7 +216,9 @@ def train(
                 state.skipped, in_a_row = state.skipped + 1, in_a_row + 1
                 log.warning("iteration %d: non-finite loss, step skipped", iteration)
                 if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise ResexpError(f"{in_a_row} steps in a row had a non-finite loss up to iteration {iteration}: the run has diverged")
+                    raise ResexpError(
+                        f"{in_a_row} steps in a row had a non-finite loss up to iteration {iteration}: the run has diverged"
+                    )
             else:
                 in_a_row = 0
                 first_bad.copy_(torch.where((first_bad == 0) & ~torch.isfinite(stats[0]), iteration, first_bad))

@@ -100,12 +100,21 @@ def common_ms(net: str, args: argparse.Namespace, device: torch.device) -> float
     optimizer = sgd(model)
     images = generator.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8)
     augment = transforms.Compose(
-        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
     )
     loader = DataLoader(
         PILImages(images, generator.integers(0, 10, 50_000), augment),
-        batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
     )
     batches = iter(loader)
 
@@ -124,7 +133,14 @@ def common_ms(net: str, args: argparse.Namespace, device: torch.device) -> float
 def steps_of(step: Callable, seed: int, args: argparse.Namespace, device: torch.device) -> Callable[[int], None]:
     """resexp's training loop minus logging: batch from a device-resident stream, step, running totals."""
     stream = synthetic(
-        num_classes=10, train_size=args.batch_size * 8, test_size=1, val_size=0, eval_batch_size=1, batch_size=args.batch_size, seed=seed, device=device
+        num_classes=10,
+        train_size=args.batch_size * 8,
+        test_size=1,
+        val_size=0,
+        eval_batch_size=1,
+        batch_size=args.batch_size,
+        seed=seed,
+        device=device,
     ).train
     totals = torch.zeros(3, device=device)
 
@@ -139,7 +155,9 @@ def steps_of(step: Callable, seed: int, args: argparse.Namespace, device: torch.
 def fast_steps(net: str, args: argparse.Namespace, device: torch.device, compile_model: bool) -> Callable[[int], None]:
     model = make_net(net, device, channels_last=True)
     shape = (args.batch_size, 3, 32, 32)
-    step = make_step(model, sgd(model), shape, precision=pick_precision("auto", device), cuda_graph=True, compile_model=compile_model)
+    step = make_step(
+        model, sgd(model), shape, precision=pick_precision("auto", device), cuda_graph=True, compile_model=compile_model
+    )
     return steps_of(step, 0, args, device)
 
 
@@ -169,7 +187,11 @@ def grouped_steps(nets: list[str], args: argparse.Namespace, device: torch.devic
     models = [make_net(net, device, channels_last=True) for net in nets]
     optimizers = [sgd(model) for model in models]
     shape = (args.batch_size, 3, 32, 32)
-    lockstep = Lockstep(make_group_step(models, optimizers, shape, precision=pick_precision("auto", device), cuda_graph=True), optimizers, [])
+    lockstep = Lockstep(
+        make_group_step(models, optimizers, shape, precision=pick_precision("auto", device), cuda_graph=True),
+        optimizers,
+        [],
+    )
     runs = [steps_of(functools.partial(lockstep.step, k), k, args, device) for k in range(len(nets))]
     return in_threads(runs, [new_stream(device)] * len(nets))
 
@@ -180,20 +202,42 @@ def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device,
     groups: dict[str, list[str]] = {}
     for net in nets:
         groups.setdefault(str(depth_of(net)) if twins else net, []).append(net)
-    runs = [fast_steps(group[0], args, device, compile_model=False) if len(group) == 1 else grouped_steps(group, args, device) for group in groups.values()]
+    runs = [
+        fast_steps(group[0], args, device, compile_model=False)
+        if len(group) == 1
+        else grouped_steps(group, args, device)
+        for group in groups.values()
+    ]
     return timed(in_threads(runs, [new_stream(device) for _ in runs]), args.steps, args.warmup, device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", nargs="+", default=["resnet20", "resnet56", "resnet110", "plain56"], help="CIFAR nets: resnetN or plainN")
+    parser.add_argument(
+        "--nets",
+        nargs="+",
+        default=["resnet20", "resnet56", "resnet110", "plain56"],
+        help="CIFAR nets: resnetN or plainN",
+    )
     parser.add_argument("--steps", type=int, default=200, help="timed steps per net and path")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (CUDA graph capture, compilation, worker start)")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="untimed steps first (CUDA graph capture, compilation, worker start)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (the paper: 128)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes of the common recipe")
     parser.add_argument("--compile", action="store_true", help="also time resexp's step with compile=true")
-    parser.add_argument("--group", type=int, default=0, metavar="K", help="also time K runs of each net as one grouped network (group_runs)")
-    parser.add_argument("--twins", action="store_true", help="also time each net grouped with its plain/residual twin (group_runs), and the nets at once so")
+    parser.add_argument(
+        "--group",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time K runs of each net as one grouped network (group_runs)",
+    )
+    parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="also time each net grouped with its plain/residual twin (group_runs), and the nets at once so",
+    )
     parser.add_argument("--no-common", action="store_true", help="skip the common recipe (resexp's paths only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", help="also write the results here")
@@ -208,35 +252,65 @@ def main() -> None:
         if args.compile:
             row["resexp_compile_ms"] = timed(fast_steps(net, args, device, True), args.steps, args.warmup, device)
         if args.group:  # per run: the group's step time over its runs
-            row["grouped_ms_per_run"] = timed(grouped_steps([net] * args.group, args, device), args.steps, args.warmup, device) / args.group
+            row["grouped_ms_per_run"] = (
+                timed(grouped_steps([net] * args.group, args, device), args.steps, args.warmup, device) / args.group
+            )
         if args.twins:
-            row["twins_ms_per_run"] = timed(grouped_steps([net, twin_of(net)], args, device), args.steps, args.warmup, device) / 2
+            row["twins_ms_per_run"] = (
+                timed(grouped_steps([net, twin_of(net)], args, device), args.steps, args.warmup, device) / 2
+            )
         row["speedup"] = row["common_ms"] / min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
         rows.append(row)
         Console().print(row)
-    together = {"nets": args.nets, "ms": together_ms(args.nets, args, device, False), "sum_of_alone_ms": sum(row["resexp_ms"] for row in rows)}
+    together = {
+        "nets": args.nets,
+        "ms": together_ms(args.nets, args, device, False),
+        "sum_of_alone_ms": sum(row["resexp_ms"] for row in rows),
+    }
     if args.twins:
         together["twins_grouped_ms"] = together_ms(args.nets, args, device, True)
 
     table = Table(title=f"ms per training step, batch {args.batch_size}, {device}")
-    grouped = [f"resexp, {args.group} seeds grouped (per run)"] * bool(args.group) + ["resexp, with its twin grouped (per run)"] * args.twins
-    for column in ("net", "common recipe", "resexp", *(["resexp + compile"] if args.compile else []), *grouped, "speed-up", "images/s (resexp)"):
+    grouped = [f"resexp, {args.group} seeds grouped (per run)"] * bool(args.group) + [
+        "resexp, with its twin grouped (per run)"
+    ] * args.twins
+    for column in (
+        "net",
+        "common recipe",
+        "resexp",
+        *(["resexp + compile"] if args.compile else []),
+        *grouped,
+        "speed-up",
+        "images/s (resexp)",
+    ):
         table.add_column(column, justify="right")
     for row in rows:
         best = min(row["resexp_ms"], row.get("resexp_compile_ms", float("inf")))
         compiled = [f"{row['resexp_compile_ms']:.2f}"] if args.compile else []
         grouped = [f"{row[key]:.2f}" for key in ("grouped_ms_per_run", "twins_ms_per_run") if key in row]
-        table.add_row(row["net"], f"{row['common_ms']:.2f}", f"{row['resexp_ms']:.2f}", *compiled, *grouped, f"{row['speedup']:.1f}x", f"{1000 * args.batch_size / best:,.0f}")
+        table.add_row(
+            row["net"],
+            f"{row['common_ms']:.2f}",
+            f"{row['resexp_ms']:.2f}",
+            *compiled,
+            *grouped,
+            f"{row['speedup']:.1f}x",
+            f"{1000 * args.batch_size / best:,.0f}",
+        )
     Console().print(table)
     Console().print(
         f"all {len(args.nets)} at once (one thread and CUDA stream each): {together['ms']:.2f} ms per step of all, "
         f"against {together['sum_of_alone_ms']:.2f} one after another ({together['sum_of_alone_ms'] / together['ms']:.2f}x)"
     )
     if args.twins:
-        Console().print(f"the same with the nets of each depth as one grouped network: {together['twins_grouped_ms']:.2f} ms per step of all")
+        Console().print(
+            f"the same with the nets of each depth as one grouped network: {together['twins_grouped_ms']:.2f} ms per step of all"
+        )
     if args.json:
         result = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)",
             "torch": torch.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -45,9 +45,21 @@ def fake_run(
             writer.add_scalar(tag, value, step)
     writer.close()
     if finished:
-        name = f"resnet{depth}-{ {'identity': 'A', 'projection': 'B', 'full': 'C'}[shortcut] }" if residual else f"plain{depth}"
-        metrics = {"net": name, "data": data, "depth": depth, "residual": residual, "params": 1000 * depth, "seed": seed,
-                   "final": {"error/train": final_train, "error/test": final_test}, "iterations": iterations}
+        name = (
+            f"resnet{depth}-{ {'identity': 'A', 'projection': 'B', 'full': 'C'}[shortcut] }"
+            if residual
+            else f"plain{depth}"
+        )
+        metrics = {
+            "net": name,
+            "data": data,
+            "depth": depth,
+            "residual": residual,
+            "params": 1000 * depth,
+            "seed": seed,
+            "final": {"error/train": final_train, "error/test": final_test},
+            "iterations": iterations,
+        }
         if final_top5 is not None:  # ImageNet runs log the top-5 error too
             metrics["final"]["error_top5/test"] = final_top5
         (run_dir / "metrics.json").write_text(json.dumps(metrics))

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import SHRINK, resexp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -93,7 +92,9 @@ def test_multirun_makes_one_directory_per_run(tmp_path):
 
 def test_a_sweep_larger_than_max_runs_trains_in_batches(tmp_path):
     sweep = tmp_path / "sweep"
-    result = resexp("train", "-m", *SHRINK, "seed=0,1", "hydra.launcher.max_runs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = resexp(
+        "train", "-m", *SHRINK, "seed=0,1", "hydra.launcher.max_runs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(json.loads(path.read_text())["seed"] for path in sweep.glob("*/metrics.json")) == [0, 1]
     assert result.stdout.index("seed=0: done") < result.stdout.index("seed=1: it 2/4")  # one batch after the other
@@ -124,7 +125,13 @@ def test_validation_split_logs_val_error(tmp_path):
         ("-m model.depth=20,26 precision=fp16", ["precision='fp16' is not an option"]),
         ("-m model.depth=20,26 hydra.launcher.max_runs=0", ["hydra.launcher.max_runs=0 must be a positive integer"]),
         ("data=imagenet1k", ["data='imagenet1k' is not one of the data configs", "cifar10, imagenet, synthetic"]),
-        ("experiment=fig7", ["experiment='fig7' is not one of the experiment configs", "cifar10_fig6, cifar10_table6, imagenet_table2, imagenet_table3"]),
+        (
+            "experiment=fig7",
+            [
+                "experiment='fig7' is not one of the experiment configs",
+                "cifar10_fig6, cifar10_table6, imagenet_table2, imagenet_table3",
+            ],
+        ),
         ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B) or full (C)"]),
         ("model.depth=21", ["model.depth=21 is not a CIFAR depth", "6n+2"]),
         ("schedule.iterations=0", ["schedule.iterations=0 must be a positive integer"]),
@@ -134,14 +141,19 @@ def test_validation_split_logs_val_error(tmp_path):
         ("checkpoint_every=-1", ["checkpoint_every=-1 must be a positive integer"]),
         ("on_nonfinite=ignore", ["on_nonfinite='ignore' is not an option; choose stop or skip"]),
         ("modle.depth=20", ["Could not override 'modle.depth'"]),
-        ("data=cifar10 data.root=/nonexistent data.download=false", ["CIFAR-10 not found: /nonexistent/cifar-10-batches-py lacks data_batch_1", "data.root"]),
+        (
+            "data=cifar10 data.root=/nonexistent data.download=false",
+            ["CIFAR-10 not found: /nonexistent/cifar-10-batches-py lacks data_batch_1", "data.root"],
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_leaves_nothing_behind(tmp_path, override, fragments):
     run_dir = tmp_path / "outputs" / "run"
     flags = [arg for arg in override.split() if arg.startswith("-")]
     overrides = [arg for arg in override.split() if not arg.startswith("-")]
-    result = resexp("train", *flags, *SHRINK, *overrides, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}", cwd=tmp_path)
+    result = resexp(
+        "train", *flags, *SHRINK, *overrides, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}", cwd=tmp_path
+    )
     assert_one_line_error(result, *fragments)
     assert not run_dir.exists()
 
@@ -154,7 +166,10 @@ def test_bad_input_leaves_no_empty_folders_in_the_default_directories(tmp_path, 
     result = resexp("train", *flags, *SHRINK, "schedule.batch_size=0", cwd=tmp_path)
     assert_one_line_error(result, "schedule.batch_size=0 must be a positive integer")
     assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
-        "outputs", "outputs/2026-01-01", "outputs/2026-01-01/run", "outputs/2026-01-01/run/metrics.json"
+        "outputs",
+        "outputs/2026-01-01",
+        "outputs/2026-01-01/run",
+        "outputs/2026-01-01/run/metrics.json",
     ]
 
 
@@ -171,12 +186,37 @@ def test_hydra_flags_work(tmp_path):
 def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).parent.parent / "scripts" / "benchmark.py"), "--nets", "plain8", "resnet8",
-         "--steps", "1", "--warmup", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--group", "2", "--twins", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "scripts" / "benchmark.py"),
+            "--nets",
+            "plain8",
+            "resnet8",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--group",
+            "2",
+            "--twins",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     result = json.loads(out.read_text())
     assert [row["net"] for row in result["rows"]] == ["plain8", "resnet8"]
-    assert all(row["common_ms"] > 0 and row["resexp_ms"] > 0 and row["grouped_ms_per_run"] > 0 and row["twins_ms_per_run"] > 0 for row in result["rows"])
+    assert all(
+        row["common_ms"] > 0 and row["resexp_ms"] > 0 and row["grouped_ms_per_run"] > 0 and row["twins_ms_per_run"] > 0
+        for row in result["rows"]
+    )
     assert result["together"]["ms"] > 0 and result["together"]["twins_grouped_ms"] > 0

@@ -2,10 +2,10 @@ import re
 
 import pytest
 import torch
+from conftest import CONF, DATASETS, MODELS, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, DATASETS, MODELS, compose_config
 from resexp.config import make_model, make_schedule
 from resexp.errors import ResexpError
 from resexp.train import Schedule, learning_rate
@@ -74,11 +74,17 @@ def test_the_papers_recipe_is_the_default():
     assert isinstance(optimizer, torch.optim.SGD)
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.1, 0.9, 1e-4, False)
-    assert (cfg.schedule.batch_size, cfg.schedule.iterations, list(cfg.schedule.milestones)) == (128, 64_000, [32_000, 48_000])
+    assert (cfg.schedule.batch_size, cfg.schedule.iterations, list(cfg.schedule.milestones)) == (
+        128,
+        64_000,
+        [32_000, 48_000],
+    )
 
 
 def test_learning_rate_schedule():
-    schedule = Schedule(iterations=64_000, milestones=(32_000, 48_000), gamma=0.1, warmup_lr=None, warmup_until_error=80)
+    schedule = Schedule(
+        iterations=64_000, milestones=(32_000, 48_000), gamma=0.1, warmup_lr=None, warmup_until_error=80
+    )
     lrs = [learning_rate(i, 0.1, schedule, warming_up=False) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     warm = Schedule(iterations=64_000, milestones=(32_000, 48_000), gamma=0.1, warmup_lr=0.01, warmup_until_error=80)

@@ -9,7 +9,9 @@ from resexp.data import cifar, cifar10, synthetic
 from resexp.data.loaders import augment, per_pixel_mean, tensor_data
 from resexp.errors import ResexpError
 
-SMALL = dict(num_classes=10, train_size=300, test_size=100, eval_batch_size=50, batch_size=32, seed=0, device=torch.device("cpu"))
+SMALL = dict(
+    num_classes=10, train_size=300, test_size=100, eval_batch_size=50, batch_size=32, seed=0, device=torch.device("cpu")
+)
 CPU = torch.device("cpu")
 
 
@@ -25,12 +27,23 @@ def fake_cifar(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in cifar.TRAIN_FILES + cifar.TEST_FILES:
-        write_batch(folder / name, rng.integers(0, 256, (10_000, 3072), dtype=np.uint8), rng.integers(0, 10, 10_000).tolist())
+        write_batch(
+            folder / name, rng.integers(0, 256, (10_000, 3072), dtype=np.uint8), rng.integers(0, 10, 10_000).tolist()
+        )
     return tmp_path
 
 
 def test_reads_the_standard_layout_without_md5_checks(fake_cifar):
-    data = cifar10(root=str(fake_cifar), download=False, num_classes=10, val_size=0, eval_batch_size=1000, batch_size=128, seed=0, device=CPU)
+    data = cifar10(
+        root=str(fake_cifar),
+        download=False,
+        num_classes=10,
+        val_size=0,
+        eval_batch_size=1000,
+        batch_size=128,
+        seed=0,
+        device=CPU,
+    )
     assert data.num_train == 50_000
     assert len(data.evals["test"].labels) == 10_000
     x, y = next(iter(data.train))
@@ -39,7 +52,16 @@ def test_reads_the_standard_layout_without_md5_checks(fake_cifar):
 
 def test_missing_data_names_the_folder_and_how_to_provide_it(tmp_path):
     with pytest.raises(ResexpError) as error:
-        cifar10(root=str(tmp_path), download=False, num_classes=10, val_size=0, eval_batch_size=1, batch_size=1, seed=0, device=CPU)
+        cifar10(
+            root=str(tmp_path),
+            download=False,
+            num_classes=10,
+            val_size=0,
+            eval_batch_size=1,
+            batch_size=1,
+            seed=0,
+            device=CPU,
+        )
     message = str(error.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and "data_batch_1" in message and "data.root" in message
     assert "\n" not in message
@@ -51,7 +73,16 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
     with pytest.raises(ResexpError, match="the download failed \\(network is unreachable\\); put the python version"):
-        cifar10(root=str(tmp_path), download=True, num_classes=10, val_size=0, eval_batch_size=1, batch_size=1, seed=0, device=CPU)
+        cifar10(
+            root=str(tmp_path),
+            download=True,
+            num_classes=10,
+            val_size=0,
+            eval_batch_size=1,
+            batch_size=1,
+            seed=0,
+            device=CPU,
+        )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong shape"])
@@ -198,7 +229,9 @@ def test_bad_loader_values(changes, message):
 def test_labels_stay_with_their_images():
     images = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 3, 32, 32).contiguous()
     labels = torch.arange(64)
-    data = tensor_data(images, labels, images[:8], labels[:8], val_size=0, batch_size=16, eval_batch_size=8, seed=0, device=CPU)
+    data = tensor_data(
+        images, labels, images[:8], labels[:8], val_size=0, batch_size=16, eval_batch_size=8, seed=0, device=CPU
+    )
     mean = data.train.mean
     for _ in range(8):
         x, y = next(data.train)

@@ -9,13 +9,13 @@ import threading
 
 import pytest
 import torch
-
 from conftest import SHRINK, resexp
+from test_reliability import RUN, stop_midway
+
 from resexp import checkpoint
 from resexp.group import Lockstep, make_group_step
 from resexp.models import build_model
 from resexp.step import make_step, set_lr
-from test_reliability import RUN, stop_midway
 
 
 def runs(count: int, **net):
@@ -25,7 +25,17 @@ def runs(count: int, **net):
     for seed in range(count):
         torch.manual_seed(seed)
         own = {key: value[seed] if isinstance(value, list) else value for key, value in net.items()}
-        model = build_model(**{"depth": 8, "residual": True, "block": "basic", "stem": "cifar", "shortcut": "identity", "num_classes": 10, **own})
+        model = build_model(
+            **{
+                "depth": 8,
+                "residual": True,
+                "block": "basic",
+                "stem": "cifar",
+                "shortcut": "identity",
+                "num_classes": 10,
+                **own,
+            }
+        )
         model = model.to(memory_format=torch.channels_last)
         pairs.append((model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)))
     return pairs
@@ -43,7 +53,10 @@ def alone(pairs, shape):
 
 def batches(count: int, seed: int, size: int = 8, pixels: int = 32):
     generator = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(size, 3, pixels, pixels, generator=generator).contiguous(memory_format=torch.channels_last) for _ in range(count)]
+    xs = [
+        torch.randn(size, 3, pixels, pixels, generator=generator).contiguous(memory_format=torch.channels_last)
+        for _ in range(count)
+    ]
     return xs, [torch.randint(0, 10, (size,), generator=generator) for _ in range(count)]
 
 
@@ -51,7 +64,9 @@ def assert_same(model, twin, optimizer, twin_optimizer):
     for name, tensor in model.state_dict().items():  # weights, and BN's running statistics and count
         torch.testing.assert_close(tensor, twin.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
     for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], twin_optimizer.state[q]["momentum_buffer"], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(
+            optimizer.state[p]["momentum_buffer"], twin_optimizer.state[q]["momentum_buffer"], rtol=1e-3, atol=1e-4
+        )
 
 
 # ResNet-50 on 64-pixel images at batch 8 (BN over 2x2 maps) is so ill-conditioned that weights 1e-7
@@ -66,15 +81,24 @@ def assert_same(model, twin, optimizer, twin_optimizer):
         ({"residual": [True, False, True], "depth": 18, "stem": "imagenet"}, 1),  # Table 2's, as ResNet-50 below
         ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1),
     ],
-    ids=["option-A", "option-B", "plain", "plain-beside-residual", "plain-beside-residual-imagenet", "bottleneck-imagenet-stem"],
+    ids=[
+        "option-A",
+        "option-B",
+        "plain",
+        "plain-beside-residual",
+        "plain-beside-residual-imagenet",
+        "bottleneck-imagenet-stem",
+    ],
 )
 def test_each_copy_of_a_group_trains_as_its_run_alone(net, steps):
     pairs = runs(3, **net)
     pixels = 32 if net.get("stem") != "imagenet" else 64
     twins = alone(pairs, (8, 3, pixels, pixels))
-    step = make_group_step([m for m, _ in pairs], [o for _, o in pairs], (8, 3, pixels, pixels), precision="fp32", cuda_graph=True)
-    rates = [(0.1, 0.1, 0.1), (0.1, 0.0, 0.01), (0.01, 0.05, 0.1)]  # each run its own rate
-    for iteration, rates in enumerate(rates[:steps]):
+    step = make_group_step(
+        [m for m, _ in pairs], [o for _, o in pairs], (8, 3, pixels, pixels), precision="fp32", cuda_graph=True
+    )
+    schedule = [(0.1, 0.1, 0.1), (0.1, 0.0, 0.01), (0.01, 0.05, 0.1)]  # each run its own rate
+    for iteration, rates in enumerate(schedule[:steps]):
         xs, ys = batches(3, iteration, pixels=pixels)
         for (_, optimizer), (_, twin_optimizer, _), lr in zip(pairs, twins, rates):
             set_lr(optimizer, lr)
@@ -90,7 +114,13 @@ def test_a_run_that_leaves_the_group_is_left_as_it_was():
     # Run 1 stops after one step (its thread ends); run 0 trains on alone, and must not carry run 1 along.
     pairs, signals = runs(2), []
     twins = alone(pairs, (8, 3, 32, 32))
-    lockstep = Lockstep(make_group_step([m for m, _ in pairs], [o for _, o in pairs], (8, 3, 32, 32), precision="fp32", cuda_graph=False), [o for _, o in pairs], signals)
+    lockstep = Lockstep(
+        make_group_step(
+            [m for m, _ in pairs], [o for _, o in pairs], (8, 3, 32, 32), precision="fp32", cuda_graph=False
+        ),
+        [o for _, o in pairs],
+        signals,
+    )
     xs, ys = zip(*(batches(2, seed) for seed in range(3)))
 
     def work(k: int, steps: int) -> None:
@@ -115,17 +145,29 @@ def test_a_run_that_leaves_the_group_is_left_as_it_was():
             twin_step(xs[t][k], ys[t][k])
         model, optimizer = pairs[k]
         for name, param in model.named_parameters():
-            torch.testing.assert_close(param, dict(twin.named_parameters())[name], rtol=1e-4, atol=1e-5, msg=f"run {k}: {name}")
+            torch.testing.assert_close(
+                param, dict(twin.named_parameters())[name], rtol=1e-4, atol=1e-5, msg=f"run {k}: {name}"
+            )
 
 
 def test_skip_nonfinite_in_a_group_skips_only_the_run_whose_loss_is_not_finite():
     pairs = runs(2)
     before = [copy.deepcopy(model.state_dict()) for model, _ in pairs]
-    step = make_group_step([m for m, _ in pairs], [o for _, o in pairs], (8, 3, 32, 32), precision="fp32", cuda_graph=False, skip_nonfinite=True)
+    step = make_group_step(
+        [m for m, _ in pairs],
+        [o for _, o in pairs],
+        (8, 3, 32, 32),
+        precision="fp32",
+        cuda_graph=False,
+        skip_nonfinite=True,
+    )
     xs, ys = batches(2, 0)
     stats = step(torch.cat([xs[0] * float("nan"), xs[1]], 1), torch.stack(ys))
     assert not torch.isfinite(stats[0, 0]) and torch.isfinite(stats[1, 0])
-    moved = [any(not torch.equal(p, before[k][name]) for name, p in model.named_parameters()) for k, (model, _) in enumerate(pairs)]
+    moved = [
+        any(not torch.equal(p, before[k][name]) for name, p in model.named_parameters())
+        for k, (model, _) in enumerate(pairs)
+    ]
     assert moved == [False, True]
 
 
@@ -133,8 +175,16 @@ def test_skip_nonfinite_in_a_group_skips_only_the_run_whose_loss_is_not_finite()
     "sweep, runs, grouped_as",
     [
         (["seed=0,1"], ["seed=0", "seed=1"], "seed=0, seed=1"),
-        (["model=plain20,resnet20"], ["model=plain20", "model=resnet20"], "model=plain20, model=resnet20"),  # Fig. 6's twins
-        (["model=plain20,resnet20", "shortcut=B"], ["model=plain20", "model=resnet20"], None),  # B's projections: not twins
+        (
+            ["model=plain20,resnet20"],
+            ["model=plain20", "model=resnet20"],
+            "model=plain20, model=resnet20",
+        ),  # Fig. 6's twins
+        (
+            ["model=plain20,resnet20", "shortcut=B"],
+            ["model=plain20", "model=resnet20"],
+            None,
+        ),  # B's projections: not twins
     ],
     ids=["seeds", "plain-and-residual", "plain-and-option-B"],
 )
@@ -144,7 +194,16 @@ def test_a_sweep_with_group_runs_matches_the_same_sweep_without(tmp_path, sweep,
         sweeps[grouped] = tmp_path / grouped
         # lr 0.01: at 0.1 plain-20 amplifies float rounding (grouped convolutions sum in another order)
         # to 1e-3 in 4 steps; in float64 the two agree to 1e-15.
-        result = resexp("train", "-m", *SHRINK, "optim.lr=0.01", *sweep, f"hydra.launcher.group_runs={grouped}", f"hydra.sweep.dir={sweeps[grouped]}", cwd=tmp_path)
+        result = resexp(
+            "train",
+            "-m",
+            *SHRINK,
+            "optim.lr=0.01",
+            *sweep,
+            f"hydra.launcher.group_runs={grouped}",
+            f"hydra.sweep.dir={sweeps[grouped]}",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         assert ("train as one network" in result.stdout) == (grouped == "true" and grouped_as is not None)
         assert grouped_as is None or (f"{grouped_as} train as one network" in result.stdout) == (grouped == "true")
@@ -158,12 +217,23 @@ def test_a_sweep_with_group_runs_matches_the_same_sweep_without(tmp_path, sweep,
         assert saved[0].keys() == saved[1].keys()  # a plain run saves no gate of its group
         for name, tensor in saved[1].items():
             torch.testing.assert_close(saved[0][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
-            assert saved[0][name].untyped_storage().nbytes() == tensor.untyped_storage().nbytes(), name  # its slice, not the group's
+            assert saved[0][name].untyped_storage().nbytes() == tensor.untyped_storage().nbytes(), (
+                name
+            )  # its slice, not the group's
 
 
 def test_max_runs_counts_a_group_as_one_training(tmp_path):
     # Two runs, one group: max_runs=1 must not split them into two batches of one run each.
-    result = resexp("train", "-m", *SHRINK, "seed=0,1", "hydra.launcher.max_runs=1", "hydra.launcher.group_runs=true", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    result = resexp(
+        "train",
+        "-m",
+        *SHRINK,
+        "seed=0,1",
+        "hydra.launcher.max_runs=1",
+        "hydra.launcher.group_runs=true",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "seed=0, seed=1 train as one network" in result.stdout
     assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2

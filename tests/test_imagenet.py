@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import resexp
 from torch import nn
 
-from conftest import resexp
 from resexp import checkpoint
 from resexp.data import imagenet
 from resexp.data.imagenet import EIGENVALUES, EIGENVECTORS, lighting
@@ -41,8 +41,18 @@ def root(tmp_path, sample) -> Path:
 
 
 def load(root: Path, **changes):
-    args = dict(root=str(root), num_classes=1000, lighting_std=0.1, mean=[0.485, 0.456, 0.406], workers=0,
-                eval_batch_size=16, batch_size=8, seed=0, device=torch.device("cpu"), **SMALL)
+    args = dict(
+        root=str(root),
+        num_classes=1000,
+        lighting_std=0.1,
+        mean=[0.485, 0.456, 0.406],
+        workers=0,
+        eval_batch_size=16,
+        batch_size=8,
+        seed=0,
+        device=torch.device("cpu"),
+        **SMALL,
+    )
     return imagenet(**{**args, **changes})
 
 
@@ -121,7 +131,9 @@ def test_ten_crop_testing_scores_the_mean_of_the_views_softmax():
 
 
 def test_bad_folders_say_what_is_wrong(tmp_path, sample):
-    with pytest.raises(ResexpError, match=r"ImageNet training images not found: .*/nowhere/train is not a folder.*RESEXP_IMAGENET"):
+    with pytest.raises(
+        ResexpError, match=r"ImageNet training images not found: .*/nowhere/train is not a folder.*RESEXP_IMAGENET"
+    ):
         load(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     for split in ("train/n01440764", "val/n01440764"):
@@ -159,15 +171,26 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path, sample, workers):
 def test_an_imagenet_net_trains_on_imagenet_and_reports_tables_2_and_3(tmp_path, root):
     run = tmp_path / "run"
     result = resexp(
-        "train", "model=resnet18", f"data.root={root}", *SMALL_ARGS, "data.workers=2", "schedule.batch_size=8",
-        "schedule.iterations=4", "schedule.milestones=[2,3]", "log_every=2", "eval_points=2", f"hydra.run.dir={run}",
+        "train",
+        "model=resnet18",
+        f"data.root={root}",
+        *SMALL_ARGS,
+        "data.workers=2",
+        "schedule.batch_size=8",
+        "schedule.iterations=4",
+        "schedule.milestones=[2,3]",
+        "log_every=2",
+        "eval_points=2",
+        f"hydra.run.dir={run}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["data"], metrics["net"], metrics["batch_size"]) == ("imagenet", "resnet18-A", 8)
     assert {"error/val", "error_top5/val", "error/test", "error_top5/test"} <= set(metrics["final"])
-    assert metrics["best"]["iteration/val"] in (2, 4) and metrics["best"]["iteration/test"] == 4  # ten crops once, at the end
+    assert (
+        metrics["best"]["iteration/val"] in (2, 4) and metrics["best"]["iteration/test"] == 4
+    )  # ten crops once, at the end
     report = resexp("report", str(run), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert "27.88 (Table 2)" in report.stdout and "top-5" in report.stdout

@@ -7,7 +7,6 @@ import sysconfig
 import zipfile
 
 import yaml
-
 from conftest import REPO
 
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
@@ -37,7 +36,18 @@ def check_printed_config(result, expected_origin):
 
 def test_a_built_wheel_carries_the_configs(tmp_path):
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -45,7 +55,11 @@ def test_a_built_wheel_carries_the_configs(tmp_path):
     assert build.returncode == 0, build.stderr
     [wheel] = (tmp_path / "dist").glob("resexp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"resexp/conf/train.yaml", "resexp/conf/model/resnet1202.yaml", "resexp/conf/hydra/job_logging/rich.yaml"} <= set(names)
+    assert {
+        "resexp/conf/train.yaml",
+        "resexp/conf/model/resnet1202.yaml",
+        "resexp/conf/hydra/job_logging/rich.yaml",
+    } <= set(names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # what `pip install` puts in site-packages
     elsewhere = tmp_path / "elsewhere"

@@ -22,7 +22,11 @@ def imagenet(depth, residual=True, shortcut="projection"):
 
 
 def projections(model):
-    return [m for m in model.modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d) and m[0].kernel_size == (1, 1)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d) and m[0].kernel_size == (1, 1)
+    ]
 
 
 def shortcuts(model):
@@ -134,9 +138,15 @@ def test_net_names():
         ((20, True, "bottleneck", "cifar", "A", 10), "model.block=bottleneck is not a CIFAR net"),
         ((20, True, "wide", "cifar", "A", 10), "model.block='wide' is not an option; choose one of basic, bottleneck"),
         ((20, True, "basic", "tiny", "A", 10), "model.stem='tiny' is not an option; choose one of cifar, imagenet"),
-        ((26, True, "basic", "imagenet", "A", 10), "model.depth=26 is not an ImageNet depth; choose one of 18, 34, 50, 101, 152"),
+        (
+            (26, True, "basic", "imagenet", "A", 10),
+            "model.depth=26 is not an ImageNet depth; choose one of 18, 34, 50, 101, 152",
+        ),
         ((50, True, "basic", "imagenet", "A", 10), "model.depth=50 uses bottleneck blocks"),
-        ((20, True, "basic", "cifar", "X", 10), "shortcut='X' is not an option; choose identity (A), projection (B) or full (C)"),
+        (
+            (20, True, "basic", "cifar", "X", 10),
+            "shortcut='X' is not an option; choose identity (A), projection (B) or full (C)",
+        ),
     ],
 )
 def test_bad_model_values_name_the_value_and_the_choices(args, message):

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import resexp
 
 
@@ -25,4 +24,6 @@ def test_resnet20_learns_cifar10(tmp_path, cifar_root):
     # 2-core CI machine when this test was written.
     assert metrics["final"]["error/test"] < 70
     assert metrics["final"]["error/train"] < 75
-    print(f"ResNet-20, 300 iterations on CPU: test error {metrics['final']['error/test']:.2f}%, {metrics['images_per_s'] / 128:.2f} it/s")
+    print(
+        f"ResNet-20, 300 iterations on CPU: test error {metrics['final']['error/test']:.2f}%, {metrics['images_per_s'] / 128:.2f} it/s"
+    )

@@ -13,26 +13,36 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import resexp
+from test_cli import scalars
+
 from resexp import checkpoint
 from resexp.data import synthetic
 from resexp.errors import ResexpError
 from resexp.logs import LogLines
-from resexp.step import make_step
 from resexp.models import build_model
+from resexp.step import make_step
 from resexp.train import Schedule, train
-from test_cli import scalars
 
 # Long enough to be stopped midway (about 10 s on two cores), small enough to be cheap.
-RUN = ["data=synthetic", "schedule.batch_size=16", "schedule.iterations=120", "schedule.milestones=[60,90]",
-       "log_every=5", "eval_points=4", "checkpoint_every=7"]
+RUN = [
+    "data=synthetic",
+    "schedule.batch_size=16",
+    "schedule.iterations=120",
+    "schedule.milestones=[60,90]",
+    "log_every=5",
+    "eval_points=4",
+    "checkpoint_every=7",
+]
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "resexp", "train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
-        cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -87,7 +97,7 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, strai
     run_dir = tmp_path / "run"
     rng = random.Random(5)
     reached = []
-    for attempt in range(4):
+    for _ in range(4):
         process = start(run_dir, "checkpoint_every=1")  # a checkpoint every step: kills land mid-write
         for line in process.stdout:  # training has started (or resumed) once speed is reported
             if " it/s" in line:
@@ -117,7 +127,13 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     # Hydra's basic launcher: one run after another, so the first has finished when the second is stopped.
     sweep = tmp_path / "sweep"
     args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}", "hydra/launcher=basic"]
-    process = subprocess.Popen([sys.executable, "-m", "resexp", "train", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "resexp", "train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     second = None
     deadline = time.monotonic() + 180
     while second is None:  # the second run's directory, once it has a checkpoint
@@ -142,7 +158,13 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
 def stop_midway(args: list[str], sweep: Path, runs: int) -> str:
     """Start `resexp train ARGS` (a sweep into `sweep`), SIGTERM it once its `runs` runs have each written
     a checkpoint, and return its stderr after it has stopped as a stopped sweep does."""
-    process = subprocess.Popen([sys.executable, "-m", "resexp", "train", *args], cwd=sweep.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "resexp", "train", *args],
+        cwd=sweep.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while len(list(sweep.glob("*/checkpoint.pt"))) < runs:
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -215,7 +237,9 @@ def test_damaged_checkpoints_are_a_clear_error(tmp_path, saved, damage):
     path = tmp_path / "checkpoint.pt"
     data = saved.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00\x01junk" * 100, "empty": b""}[damage])
-    with pytest.raises(ResexpError, match=f"{path} is not a readable resexp checkpoint .*; move it away to start this run over"):
+    with pytest.raises(
+        ResexpError, match=f"{path} is not a readable resexp checkpoint .*; move it away to start this run over"
+    ):
         checkpoint.load(path)
 
 
@@ -227,7 +251,11 @@ def test_checkpoints_of_another_version_are_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "override, difference",
-    [("model=plain20", "model.residual: True there, False now"), ("shortcut=B", "shortcut: 'identity' there, 'projection' now"), ("seed=3", "seed: 0 there, 3 now")],
+    [
+        ("model=plain20", "model.residual: True there, False now"),
+        ("shortcut=B", "shortcut: 'identity' there, 'projection' now"),
+        ("seed=3", "seed: 0 there, 3 now"),
+    ],
 )
 def test_a_checkpoint_of_another_experiment_is_refused(tmp_path, straight, override, difference):
     run_dir = tmp_path / "run"
@@ -236,7 +264,9 @@ def test_a_checkpoint_of_another_experiment_is_refused(tmp_path, straight, overr
     result = resexp("train", *RUN, override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "belongs to another experiment" in result.stderr and difference in result.stderr
-    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".hydra" and p.name != "train.log") == ["checkpoint.pt"]
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".hydra" and p.name != "train.log") == [
+        "checkpoint.pt"
+    ]
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -283,17 +313,45 @@ class NanAt(torch.nn.Module):
 def train_nan(tmp_path, on_nonfinite):
     torch.manual_seed(0)
     model = NanAt({6}).to(memory_format=torch.channels_last)
-    data = synthetic(num_classes=10, train_size=64, test_size=16, val_size=0, eval_batch_size=16, batch_size=8, seed=0, device=torch.device("cpu"))
+    data = synthetic(
+        num_classes=10,
+        train_size=64,
+        test_size=16,
+        val_size=0,
+        eval_batch_size=16,
+        batch_size=8,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     schedule = Schedule(iterations=10, milestones=(), gamma=0.1, warmup_lr=None, warmup_until_error=80)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    step = make_step(model, optimizer, (8, 3, 32, 32), precision="fp32", cuda_graph=True, skip_nonfinite=on_nonfinite == "skip")
-    return model, train(model, optimizer, step, data, schedule, base_lr=0.1, device=torch.device("cpu"), run_dir=tmp_path, eval_every=5,
-                        log_every=2, checkpoint_every=2, on_nonfinite=on_nonfinite, precision="fp32", screen=LogLines(10), stops=[],
-                        experiment={})
+    step = make_step(
+        model, optimizer, (8, 3, 32, 32), precision="fp32", cuda_graph=True, skip_nonfinite=on_nonfinite == "skip"
+    )
+    return model, train(
+        model,
+        optimizer,
+        step,
+        data,
+        schedule,
+        base_lr=0.1,
+        device=torch.device("cpu"),
+        run_dir=tmp_path,
+        eval_every=5,
+        log_every=2,
+        checkpoint_every=2,
+        on_nonfinite=on_nonfinite,
+        precision="fp32",
+        screen=LogLines(10),
+        stops=[],
+        experiment={},
+    )
 
 
 def test_a_nan_loss_stops_the_run_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(ResexpError, match="the training loss became non-finite at iteration 6; the last good checkpoint .* is kept"):
+    with pytest.raises(
+        ResexpError, match="the training loss became non-finite at iteration 6; the last good checkpoint .* is kept"
+    ):
         train_nan(tmp_path, "stop")
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     assert state["progress"]["iteration"] == 4

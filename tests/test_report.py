@@ -2,10 +2,10 @@ import csv
 import json
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import SHRINK, compose_config, resexp
 from fabricate import fake_run
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from resexp.config import make_model
 from resexp.errors import ResexpError
 from resexp.paper import lookup
@@ -18,12 +18,23 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def sweep(tmp_path):
     """Figure 6 in miniature: plain-20/56 and ResNet-20/56 with two seeds each, ResNet-110 with three."""
     root = tmp_path / "sweep"
-    finals = {("plain", 20): [(3.8, 10.2), (4.2, 10.4)], ("plain", 56): [(13.0, 18.0), (14.0, 18.6)],
-              ("resnet", 20): [(2.5, 8.6), (2.7, 8.8)], ("resnet", 56): [(0.6, 6.9), (0.8, 7.1)],
-              ("resnet", 110): [(0.3, 6.4), (0.4, 6.6), (0.5, 6.8)]}
+    finals = {
+        ("plain", 20): [(3.8, 10.2), (4.2, 10.4)],
+        ("plain", 56): [(13.0, 18.0), (14.0, 18.6)],
+        ("resnet", 20): [(2.5, 8.6), (2.7, 8.8)],
+        ("resnet", 56): [(0.6, 6.9), (0.8, 7.1)],
+        ("resnet", 110): [(0.3, 6.4), (0.4, 6.6), (0.5, 6.8)],
+    }
     for (kind, depth), runs in finals.items():
         for seed, (train, test) in enumerate(runs):
-            fake_run(root / f"{kind}{depth}-seed{seed}", depth=depth, residual=kind == "resnet", final_train=train, final_test=test, seed=seed)
+            fake_run(
+                root / f"{kind}{depth}-seed{seed}",
+                depth=depth,
+                residual=kind == "resnet",
+                final_train=train,
+                final_test=test,
+                seed=seed,
+            )
     return root
 
 
@@ -62,8 +73,18 @@ def test_writes_tables_and_the_figure(sweep):
 
 def test_imagenet_runs_report_top5_beside_the_papers(tmp_path):
     for seed, (top1, top5) in enumerate([(25.5, 8.0), (26.5, 8.4)]):
-        fake_run(tmp_path / f"r34-{seed}", depth=34, residual=True, final_train=20, final_test=top1, final_top5=top5,
-                 seed=seed, data="imagenet", shortcut="projection", iterations=600_000)
+        fake_run(
+            tmp_path / f"r34-{seed}",
+            depth=34,
+            residual=True,
+            final_train=20,
+            final_test=top1,
+            final_top5=top5,
+            seed=seed,
+            data="imagenet",
+            shortcut="projection",
+            iterations=600_000,
+        )
     [row] = report([tmp_path])
     assert (row.net, row.runs) == ("resnet34-B", 2)
     assert row.test == pytest.approx((26.0, 0.7071), abs=1e-3) and row.top5 == pytest.approx((8.2, 0.2828), abs=1e-3)
@@ -105,7 +126,9 @@ def test_report_of_real_short_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2 finished runs in 2 groups" in result.stdout
     text = (sweep / "results.md").read_text()
-    assert "| synthetic | plain20 | - | 269,722 | 1 |" in text and "| synthetic | resnet20-A | A | 269,722 | 1 |" in text
+    assert (
+        "| synthetic | plain20 | - | 269,722 | 1 |" in text and "| synthetic | resnet20-A | A | 269,722 | 1 |" in text
+    )
     assert (sweep / "figure6_synthetic.png").read_bytes().startswith(PNG)
     # TensorBoard: the HPARAMS tab and the side-by-side custom scalars view.
     run = next(sweep.glob("*resnet20*"))
@@ -115,16 +138,23 @@ def test_report_of_real_short_runs(tmp_path):
     assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
 
 
-@pytest.mark.parametrize("experiment, nets, data, iterations", [
-    ("cifar10_fig6", "plain20,plain32,plain44,plain56,resnet20,resnet32,resnet44,resnet56,resnet110", "cifar10", 64_000),
-    ("cifar10_table6", "resnet20,resnet32,resnet44,resnet56,resnet110,resnet1202", "cifar10", 64_000),
-    ("imagenet_table2", "plain18,plain34,resnet18,resnet34", "imagenet", 600_000),
-    ("imagenet_table3", "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152", "imagenet", 600_000),
-])
+@pytest.mark.parametrize(
+    "experiment, nets, data, iterations",
+    [
+        (
+            "cifar10_fig6",
+            "plain20,plain32,plain44,plain56,resnet20,resnet32,resnet44,resnet56,resnet110",
+            "cifar10",
+            64_000,
+        ),
+        ("cifar10_table6", "resnet20,resnet32,resnet44,resnet56,resnet110,resnet1202", "cifar10", 64_000),
+        ("imagenet_table2", "plain18,plain34,resnet18,resnet34", "imagenet", 600_000),
+        ("imagenet_table3", "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152", "imagenet", 600_000),
+    ],
+)
 def test_experiment_presets_sweep_the_papers_nets(experiment, nets, data, iterations):
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
@@ -136,14 +166,24 @@ def test_experiment_presets_sweep_the_papers_nets(experiment, nets, data, iterat
 
 
 def test_imagenet_table3_rows_are_the_papers():
-    names = [make_model(compose_config("experiment=imagenet_table3", f"model={model}"))[1]
-             for model in "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152".split(",")]
+    names = [
+        make_model(compose_config("experiment=imagenet_table3", f"model={model}"))[1]
+        for model in "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152".split(",")
+    ]
     assert names == ["resnet34-A", "resnet34-B", "resnet34-C", "resnet50-B", "resnet101-B", "resnet152-B"]
     assert all(lookup("imagenet", name).source.startswith(("Table 3", "Tables 2 and 3")) for name in names)
 
 
 def test_experiment_sweep_runs_from_the_command_line(tmp_path):
-    result = resexp("train", "-m", "experiment=cifar10_table6", "model=resnet20", *SHRINK, f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    result = resexp(
+        "train",
+        "-m",
+        "experiment=cifar10_table6",
+        "model=resnet20",
+        *SHRINK,
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "s").glob("*/metrics.json")]
     assert [m["net"] for m in metrics] == ["resnet20-A"]  # the command line narrows the preset's sweep

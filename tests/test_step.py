@@ -89,7 +89,9 @@ def test_warm_up_steps_before_capture_are_undone_exactly():
     momentum = [warmed_sgd.state[p]["momentum_buffer"].clone() for p in warmed.parameters()]
     with undone(warmed, warmed_sgd):
         for _ in range(3):
-            EagerStep(step_function(warmed, warmed_sgd, "fp32"), warmed)(torch.zeros(16, 3, 32, 32), torch.zeros(16, dtype=torch.int64))
+            EagerStep(step_function(warmed, warmed_sgd, "fp32"), warmed)(
+                torch.zeros(16, 3, 32, 32), torch.zeros(16, dtype=torch.int64)
+            )
         assert any(not torch.equal(before[name], t) for name, t in warmed.state_dict().items())
     for name, tensor in warmed.state_dict().items():
         assert torch.equal(tensor, before[name]), name  # running_mean/var and num_batches_tracked too

@@ -29,9 +29,10 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from pathlib import Path
-from typing import ContextManager, NamedTuple
+from typing import NamedTuple
 
 import torch
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
@@ -65,8 +66,12 @@ def labels(batch: Sequence[Sequence[str]]) -> list[str]:
 
 class SharedGPULauncher(Launcher):
     def __init__(self, max_runs: int, group_runs: bool = False) -> None:
-        self.max_runs = max_runs  # runs (with group_runs: groups of runs) that train at once; more wait for the next batch
-        self.group_runs = group_runs  # runs of the same layers (seeds, plain/residual twins) train as one grouped network
+        self.max_runs = (
+            max_runs  # runs (with group_runs: groups of runs) that train at once; more wait for the next batch
+        )
+        self.group_runs = (
+            group_runs  # runs of the same layers (seeds, plain/residual twins) train as one grouped network
+        )
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
@@ -90,7 +95,9 @@ class SharedGPULauncher(Launcher):
                     index, (overrides, label) = pending.pop(0)
                     run = self.prepare(index, overrides, label)
                     jobs = [job for _, job, _ in prepared] + [run[1]]
-                    training = [members for members in trainings(jobs, self.group_runs) if jobs[members[0]].model is not None]
+                    training = [
+                        members for members in trainings(jobs, self.group_runs) if jobs[members[0]].model is not None
+                    ]
                     if len(training) > self.max_runs:
                         waiting = [run]
                     else:
@@ -164,7 +171,10 @@ def group_seats(group: list[Job], signals: list[int]) -> list[Seat]:
     step = make_group_step([job.model for job in group], optimizers, **group[0].step_options)
     lockstep = Lockstep(step, optimizers, signals)
     log.info("%s train as one network (hydra.launcher.group_runs)", ", ".join(job.label for job in group))
-    return [Seat(functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k)) for k in range(len(group))]
+    return [
+        Seat(functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k))
+        for k in range(len(group))
+    ]
 
 
 def trainings(jobs: list[Job], group_runs: bool) -> list[list[int]]:
@@ -184,7 +194,9 @@ def seats(jobs: list[Job], group_runs: bool, signals: list[int]) -> list[Seat]:
     grouped_on = {jobs[members[0]].device for members in groups if len(members) > 1}
     if off_gpu := sorted(str(device) for device in grouped_on if device.type != "cuda"):
         # grouped convolutions are slow CPU kernels: measured 1.8x slower per run
-        log.warning("on %s a group trains slower than its runs apart; group_runs is meant for a GPU", ", ".join(off_gpu))
+        log.warning(
+            "on %s a group trains slower than its runs apart; group_runs is meant for a GPU", ", ".join(off_gpu)
+        )
     seated: dict[int, Seat] = {}
     for members in groups:
         if len(members) == 1:
@@ -236,7 +248,9 @@ def train_together(prepared: list[Prepared], hydra_cfg: DictConfig, group_runs: 
                 root.removeHandler(handler)
                 handler.close()
 
-    errors = [(job.label, outcomes[job.label]) for _, job, _ in prepared if isinstance(outcomes[job.label], BaseException)]
+    errors = [
+        (job.label, outcomes[job.label]) for _, job, _ in prepared if isinstance(outcomes[job.label], BaseException)
+    ]
     for _, error in errors:
         if not isinstance(error, (ResexpError, Interrupted)):
             raise error  # a bug: its whole traceback

@@ -87,7 +87,9 @@ class EpochOrder(Sampler):
         return self.size - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # distinct for any epoch count a run reaches
+        generator = torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.epoch
+        )  # distinct for any epoch count a run reaches
         order = torch.randperm(self.size, generator=generator)
         seeds = torch.randint(2**62, (self.size,), generator=generator)
         return zip(order[self.start :].tolist(), seeds[self.start :].tolist())
@@ -97,7 +99,16 @@ class ImageBatches:
     """Endless augmented training batches from image files; a last batch smaller than `batch_size` is
     dropped, as for CIFAR. The state is the epoch, the images served in it and the colour generator."""
 
-    def __init__(self, images: FolderImages, batch_size: int, seed: int, workers: int, lighting_std: float, mean: torch.Tensor, device: torch.device) -> None:
+    def __init__(
+        self,
+        images: FolderImages,
+        batch_size: int,
+        seed: int,
+        workers: int,
+        lighting_std: float,
+        mean: torch.Tensor,
+        device: torch.device,
+    ) -> None:
         self.order = EpochOrder(len(images), seed)
         self.loader = DataLoader(
             images,
@@ -143,7 +154,9 @@ class FolderEval:
     """A held-out set in fixed views, normalized on the device: batches of (B, 3, H, W), or of
     (B, 10, 3, H, W) for ten crops."""
 
-    def __init__(self, images: FolderImages, batch_size: int, workers: int, mean: torch.Tensor, device: torch.device) -> None:
+    def __init__(
+        self, images: FolderImages, batch_size: int, workers: int, mean: torch.Tensor, device: torch.device
+    ) -> None:
         self.loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
         self.mean, self.device = mean, device
 
@@ -154,7 +167,10 @@ class FolderEval:
                 images, labels = next_batch(batches)
             except StopIteration:
                 return
-            yield normalize(images.to(self.device, non_blocking=True), self.mean), labels.to(self.device, non_blocking=True)
+            yield (
+                normalize(images.to(self.device, non_blocking=True), self.mean),
+                labels.to(self.device, non_blocking=True),
+            )
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -222,30 +238,44 @@ def imagenet(
     if workers == "auto":
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not isinstance(workers, int) or workers < 0:
-        raise ResexpError(f"data.workers={workers!r} must be auto or a number of processes (0: decode in the training process)")
+        raise ResexpError(
+            f"data.workers={workers!r} must be auto or a number of processes (0: decode in the training process)"
+        )
     if eval_batch_size < 1:
         raise ResexpError(f"data.eval_batch_size={eval_batch_size} must be a positive integer")
     if not (len(scale) == 2 and 0 < crop <= scale[0] <= scale[1] and crop <= test_size):
-        raise ResexpError(f"data.scale={list(scale)}, data.crop={crop}, data.test_size={test_size}: need crop <= scale[0] <= scale[1] and crop <= test_size")
+        raise ResexpError(
+            f"data.scale={list(scale)}, data.crop={crop}, data.test_size={test_size}: need crop <= scale[0] <= scale[1] and crop <= test_size"
+        )
     train, val = class_folder(base / "train", "training"), class_folder(base / "val", "validation")
     if len(train.classes) > num_classes:
-        raise ResexpError(f"{base / 'train'} has {len(train.classes)} classes, more than data.num_classes={num_classes}")
+        raise ResexpError(
+            f"{base / 'train'} has {len(train.classes)} classes, more than data.num_classes={num_classes}"
+        )
     if unknown := sorted(set(val.classes) - set(train.classes)):
-        raise ResexpError(f"{base / 'val'} has classes that {base / 'train'} lacks: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        raise ResexpError(
+            f"{base / 'val'} has classes that {base / 'train'} lacks: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
     if batch_size > len(train):
-        raise ResexpError(f"batch size {batch_size} is larger than the {len(train)} training images in {base / 'train'}")
+        raise ResexpError(
+            f"batch size {batch_size} is larger than the {len(train)} training images in {base / 'train'}"
+        )
     # A label is its class's position in train/'s sorted list, ImageNet's standard order when all 1000 are there.
     val.samples = [(path, train.class_to_idx[val.classes[label]]) for path, label in val.samples]
-    augment = v2.Compose([
-        v2.RandomResize(scale[0], scale[1] + 1),  # the shorter side, uniformly in [256, 480] (scale augmentation)
-        v2.RandomCrop(crop),
-        v2.RandomHorizontalFlip(),  # uint8 throughout: a quarter of float32's bytes to move to the device
-    ])
+    augment = v2.Compose(
+        [
+            v2.RandomResize(scale[0], scale[1] + 1),  # the shorter side, uniformly in [256, 480] (scale augmentation)
+            v2.RandomCrop(crop),
+            v2.RandomHorizontalFlip(),  # uint8 throughout: a quarter of float32's bytes to move to the device
+        ]
+    )
     # Per channel: over random scales and crops the per-pixel mean is flat, so the two are the same.
     mean_tensor = torch.tensor(mean, device=device)[:, None, None]
 
     def held_out(views: Callable[..., torch.Tensor]) -> FolderEval:
-        return FolderEval(FolderImages(val, partial(views, size=test_size, crop=crop)), eval_batch_size, workers, mean_tensor, device)
+        return FolderEval(
+            FolderImages(val, partial(views, size=test_size, crop=crop)), eval_batch_size, workers, mean_tensor, device
+        )
 
     return Data(
         train=ImageBatches(FolderImages(train, augment), batch_size, seed, workers, lighting_std, mean_tensor, device),

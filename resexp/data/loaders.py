@@ -52,7 +52,9 @@ class TrainBatches:
     (sampling without replacement); a last batch smaller than `batch_size` is dropped, so every step
     sees a full batch, as the paper's iteration counts assume."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, batch_size: int, seed: int
+    ) -> None:
         self.images, self.labels, self.mean, self.batch_size = images, labels, mean, batch_size
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
         self.order = torch.empty(0, dtype=torch.int64, device=images.device)  # this epoch's permutation
@@ -110,10 +112,14 @@ class Batches(Protocol):
 @dataclass
 class Data:
     train: Batches  # augmented training batches, endless and resumable
-    evals: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]  # evaluated over the run: "test", and "val" with a split
+    evals: dict[
+        str, Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ]  # evaluated over the run: "test", and "val" with a split
     num_train: int  # images trained on
     image_shape: tuple[int, int, int]  # (channels, height, width) of a training image
-    final: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # evaluated once, at the end
+    final: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict
+    )  # evaluated once, at the end
     top5: bool = False  # also log the top-5 error (ImageNet)
 
 

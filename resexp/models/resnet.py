@@ -35,9 +35,7 @@ def canonical_shortcut(option: str) -> str:
     letters = {letter: name for name, letter in SHORTCUTS.items()}
     name = letters.get(str(option).upper(), str(option).lower())
     if name not in SHORTCUTS:
-        raise ResexpError(
-            f"shortcut={option!r} is not an option; choose identity (A), projection (B) or full (C)"
-        )
+        raise ResexpError(f"shortcut={option!r} is not an option; choose identity (A), projection (B) or full (C)")
     return name
 
 
@@ -203,9 +201,7 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def build_model(
-    depth: int, residual: bool, block: str, stem: str, shortcut: str, num_classes: int
-) -> ResNet:
+def build_model(depth: int, residual: bool, block: str, stem: str, shortcut: str, num_classes: int) -> ResNet:
     """The net named by the model config, with every value checked against the paper's choices."""
     layers = stage_layers(stem, block, depth)
     return ResNet(layers, block, stem, residual, canonical_shortcut(shortcut), num_classes)
