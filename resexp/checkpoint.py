@@ -13,8 +13,7 @@ import torch
 from resexp.errors import ResexpError
 from resexp.files import atomic_write
 
-VERSION = 1  # bump when the layout of the dict changes; older files are then refused with a message
-FILENAME = "checkpoint.pt"
+VERSION = 2  # bump when the layout of the dict changes; older files are then refused with a message, or read as below
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -45,14 +44,18 @@ def load(path: Path) -> dict[str, Any]:
         raise ResexpError(
             f"{path} is not a readable resexp checkpoint ({first_line}); move it away to start this run over"
         ) from None
+    if isinstance(state, dict) and state.get("version") == 1 and "experiment" in state:
+        state["identity"] = state.pop("experiment")  # version 1's name for it; nothing else changed
+        state["version"] = VERSION
     if not isinstance(state, dict) or state.get("version") != VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
-        raise ResexpError(f"{path} is a checkpoint of version {found!r}; this resexp reads version {VERSION} only")
+        raise ResexpError(f"{path} is a checkpoint of version {found!r}; this resexp reads versions 1 to {VERSION}")
     return state
 
 
-def check_same_experiment(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A checkpoint continues only the experiment that wrote it: the same net, shortcut, data and recipe."""
+def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A checkpoint continues only the run that wrote it: the same net, shortcut, data and recipe (the
+    identities: a run's settings but where and how it runs)."""
     keys = sorted(set(saved) | set(current))
     differences = [
         f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now"

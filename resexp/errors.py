@@ -1,13 +1,27 @@
-"""The one error type a user sees as a single line instead of a traceback."""
+"""What ends a run early: bad input (ResexpError, one line for the user) or a stop request (Interrupted)."""
 
 
 class ResexpError(Exception):
     """Bad input or a missing/corrupt resource: the message names the bad value and the valid ones."""
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved at `iteration`."""
+class Interrupted(BaseException):
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped training: every run saved a checkpoint at the
+    iteration it reached, `iteration` (None: stopped at once by a second signal; the last checkpoint of
+    each run stands). `resume` says how to continue. A BaseException, as KeyboardInterrupt is: a stop is
+    not an error, so nothing that handles errors (Hydra's run_job among them) takes it for one, and it
+    ends the process wherever it is raised."""
 
-    def __init__(self, signum: int, iteration: int) -> None:
+    def __init__(self, signum: int, iteration: int | None = None, resume: str = "") -> None:
         super().__init__(f"signal {signum} at iteration {iteration}")
-        self.signum, self.iteration = signum, iteration
+        self.signum, self.iteration, self.resume = signum, iteration, resume
+
+
+class JobFailed(BaseException):
+    """A run's ResexpError on its way out of Hydra's run_job, which would record an Exception as a failed
+    job, print a report of its own to stderr and go on to the next run of a sweep. As a BaseException it
+    passes Hydra by, ends the command at once, as bad input should, and reaches the entry point whole."""
+
+    def __init__(self, error: ResexpError) -> None:
+        super().__init__(str(error))
+        self.error = error

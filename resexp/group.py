@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resexp.models.resnet import ZeroPadShortcut
-from resexp.step import EagerStep, Stats, Step, autocast, fastest, set_lr
+from resexp.step import EagerStep, Stats, Step, at_least_fp32, autocast, fastest, set_lr
 
 
 class GroupedZeroPad(ZeroPadShortcut):
@@ -77,6 +77,7 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
     """One module doing the work of `parts` (the same layer of each copy) side by side along the
     channels, holding their weights; None where the layer holds nothing and works per channel anyway."""
     first, copies = parts[0], len(parts)
+    factory = {"device": first.weight.device, "dtype": first.weight.dtype} if hasattr(first, "weight") else {}
     if isinstance(first, nn.Conv2d):
         group = nn.Conv2d(
             copies * first.in_channels,
@@ -86,10 +87,10 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
             first.padding,
             groups=copies * first.groups,
             bias=first.bias is not None,
-            device=first.weight.device,
+            **factory,  # the parts' device and dtype
         )
     elif isinstance(first, nn.BatchNorm2d):
-        group = nn.BatchNorm2d(copies * first.num_features, first.eps, first.momentum, device=first.weight.device)
+        group = nn.BatchNorm2d(copies * first.num_features, first.eps, first.momentum, **factory)
         group.num_batches_tracked = first.num_batches_tracked.clone()  # one count: the copies step together
     elif isinstance(first, nn.Linear):
         group = GroupedLinear(
@@ -98,7 +99,7 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
             1,
             groups=copies,
             bias=first.bias is not None,
-            device=first.weight.device,
+            **factory,
         )
     elif isinstance(first, ZeroPadShortcut):
         return GroupedZeroPad(copies, first)
@@ -137,7 +138,7 @@ def slice_of(whole: torch.Tensor, k: int, copies: int, shape: torch.Size) -> tor
     return whole if whole.dim() == 0 else whole.unflatten(0, (copies, -1))[k].view(shape)
 
 
-def tie(models: Sequence[nn.Module]) -> nn.Module:
+def group_network(models: Sequence[nn.Module]) -> nn.Module:
     """The grouped network of `models` (nets of the same layers, some perhaps plain), holding their current
     weights and statistics; from now on each model's tensors are views of its slice of it, so training it
     trains them."""
@@ -174,7 +175,7 @@ def group_step_function(
     def step(x: torch.Tensor, y: torch.Tensor) -> Stats:
         with autocast(x.device, precision):
             out = forward(x)  # (B, K * num_classes)
-        out = out.float().unflatten(1, (copies, -1)).transpose(0, 1)  # (K, B, num_classes)
+        out = at_least_fp32(out).unflatten(1, (copies, -1)).transpose(0, 1)  # (K, B, num_classes)
         losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").unflatten(0, y.shape).mean(1)
         losses.sum().backward()  # the sum: each copy's gradient is its own run's loss's
         for k, param, whole in links:
@@ -183,7 +184,7 @@ def group_step_function(
         for optimizer, update in zip(optimizers, updates):
             if update:
                 optimizer.step()
-        wrong = (out.argmax(2) != y).sum(1).float()
+        wrong = (out.argmax(2) != y).sum(1).to(losses.dtype)
         return torch.stack([losses.detach() * y.shape[1], wrong, torch.full_like(wrong, y.shape[1])], 1)
 
     return step
@@ -201,7 +202,7 @@ def make_group_step(
 ) -> Step:
     """make_step for K runs of one net's layers: the step of their grouped network, taking (B, K * C, H, W)
     images and (K, B) labels. Build it after restoring the runs' checkpoints."""
-    net = tie(models)
+    net = group_network(models)
     forward = torch.compile(net) if compile_model else net
     eager = EagerStep(group_step_function(net, forward, models, optimizers, precision, skip_nonfinite), net)
     batch, channels, *size = batch_shape

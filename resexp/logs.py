@@ -1,14 +1,11 @@
-"""What a run shows and leaves behind: log lines or a progress bar, its TensorBoard description, and
-its metrics file."""
+"""What a run shows: log lines or a progress bar, and its TensorBoard description."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Protocol
 
 from rich import get_console
@@ -17,8 +14,6 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-from resexp.files import atomic_write_text
 
 log = logging.getLogger("resexp")
 
@@ -67,13 +62,13 @@ def console_handler() -> logging.Handler:
 
 
 @contextmanager
-def displays(runs: dict[str, int], console: Console | None = None) -> Iterator[list[Display]]:
-    """One display per run (label: iterations): progress bars on a terminal, all in one rich Progress
+def displays(runs: list[tuple[str, int]], console: Console | None = None) -> Iterator[list[Display]]:
+    """One display per run (label, iterations): progress bars on a terminal, all in one rich Progress
     (runs of a shared-GPU sweep train at once), log lines elsewhere; both share rich's console with the
     log handler."""
     console = console or get_console()
     if not console.is_terminal:
-        yield [LogLines(total) for total in runs.values()]
+        yield [LogLines(total) for _, total in runs]
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -84,12 +79,7 @@ def displays(runs: dict[str, int], console: Console | None = None) -> Iterator[l
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        yield [Bar(progress, label, total) for label, total in runs.items()]
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Replace `path` atomically: a reader, or a crash, sees the old file or the new one."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        yield [Bar(progress, label, total) for label, total in runs]
 
 
 def describe_run(writer: SummaryWriter, hparams: dict[str, Any], metric_tags: list[str]) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headless machines
 
-if TYPE_CHECKING:
-    from resexp.report import Run
+from resexp.runs import Run
 
 FIGURES = {"imagenet": ("figure4", "ImageNet (paper Fig. 4)", "error/val")}
 DEFAULT = ("figure6", "CIFAR-10 (paper Fig. 6)", "error/test")
@@ -58,9 +56,8 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
             )
             for net in nets:
                 group, colour = by_net[net], colours.get(by_net[net][0].depth, "k")
-                name = f"{label}-{group[0].depth}" + (
-                    f" ({net.split('-')[1]})" if residual and len({n.split("-")[-1] for n in nets}) > 1 else ""
-                )
+                several_options = len({by_net[n][0].letter for n in nets}) > 1  # Table 3's A/B/C side by side
+                name = f"{label}-{group[0].depth}" + (f" ({group[0].letter})" if several_options else "")
                 for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
                     curves = [run.curves[tag] for run in group if run.curves.get(tag)]
                     if not curves:

@@ -10,39 +10,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resexp.errors import ResexpError
 from resexp.files import atomic_write_text
-from resexp.models.resnet import net_name
 from resexp.paper import PaperResult, lookup
-
-CURVES = ("error/train", "error/test", "error/val")
-
-
-@dataclass
-class Run:
-    path: Path
-    net: str  # resnet56-A, plain56, or "?" when nothing says
-    data: str  # the data config: cifar10, synthetic, ...
-    depth: int | None
-    residual: bool | None
-    finished: bool
-    note: str = ""  # why an unfinished run is left out, and how far it got
-    params: int | None = None
-    seed: int | None = None
-    final: dict[str, float] = field(default_factory=dict)
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (iteration, %) points
+from resexp.runs import HYDRA, METRICS, Run, find_runs, read_run
 
 
 @dataclass
@@ -52,7 +30,8 @@ class Row:
     data: str
     net: str
     depth: int | None
-    shortcut: str
+    residual: bool
+    shortcut: str  # the paper's letter (A, B, C), "-" for plain nets
     params: int | None
     runs: int
     train: tuple[float, float]  # final training error: mean, std
@@ -69,69 +48,6 @@ class Row:
         return self.test[0] - (self.paper.mean if self.paper.mean is not None else self.paper.error)
 
 
-def find_runs(directories: list[Path]) -> list[Path]:
-    """Every run directory below `directories`: one with Hydra's saved config or a metrics.json."""
-    found = set()
-    for directory in directories:
-        if not directory.is_dir():
-            raise ResexpError(f"{directory} is not a directory of runs")
-        for marker in ("metrics.json", ".hydra/config.yaml"):
-            found.update(
-                path.parent if marker == "metrics.json" else path.parent.parent for path in directory.rglob(marker)
-            )
-    return sorted(found)
-
-
-def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
-    events.Reload()
-    tags = set(events.Tags().get("scalars", []))
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
-
-
-def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's resolved config and Hydra's choices (model=..., data=...); empty where unreadable."""
-    config: dict[str, Any] = {}
-    choices: dict[str, Any] = {}
-    try:
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
-    except Exception:  # missing or foreign: the run is reported with what else is known
-        pass
-    try:
-        choices = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
-    except Exception:
-        pass
-    return config, choices
-
-
-def read_run(run_dir: Path) -> Run:
-    config, choices = read_hydra(run_dir)
-    model = config.get("model", {})
-    depth, residual = model.get("depth"), model.get("residual")
-    net = net_name(residual, depth, config.get("shortcut", "?")) if depth is not None else "?"
-    run = Run(run_dir, net, choices.get("data", "?"), depth, residual, finished=False, seed=config.get("seed"))
-    run.curves = read_curves(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.exists():
-        planned = config.get("schedule", {}).get("iterations", "?")
-        reached = max((points[-1][0] for points in run.curves.values() if points), default=0)
-        run.note = (
-            f"unfinished: reached iteration {reached} of {planned}" if reached else "failed before its first log point"
-        )
-        return run
-    try:
-        metrics = json.loads(metrics_path.read_text())
-        run.final = {key: float(value) for key, value in metrics["final"].items()}
-        run.final["error/test"]  # a finished run has a test error; without one the file is incomplete
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        run.note = f"metrics.json is truncated or malformed ({type(error).__name__}: {error})"
-        return run
-    run.net, run.data = metrics.get("net", run.net), metrics.get("data", run.data)
-    run.depth, run.residual = metrics.get("depth", run.depth), metrics.get("residual", run.residual)
-    run.params, run.seed, run.finished = metrics.get("params"), metrics.get("seed", run.seed), True
-    return run
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -146,24 +62,25 @@ def summarize(runs: list[Run]) -> list[Row]:
         tests = [run.final["error/test"] for run in members]
         trains = [run.final.get("error/train", float("nan")) for run in members]
         top5 = [run.final["error_top5/test"] for run in members if "error_top5/test" in run.final]
-        residual = members[0].residual
+        first = members[0]
         rows.append(
             Row(
-                data,
-                net,
-                members[0].depth,
-                net.split("-")[1] if residual and "-" in net else "-",
-                members[0].params,
-                len(members),
-                mean_std(trains),
-                mean_std(tests),
-                min(tests),
-                lookup(data, net),
-                mean_std(top5) if len(top5) == len(members) else None,
+                data=data,
+                net=net,
+                depth=first.depth,
+                residual=bool(first.residual),
+                shortcut=first.letter,
+                params=first.params,
+                runs=len(members),
+                train=mean_std(trains),
+                test=mean_std(tests),
+                best=min(tests),
+                paper=lookup(data, net),
+                top5=mean_std(top5) if len(top5) == len(members) else None,
             )
         )
     # Plain before residual, shallow before deep, as the paper's tables read.
-    return sorted(rows, key=lambda row: (row.data, not row.net.startswith("plain"), row.depth or 0, row.net))
+    return sorted(rows, key=lambda row: (row.data, row.residual, row.depth or 0, row.net))
 
 
 def paper_text(result: PaperResult | None) -> str:
@@ -275,7 +192,7 @@ def report(directories: list[Path], out: Path | None = None, console: Console | 
     runs = [read_run(path) for path in find_runs(directories)]
     if not runs:
         raise ResexpError(
-            f"no runs under {', '.join(map(str, directories))} (a run directory holds .hydra/config.yaml or metrics.json)"
+            f"no runs under {', '.join(map(str, directories))} (a run directory holds {HYDRA}/config.yaml or {METRICS})"
         )
     rows, left_out = summarize(runs), [run for run in runs if not run.finished]
     table = Table(title=f"{len(runs) - len(left_out)} finished runs in {len(rows)} groups")

@@ -34,6 +34,12 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device.type, dtype=PRECISIONS[precision], cache_enabled=False)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: autocast's bf16 up to fp32, where softmax and its sums keep their precision;
+    fp32 and fp64 as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def use_lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Hold each group's learning rate in a device tensor and use the fused SGD kernel, which reads it
     there: a captured step then follows the schedule (set_lr writes into the tensor). make_step calls
@@ -61,11 +67,11 @@ def step_function(
     def step(x: torch.Tensor, y: torch.Tensor) -> Stats:
         with autocast(x.device, precision):
             out = forward(x)  # (B, num_classes)
-        loss = nn.functional.cross_entropy(out.float(), y)
+        loss = nn.functional.cross_entropy(at_least_fp32(out), y)
         if not skip_nonfinite or torch.isfinite(loss):
             loss.backward()
             optimizer.step()
-        wrong = (out.argmax(1) != y).sum().float()
+        wrong = (out.argmax(1) != y).sum().to(loss.dtype)
         return torch.stack([loss.detach() * len(y), wrong, torch.full_like(wrong, len(y))])
 
     return step
@@ -172,3 +178,18 @@ def fastest(
     x = torch.zeros(x_shape, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.zeros(y_shape, dtype=torch.int64, device=device)
     return GraphedStep(eager, optimizers, x, y)
+
+
+def new_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """A CUDA stream for a run (or a group) training beside others, after the work that built it on the
+    default stream; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
+
+
+def on_stream(stream: torch.cuda.Stream | None) -> ContextManager:
+    """Work inside goes to `stream` (None: wherever it would)."""
+    return nullcontext() if stream is None else torch.cuda.stream(stream)

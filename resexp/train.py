@@ -20,7 +20,8 @@ from resexp import checkpoint
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError
 from resexp.logs import Display, describe_run, log
-from resexp.step import Step, autocast, set_lr
+from resexp.runs import CHECKPOINT
+from resexp.step import Step, at_least_fp32, autocast, set_lr
 
 MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
 
@@ -34,6 +35,19 @@ class Schedule:
         float | None
     )  # the learning rate until the training error falls below `warmup_until_error`; None: no warm-up
     warmup_until_error: float  # % training error that ends the warm-up
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How the loop runs a schedule: the rate it scales, how often it logs, evaluates and checkpoints."""
+
+    schedule: Schedule
+    base_lr: float  # the learning rate the schedule scales (a checkpoint's optimizer holds the scaled one)
+    eval_every: int  # iterations between evaluations of the held-out sets; once more at the end
+    log_every: int  # iterations between training-error points and log lines
+    checkpoint_every: int  # iterations between checkpoints; once more at the end, and on a stop request
+    on_nonfinite: str  # a NaN/inf training loss: "stop" the run, or "skip" the step
+    precision: str  # fp32 or bf16 autocast, for evaluation as for training
 
 
 @dataclass
@@ -82,7 +96,7 @@ def evaluate(
         with autocast(device, precision):
             out = model(x)
         # log of the mean probability over the views; one view: log_softmax itself
-        log_p = out.float().log_softmax(1).unflatten(0, (len(y), views)).logsumexp(1) - math.log(views)
+        log_p = at_least_fp32(out).log_softmax(1).unflatten(0, (len(y), views)).logsumexp(1) - math.log(views)
         totals[0] += nn.functional.nll_loss(log_p, y, reduction="sum")
         totals[1] += (log_p.argmax(1) != y).sum()
         totals[2] += (log_p.topk(min(5, log_p.shape[1]), 1).indices != y[:, None]).all(1).sum()
@@ -95,12 +109,13 @@ def evaluate(
 @contextmanager
 def stop_requests() -> Iterator[list[int]]:
     """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) are noted instead of killing the process, so the
-    loop can finish its step and save a checkpoint. A second signal stops at once."""
+    loop can finish its step and save a checkpoint. A second signal stops at once (Interrupted, raised
+    in the main thread)."""
     received: list[int] = []
 
     def note(signum: int, frame: Any) -> None:
         if received:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         received.append(signum)
 
     previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -135,27 +150,23 @@ def train(
     optimizer: torch.optim.Optimizer,
     step: Step,
     data: Data,
-    schedule: Schedule,
+    loop: Loop,
     *,
-    base_lr: float,
-    device: torch.device,
     run_dir: Path,
-    eval_every: int,
-    log_every: int,
-    checkpoint_every: int,
-    on_nonfinite: str,
-    precision: str,
     screen: Display,
     stops: list[int],
-    experiment: dict[str, Any],
+    identity: dict[str, Any],
     hparams: dict[str, Any] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train for `schedule.iterations` steps with `step` (make_step), logging to TensorBoard in `run_dir`
-    and checkpointing there; returns a summary for metrics.json. `resume`: the checkpoint that
+    """Train for `loop.schedule.iterations` steps with `step` (make_step), logging to TensorBoard in
+    `run_dir` and checkpointing there; returns a summary for metrics.json. `identity`: what the
+    checkpoints record as the run's settings, for a resume to match. `resume`: the checkpoint that
     `restore` put back, whose loop state this continues. `stops` receives the signals that ask the run
     to checkpoint and stop (see stop_requests)."""
-    path = run_dir / checkpoint.FILENAME
+    schedule, on_nonfinite = loop.schedule, loop.on_nonfinite
+    device = next(model.parameters()).device
+    path = run_dir / CHECKPOINT
     state = Progress(warming_up=schedule.warmup_lr is not None)
     totals = torch.zeros(3, device=device)  # since the last log point: loss sum, wrong predictions, images
     first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss, 0: none
@@ -169,7 +180,7 @@ def train(
         checkpoint.save(
             path,
             {
-                "experiment": experiment,
+                "identity": identity,
                 # clones: a grouped run's tensors are views into its group's (resexp/group.py), and
                 # torch.save would write the whole group's storage for each run
                 "model": {name: tensor.clone() for name, tensor in model.state_dict().items()},
@@ -206,7 +217,7 @@ def train(
         model.train()
         while state.iteration < schedule.iterations:
             iteration = state.iteration + 1
-            lr = learning_rate(iteration - 1, base_lr, schedule, state.warming_up)
+            lr = learning_rate(iteration - 1, loop.base_lr, schedule, state.warming_up)
             if lr != lr_now:  # a write into the optimizer's lr tensor, which the captured step reads
                 set_lr(optimizer, lr)
                 lr_now = lr
@@ -227,7 +238,7 @@ def train(
             screen.advance(iteration)
             last = iteration == schedule.iterations
 
-            if iteration % log_every == 0 or last:
+            if iteration % loop.log_every == 0 or last:
                 loss_sum, wrong, seen = totals.tolist()  # the one host sync per interval
                 check_finite()
                 totals.zero_()
@@ -249,11 +260,11 @@ def train(
                     # §4.2 (ResNet-110): 0.01 "until the training error is below 80%", then back to 0.1.
                     state.warming_up = False
                     log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
-            if iteration % eval_every == 0 or last:
+            if iteration % loop.eval_every == 0 or last:
                 state.train_seconds += time.perf_counter() - mark
                 held_out = {**data.evals, **(data.final if last else {})}
                 for name, batches in held_out.items():
-                    result = evaluate(model, batches, device, precision)
+                    result = evaluate(model, batches, device, loop.precision)
                     for metric in ("error", "loss", *(("error_top5",) if data.top5 else ())):
                         state.final[f"{metric}/{name}"] = result[metric]
                         writer.add_scalar(f"{metric}/{name}", result[metric], iteration)
@@ -266,7 +277,7 @@ def train(
                     "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in held_out),
                 )
                 mark = time.perf_counter()  # evaluation time is not training time
-            if iteration % checkpoint_every == 0 or last or stops:
+            if iteration % loop.checkpoint_every == 0 or last or stops:
                 check_finite()
                 writer.flush()  # the curves reach disk no later than the checkpoint that covers them
                 save()

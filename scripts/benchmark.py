@@ -33,19 +33,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from hydra_plugins.resexp_launcher.shared_gpu_launcher import new_stream, on
-from resexp.config import config_dir, pick_precision
+from resexp.config import compose, pick_precision
 from resexp.data import synthetic
 from resexp.group import Lockstep, make_group_step
 from resexp.models import build_model
-from resexp.step import make_step
+from resexp.step import make_step, new_stream, on_stream
 from resexp.train import to_device
 
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)  # CIFAR-10's channel statistics
@@ -66,8 +64,7 @@ def make_net(net: str, device: torch.device, channels_last: bool) -> torch.nn.Mo
 
 def sgd(model: torch.nn.Module) -> torch.optim.SGD:
     """The optimizer a run builds: conf/optim/sgd.yaml (the paper's lr 0.1, momentum 0.9, weight decay 1e-4)."""
-    settings = OmegaConf.create(config_dir().joinpath("optim", "sgd.yaml").read_text())
-    return instantiate(settings)(model.parameters())
+    return instantiate(compose().optim)(model.parameters())
 
 
 class PILImages(Dataset):
@@ -166,7 +163,7 @@ def in_threads(runs: list[Callable[[int], None]], streams: list[torch.cuda.Strea
 
     def all_steps(n: int) -> None:
         def work(run_steps: Callable[[int], None], stream: torch.cuda.Stream | None) -> None:
-            with on(stream):
+            with on_stream(stream):
                 run_steps(n)
                 if stream is not None:
                     stream.synchronize()

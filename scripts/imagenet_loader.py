@@ -15,9 +15,8 @@ import time
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from resexp.config import config_dir
+from resexp.config import compose
 
 
 def rate(batches, limit: int) -> float:
@@ -38,7 +37,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     args = parser.parse_args()
     print(f"{'workers':>8} {'train img/s':>12} {'centre img/s':>13} {'ten-crop img/s':>15}")
-    settings = OmegaConf.create(config_dir().joinpath("data", "imagenet.yaml").read_text())  # the config a run uses
+    settings = compose("data=imagenet").data  # the config a run uses
     for workers in args.workers:
         build = instantiate(settings, root=args.root, workers=workers, eval_batch_size=args.batch_size)
         data = build(batch_size=args.batch_size, seed=0, device=torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""`resexp` as a user runs it: subprocesses, files on disk, TensorBoard events read back."""
+"""`resexp` as a user runs it: the command in this process (the process itself where that is the point),
+files on disk, TensorBoard events read back."""
 
 import json
 import shutil
@@ -8,29 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SHRINK, resexp
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("resexp: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
+from helpers import SHRINK, assert_one_line_error, resexp, resexp_process, scalars
 
 
 def test_help_lists_the_subcommands(tmp_path):
-    result = resexp("--help", cwd=tmp_path)
+    result = resexp_process("--help", cwd=tmp_path)  # the process's exit codes
     assert result.returncode == 0 and "train" in result.stdout
-    assert resexp(cwd=tmp_path).returncode == 2
+    assert resexp_process(cwd=tmp_path).returncode == 2
 
 
 def test_console_script_is_installed(tmp_path):

@@ -2,13 +2,19 @@ import re
 
 import pytest
 import torch
-from conftest import CONF, DATASETS, MODELS, compose_config
+from helpers import CONF, DATASETS, MODELS, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from resexp.config import make_model, make_schedule
+from resexp.config import net_spec, schedule
 from resexp.errors import ResexpError
 from resexp.train import Schedule, learning_rate
+
+
+def make_model(cfg):
+    spec = net_spec(cfg)
+    return spec.build(), spec.name
+
 
 IMAGENET = {"plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
 TABLE3 = {"resnet34-B", "resnet34-C"}  # ResNet-34 with the other shortcut options
@@ -33,10 +39,10 @@ def test_every_model_composes_with_every_dataset(model, data):
     with torch.inference_mode():
         out = net(torch.randn(2, 3, size, size))
     assert out.shape == (2, cfg.data.num_classes)
-    schedule = make_schedule(cfg)
+    plan = schedule(cfg)
     # The paper's schedule for the data: §4.2 for CIFAR (warm-up from 110 layers), §3.4 for ImageNet.
-    assert schedule.iterations == (600_000 if data == "imagenet" else 64_000)
-    assert (schedule.warmup_lr is not None) == (data != "imagenet" and cfg.model.depth >= 110)
+    assert plan.iterations == (600_000 if data == "imagenet" else 64_000)
+    assert (plan.warmup_lr is not None) == (data != "imagenet" and cfg.model.depth >= 110)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -95,7 +101,7 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize("milestones", ["[48000,32000]", "[32000,64000]", "[0,100]"])
 def test_milestones_must_increase_within_the_run(milestones):
     with pytest.raises(ResexpError, match=r"must be increasing iterations within the run's 64000"):
-        make_schedule(compose_config(f"schedule.milestones={milestones}"))
+        schedule(compose_config(f"schedule.milestones={milestones}"))
 
 
 def test_every_config_key_has_a_comment():

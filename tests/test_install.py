@@ -7,7 +7,7 @@ import sysconfig
 import zipfile
 
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 

@@ -111,7 +111,17 @@ def test_models_pickle_and_copy():
     x = torch.randn(2, 3, 32, 32)
     model.eval(), clone.eval()
     assert torch.equal(model(x), clone(x))
-    assert count_parameters(copy.deepcopy(model)) == count_parameters(model)
+    # A copy (resexp/group.py copies nets) computes the same and shares no tensor with the original:
+    # training it leaves the original as it was.
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x), model(x))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    twin.train()
+    torch.optim.SGD(twin.parameters(), lr=0.1).zero_grad()
+    twin(x).sum().backward()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    assert not torch.equal(twin(x), model(x))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
 def test_he_initialisation():
@@ -126,8 +136,8 @@ def test_shortcut_letters(letter, name):
 
 def test_net_names():
     assert net_name(True, 56, "identity") == "resnet56-A"
-    assert net_name(True, 34, "B") == "resnet34-B"
-    assert net_name(False, 56, "identity") == "plain56"
+    assert net_name(True, 34, "projection") == "resnet34-B"
+    assert net_name(False, 56, None) == "plain56"
 
 
 @pytest.mark.parametrize(

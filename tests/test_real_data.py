@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import resexp
+from helpers import resexp
 
 
 @pytest.mark.slow

@@ -5,48 +5,30 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import resexp
-from test_cli import scalars
+from helpers import RUN, resexp, scalars, start_process, stop_midway
 
-from resexp import checkpoint
+from resexp import checkpoint, runs
 from resexp.data import synthetic
 from resexp.errors import ResexpError
 from resexp.logs import LogLines
 from resexp.models import build_model
 from resexp.step import make_step
-from resexp.train import Schedule, train
-
-# Long enough to be stopped midway (about 10 s on two cores), small enough to be cheap.
-RUN = [
-    "data=synthetic",
-    "schedule.batch_size=16",
-    "schedule.iterations=120",
-    "schedule.milestones=[60,90]",
-    "log_every=5",
-    "eval_points=4",
-    "checkpoint_every=7",
-]
+from resexp.train import Loop, Schedule, train
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "resexp", "train", *RUN, *extra, f"hydra.run.dir={run_dir}"],
-        cwd=run_dir.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start(run_dir: Path, *extra: str):
+    """`resexp train` of RUN into `run_dir`, as a process to signal or kill."""
+    return start_process("train", *RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, process, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.communicate()
@@ -55,7 +37,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load(run_dir / "checkpoint.pt")["model"]
+    return checkpoint.load(run_dir / runs.CHECKPOINT)["model"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -97,12 +79,15 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, strai
     run_dir = tmp_path / "run"
     rng = random.Random(5)
     reached = []
-    for _ in range(4):
+    # Each attempt is killed once its log shows a later iteration than the last, and a moment after:
+    # random, but before the run can end however fast the machine.
+    for target in sorted(rng.sample(range(10, 95, 5), 4)):
         process = start(run_dir, "checkpoint_every=1")  # a checkpoint every step: kills land mid-write
-        for line in process.stdout:  # training has started (or resumed) once speed is reported
-            if " it/s" in line:
+        for line in process.stdout:
+            shown = re.search(r" it (\d+)/120 .* it/s", line)
+            if shown and int(shown.group(1)) >= target:
                 break
-        time.sleep(rng.uniform(0.1, 1.5))
+        time.sleep(rng.uniform(0, 0.02))
         process.kill()
         process.communicate()
         state = checkpoint.load(run_dir / "checkpoint.pt")  # whole and readable, whatever the moment
@@ -127,13 +112,7 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     # Hydra's basic launcher: one run after another, so the first has finished when the second is stopped.
     sweep = tmp_path / "sweep"
     args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}", "hydra/launcher=basic"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "resexp", "train", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_process("train", *args, cwd=tmp_path)
     second = None
     deadline = time.monotonic() + 180
     while second is None:  # the second run's directory, once it has a checkpoint
@@ -155,42 +134,22 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     assert json.loads((second / "metrics.json").read_text())["iterations"] == 120
 
 
-def stop_midway(args: list[str], sweep: Path, runs: int) -> str:
-    """Start `resexp train ARGS` (a sweep into `sweep`), SIGTERM it once its `runs` runs have each written
-    a checkpoint, and return its stderr after it has stopped as a stopped sweep does."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "resexp", "train", *args],
-        cwd=sweep.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 180
-    while len(list(sweep.glob("*/checkpoint.pt"))) < runs:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
-    return stderr
-
-
 def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_path):
     # The default launcher trains the runs at once: a SIGTERM stops and checkpoints all of them.
     sweep = tmp_path / "sweep"
     args = ["-m", *RUN, "model=plain20,resnet20", f"hydra.sweep.dir={sweep}"]
     stderr = stop_midway(args, sweep, 2)
     assert f"resume: run the same sweep again with hydra.sweep.dir={sweep}" in stderr
-    runs = sorted(p.parent for p in sweep.glob("*/checkpoint.pt"))
-    assert len(runs) == 2 and not list(sweep.glob("*/metrics.json"))
-    stopped_at = [checkpoint.load(run / checkpoint.FILENAME)["progress"]["iteration"] for run in runs]
+    run_dirs = sorted(p.parent for p in sweep.glob("*/checkpoint.pt"))
+    assert len(run_dirs) == 2 and not list(sweep.glob("*/metrics.json"))
+    stopped_at = [checkpoint.load(run / runs.CHECKPOINT)["progress"]["iteration"] for run in run_dirs]
     assert all(0 < iteration < 120 for iteration in stopped_at)
 
     again = resexp("train", *args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("resuming") == 2
-    assert [json.loads((run / "metrics.json").read_text())["iterations"] for run in runs] == [120, 120]
-    for run in runs:  # every TensorBoard point once, resumed or not
+    assert [json.loads((run / "metrics.json").read_text())["iterations"] for run in run_dirs] == [120, 120]
+    for run in run_dirs:  # every TensorBoard point once, resumed or not
         steps = [step for step, _ in scalars(run)["error/train"]]
         assert steps == sorted(set(steps)) and steps[-1] == 120
 
@@ -199,8 +158,8 @@ def test_a_sweep_stopped_in_its_first_batch_leaves_no_directory_for_the_second(t
     # max_runs=1: seed=1 is prepared (its directory made) before seed=0 trains; the stop takes it back.
     sweep = tmp_path / "sweep"
     stop_midway(["-m", *RUN, "seed=0,1", "hydra.launcher.max_runs=1", f"hydra.sweep.dir={sweep}"], sweep, 1)
-    runs = [path for path in sweep.iterdir() if path.is_dir()]
-    assert len(runs) == 1 and runs[0].name.endswith("seed=0") and (runs[0] / checkpoint.FILENAME).is_file()
+    run_dirs = [path for path in sweep.iterdir() if path.is_dir()]
+    assert len(run_dirs) == 1 and run_dirs[0].name.endswith("seed=0") and (run_dirs[0] / runs.CHECKPOINT).is_file()
 
 
 class Payload:
@@ -245,8 +204,15 @@ def test_damaged_checkpoints_are_a_clear_error(tmp_path, saved, damage):
 
 def test_checkpoints_of_another_version_are_refused(tmp_path):
     torch.save({"version": 0, "model": {}}, tmp_path / "old.pt")
-    with pytest.raises(ResexpError, match="is a checkpoint of version 0; this resexp reads version 1 only"):
+    with pytest.raises(ResexpError, match="is a checkpoint of version 0; this resexp reads versions 1 to 2"):
         checkpoint.load(tmp_path / "old.pt")
+
+
+def test_a_version_1_checkpoint_is_read_with_its_identity_under_the_new_name(tmp_path):
+    # Version 1 stored the run's identity as "experiment"; nothing else in the layout changed.
+    torch.save({"version": 1, "experiment": {"seed": 3}, "model": {"w": torch.ones(2)}}, tmp_path / "v1.pt")
+    state = checkpoint.load(tmp_path / "v1.pt")
+    assert state["identity"] == {"seed": 3} and "experiment" not in state and state["version"] == checkpoint.VERSION
 
 
 @pytest.mark.parametrize(
@@ -328,23 +294,17 @@ def train_nan(tmp_path, on_nonfinite):
     step = make_step(
         model, optimizer, (8, 3, 32, 32), precision="fp32", cuda_graph=True, skip_nonfinite=on_nonfinite == "skip"
     )
-    return model, train(
-        model,
-        optimizer,
-        step,
-        data,
+    loop = Loop(
         schedule,
         base_lr=0.1,
-        device=torch.device("cpu"),
-        run_dir=tmp_path,
         eval_every=5,
         log_every=2,
         checkpoint_every=2,
         on_nonfinite=on_nonfinite,
         precision="fp32",
-        screen=LogLines(10),
-        stops=[],
-        experiment={},
+    )
+    return model, train(
+        model, optimizer, step, data, loop, run_dir=tmp_path, screen=LogLines(10), stops=[], identity={}
     )
 
 

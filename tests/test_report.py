@@ -1,14 +1,15 @@
 import csv
 import json
+import re
 
 import pytest
-from conftest import SHRINK, compose_config, resexp
-from fabricate import fake_run
+from helpers import SHRINK, compose_config, fake_run, resexp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resexp.config import make_model
+from resexp import config
+from resexp.config import net_spec
 from resexp.errors import ResexpError
-from resexp.paper import lookup
+from resexp.paper import RESULTS, lookup
 from resexp.report import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -138,36 +139,40 @@ def test_report_of_real_short_runs(tmp_path):
     assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
 
 
+def paper_rows(data: str, table: int) -> set[str]:
+    """The nets that resexp/paper.py gives a number of Table `table` for ("Table 6", "Tables 2 and 3")."""
+    cites = re.compile(rf"Tables? (\d and )?{table}\b")
+    return {net for (dataset, net), result in RESULTS.items() if dataset == data and cites.match(result.source)}
+
+
+# Fig. 6 (left and middle): plain and residual 20, 32, 44 and 56 layers, and ResNet-110 (its right panel,
+# ResNet-1202, is Table 6's).
+FIG6 = {f"plain{depth}" for depth in (20, 32, 44, 56)} | {f"resnet{depth}-A" for depth in (20, 32, 44, 56, 110)}
+
+
 @pytest.mark.parametrize(
     "experiment, nets, data, iterations",
     [
-        (
-            "cifar10_fig6",
-            "plain20,plain32,plain44,plain56,resnet20,resnet32,resnet44,resnet56,resnet110",
-            "cifar10",
-            64_000,
-        ),
-        ("cifar10_table6", "resnet20,resnet32,resnet44,resnet56,resnet110,resnet1202", "cifar10", 64_000),
-        ("imagenet_table2", "plain18,plain34,resnet18,resnet34", "imagenet", 600_000),
-        ("imagenet_table3", "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152", "imagenet", 600_000),
+        ("cifar10_fig6", FIG6, "cifar10", 64_000),
+        ("cifar10_table6", paper_rows("cifar10", 6), "cifar10", 64_000),
+        ("imagenet_table2", paper_rows("imagenet", 2), "imagenet", 600_000),
+        ("imagenet_table3", paper_rows("imagenet", 3), "imagenet", 600_000),
     ],
 )
 def test_experiment_presets_sweep_the_papers_nets(experiment, nets, data, iterations):
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.params.model == nets
-    assert cfg.hydra.runtime.choices.data == data and cfg.schedule.iterations == iterations
-    for model in nets.split(","):  # each run of the sweep: the preset's data, the paper's schedule for it
+    preset = config.compose(f"experiment={experiment}", hydra_node=True)
+    assert preset.hydra.runtime.choices.data == data and preset.schedule.iterations == iterations
+    swept = []
+    for model in preset.hydra.sweeper.params.model.split(","):  # each run: the preset's data, the paper's schedule
         run = compose_config(f"experiment={experiment}", f"model={model}")
         assert run.data._target_ == f"resexp.data.{data}" and run.schedule.iterations == iterations
+        swept.append(net_spec(run).name)
+    assert len(swept) == len(set(swept)) and set(swept) == nets  # the paper's nets, each once
 
 
 def test_imagenet_table3_rows_are_the_papers():
     names = [
-        make_model(compose_config("experiment=imagenet_table3", f"model={model}"))[1]
+        net_spec(compose_config("experiment=imagenet_table3", f"model={model}")).name
         for model in "resnet34,resnet34-B,resnet34-C,resnet50,resnet101,resnet152".split(",")
     ]
     assert names == ["resnet34-A", "resnet34-B", "resnet34-C", "resnet50-B", "resnet101-B", "resnet152-B"]

@@ -15,7 +15,6 @@ the end, the standard 10-crop testing of Tables 2 and 3 (logged as the test erro
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -228,25 +227,15 @@ def imagenet(
     test_size: int,
     lighting_std: float,
     mean: list[float],
-    workers: int | str,
+    workers: int,
     eval_batch_size: int,
     batch_size: int,
     seed: int,
     device: torch.device,
 ) -> Data:
+    """The ImageNet data of `root`. The values are checked at the config edge (resexp/config.py): what is
+    checked here is what only the folders can tell."""
     base = Path(root).expanduser().absolute()  # absolute: the messages say where it looked
-    if workers == "auto":
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not isinstance(workers, int) or workers < 0:
-        raise ResexpError(
-            f"data.workers={workers!r} must be auto or a number of processes (0: decode in the training process)"
-        )
-    if eval_batch_size < 1:
-        raise ResexpError(f"data.eval_batch_size={eval_batch_size} must be a positive integer")
-    if not (len(scale) == 2 and 0 < crop <= scale[0] <= scale[1] and crop <= test_size):
-        raise ResexpError(
-            f"data.scale={list(scale)}, data.crop={crop}, data.test_size={test_size}: need crop <= scale[0] <= scale[1] and crop <= test_size"
-        )
     train, val = class_folder(base / "train", "training"), class_folder(base / "val", "validation")
     if len(train.classes) > num_classes:
         raise ResexpError(

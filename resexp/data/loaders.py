@@ -135,11 +135,10 @@ def tensor_data(
     seed: int,
     device: torch.device,
 ) -> Data:
-    """Training and evaluation batches over uint8 images; `val_size` training images are held out."""
+    """Training and evaluation batches over uint8 images; `val_size` training images are held out. The
+    sizes are checked at the config edge (resexp/config.py), but for how many images there are."""
     if not 0 <= val_size < len(train_labels):
         raise ResexpError(f"data.val_size={val_size} must be between 0 and {len(train_labels) - 1}")
-    if batch_size < 1 or eval_batch_size < 1:
-        raise ResexpError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
     if batch_size > len(train_labels) - val_size:
         raise ResexpError(f"batch size {batch_size} is larger than the {len(train_labels) - val_size} training images")
     sets = {"test": (test_images, test_labels)}

@@ -8,6 +8,8 @@ CIFAR-10 nets (§4.2): 3x3 stem, widths 16/32/64, 6n+2 layers. ImageNet nets (Ta
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,12 +41,10 @@ def canonical_shortcut(option: str) -> str:
     return name
 
 
-def net_name(residual: bool, depth: int, shortcut: str) -> str:
-    """How runs are named in logs and directories: `plain56`, `resnet56-A`."""
-    if not residual:
-        return f"plain{depth}"
-    letter = SHORTCUTS.get(str(shortcut).lower(), str(shortcut).upper())
-    return f"resnet{depth}-{letter}"
+def net_name(residual: bool, depth: int, shortcut: str | None) -> str:
+    """How runs are named in logs, directories and reports: `plain56`, `resnet56-A` (shortcut: a
+    canonical_shortcut name; a plain net has none)."""
+    return f"resnet{depth}-{SHORTCUTS[shortcut]}" if residual else f"plain{depth}"
 
 
 def stage_layers(stem: str, block: str, depth: int) -> list[int]:
@@ -201,10 +201,34 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+@dataclass(frozen=True)
+class NetSpec:
+    """One net of the family, as data: checked against the paper's choices when made."""
+
+    depth: int  # weighted layers: 6n+2 on CIFAR, 18/34/50/101/152 on ImageNet
+    residual: bool  # False: the plain twin
+    block: str  # basic or bottleneck
+    stem: str  # cifar or imagenet
+    shortcut: str  # identity, projection or full (canonical_shortcut); no effect on a plain net
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        stage_layers(self.stem, self.block, self.depth)
+        if self.shortcut not in SHORTCUTS:  # letters are canonical_shortcut's to translate, before this
+            raise ResexpError(f"shortcut={self.shortcut!r} is not an option; choose {', '.join(SHORTCUTS)}")
+
+    @property
+    def name(self) -> str:
+        return net_name(self.residual, self.depth, self.shortcut)
+
+    def build(self) -> ResNet:
+        layers = stage_layers(self.stem, self.block, self.depth)
+        return ResNet(layers, self.block, self.stem, self.residual, self.shortcut, self.num_classes)
+
+
 def build_model(depth: int, residual: bool, block: str, stem: str, shortcut: str, num_classes: int) -> ResNet:
-    """The net named by the model config, with every value checked against the paper's choices."""
-    layers = stage_layers(stem, block, depth)
-    return ResNet(layers, block, stem, residual, canonical_shortcut(shortcut), num_classes)
+    """The net these values name (the shortcut also by the paper's letter), checked against the paper's choices."""
+    return NetSpec(depth, residual, block, stem, canonical_shortcut(shortcut), num_classes).build()
 
 
 def count_parameters(model: nn.Module) -> int:

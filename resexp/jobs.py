@@ -1,0 +1,364 @@
+"""A run's lifecycle, between the entry point (cli.py, which makes RunSettings with config.py) and the
+training loop (train.py):
+
+    RunSettings -> prepare() -> Job -> start() -> train([job, ...]) -> final test errors
+
+`prepare` builds a run from its settings and decides what its directory holds already: nothing (a new
+run), a checkpoint of the same run (resumed), metrics.json (finished: skipped), anything else (refused).
+Bad input met on the way takes back what Hydra made for the run (`taken_back`). `train` trains prepared
+runs, one or many at once (a single run is a batch of one), each in a thread of its own, and maps however
+each ended to one outcome: their final test errors; Interrupted for a stop request, every run having saved
+its checkpoint; a ResexpError naming each run that failed; or a bug's own exception. `start`, a Hydra
+task's last step, trains its run at once, or hands it to the batch the shared-GPU launcher is collecting
+(hydra_plugins/resexp_launcher/), which then trains the batch's runs together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import platform
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import resexp
+from resexp import checkpoint, runs
+from resexp.data import Data
+from resexp.errors import Interrupted, ResexpError
+from resexp.group import Lockstep, make_group_step
+from resexp.logs import Display, displays, log
+from resexp.models import NetSpec, count_parameters
+from resexp.runs import Metrics, Place
+from resexp.step import Step, make_step, new_stream, on_stream
+from resexp.train import Loop, restore, stop_requests
+from resexp.train import train as train_loop
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run is built from, as plain typed values (config.py makes them from the config)."""
+
+    place: Place  # where it writes, and what Hydra made there for it
+    net: NetSpec
+    data: Callable[..., Data]  # the data config's builder: (batch_size=, seed=, device=) -> Data
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]  # the optim config's, given the parameters
+    loop: Loop  # the schedule and the loop's intervals
+    batch_size: int
+    seed: int  # weight initialisation, data order and augmentation
+    device: torch.device
+    cuda_graph: bool  # capture the step as a CUDA graph (on CUDA)
+    compile: bool  # torch.compile the net inside the step
+    resume: bool  # continue a run its directory holds; False: refuse such a directory
+    identity: dict[str, Any]  # what its checkpoint must match to be continued: the config less where and how it runs
+    model_config: str | None  # the model and data configs' names (resnet56, cifar10), for metrics.json
+    data_config: str | None
+    resume_command: str  # what continues it after a stop
+
+
+@dataclass
+class Job:
+    """A run built from its settings, up to its first step; or a run that finished already."""
+
+    settings: RunSettings
+    label: str  # how log lines, threads and progress bars name it: the net, or in a sweep what sets it apart
+    finished: Metrics | None = None  # its metrics.json, when it has finished: nothing left to train
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    data: Data | None = None
+    resumed: dict[str, Any] | None = None  # the checkpoint it continues
+    params: int = 0
+    group_key: str = ""  # runs with the same key have the same layers and can train as one group (resexp/group.py)
+    step_options: dict[str, Any] = field(default_factory=dict)  # make_step's and make_group_step's keywords
+
+    @property
+    def iterations(self) -> int:
+        return 0 if self.finished is not None else self.settings.loop.schedule.iterations
+
+
+def held_already(place: Place, resume: bool, identity: dict[str, Any]) -> tuple[Metrics | None, dict | None]:
+    """What the run's directory holds: (metrics, None) when the run finished, (None, checkpoint) to continue,
+    (None, None) for a new run. Never overwrites: without resume an existing run is refused, and so is a
+    checkpoint of another run."""
+    saved, done = place.run_dir / runs.CHECKPOINT, place.run_dir / runs.METRICS
+    if not saved.exists() and not done.exists():
+        return None, None
+    if not resume:
+        raise ResexpError(
+            f"{place.run_dir} already holds a run; resume=true continues it, another hydra.run.dir starts a new one"
+        )
+    state = checkpoint.load(saved) if saved.exists() else None
+    if state is not None:
+        checkpoint.check_same_run(saved, state["identity"], identity)
+    return (runs.read_metrics(place.run_dir), None) if done.exists() else (None, state)
+
+
+def prepare(settings: RunSettings) -> Job:
+    """Build what the settings name, up to the first step: data, model, optimizer, and the checkpoint put back."""
+    name, net = settings.net.name, settings.net
+    finished, resumed = held_already(settings.place, settings.resume, settings.identity)
+    if finished is not None:
+        log.info("%s finished already (%s): nothing to do", name, settings.place.run_dir / runs.METRICS)
+        return Job(settings, name, finished=finished)
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+    torch.manual_seed(settings.seed)  # weight initialisation; the data stream has a generator of its own
+    model = net.build().to(settings.device, memory_format=torch.channels_last)  # the layout of the images
+    if not net.residual:
+        log.info("%s is a plain net: shortcut=%s has no effect", name, net.shortcut)
+    data = settings.data(batch_size=settings.batch_size, seed=settings.seed, device=settings.device)
+    optimizer = settings.optimizer(model.parameters())
+    if resumed is not None:
+        restore(model, optimizer, data, resumed)
+    loop = settings.loop
+    step_options = dict(
+        batch_shape=(settings.batch_size, *data.image_shape),
+        precision=loop.precision,
+        cuda_graph=settings.cuda_graph,
+        compile_model=settings.compile,
+        skip_nonfinite=loop.on_nonfinite == "skip",
+    )
+    # Runs alike in all but the seed, on one device and at one iteration, can train as one group; so can
+    # plain and residual twins with option A's shortcuts, which have no weights (resexp/group.py).
+    may_differ = {"seed", "model.residual"} if net.shortcut == "identity" else {"seed"}
+    same = {key: value for key, value in settings.identity.items() if key not in may_differ}
+    done = resumed["progress"]["iteration"] if resumed is not None else 0
+    group_key = json.dumps([same, str(settings.device), step_options, done], default=str)
+    params = count_parameters(model)
+    log.info(
+        "%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s",
+        *(name, f"{params:,}", loop.schedule.iterations, settings.batch_size, settings.device, loop.precision),
+        settings.place.run_dir,
+    )
+    return Job(
+        settings,
+        name,
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        resumed=resumed,
+        params=params,
+        group_key=group_key,
+        step_options=step_options,
+    )
+
+
+def description(job: Job) -> dict[str, Any]:
+    """What the run is: the first fields of its metrics.json, and its row in TensorBoard's HPARAMS."""
+    settings, net = job.settings, job.settings.net
+    return {
+        "net": net.name,
+        "model": settings.model_config,
+        "data": settings.data_config,
+        "depth": net.depth,
+        "residual": net.residual,
+        "shortcut": net.shortcut if net.residual else None,  # plain nets have none
+        "params": job.params,
+        "iterations": settings.loop.schedule.iterations,
+        "batch_size": settings.batch_size,
+        "lr": settings.loop.base_lr,
+        "seed": settings.seed,
+    }
+
+
+def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) -> float:
+    """Train (or resume) the run with `step` and write its metrics.json; its final test error."""
+    if job.finished is not None:
+        return job.finished.final["error/test"]
+    settings, about = job.settings, description(job)
+    run_dir = settings.place.run_dir
+    hparams = {**about, "shortcut": about["shortcut"] or "none"}  # TensorBoard takes no None
+    summary = train_loop(
+        job.model,
+        job.optimizer,
+        step,
+        job.data,
+        settings.loop,
+        run_dir=run_dir,
+        screen=screen,
+        stops=stops,
+        identity=settings.identity,
+        hparams=hparams,
+        resume=job.resumed,
+    )
+    device = settings.device
+    runs.write_metrics(
+        run_dir,
+        Metrics(
+            **about,
+            precision=settings.loop.precision,
+            images_per_s=settings.loop.schedule.iterations * settings.batch_size / summary["train_time_s"],
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            torch=torch.__version__,
+            python=platform.python_version(),
+            resexp=resexp.__version__,
+            **summary,
+        ),
+    )
+    final = summary["final"]
+    log.info(
+        "done: train err %.2f%%  test err %.2f%%  -> %s",
+        final["error/train"],
+        final["error/test"],
+        run_dir / runs.METRICS,
+    )
+    return final["error/test"]
+
+
+def train_as_one(jobs: list[Job], group_runs: bool) -> list[list[int]]:
+    """Which runs (their indices in `jobs`) train as one: with `group_runs` the runs of each group key, and
+    every other run (finished ones too) alone."""
+    together: dict[str, list[int]] = {}
+    for index, job in enumerate(jobs):
+        key = job.group_key if group_runs and job.finished is None else f"#{index}"
+        together.setdefault(key, []).append(index)
+    return list(together.values())
+
+
+def trainings(jobs: list[Job], group_runs: bool) -> int:
+    """How many networks `jobs` train: a group is one, a finished run none."""
+    return sum(jobs[members[0]].finished is None for members in train_as_one(jobs, group_runs))
+
+
+@dataclass(frozen=True)
+class RunStep:
+    """How one run of a batch trains: its step, the stop requests it reads, what to do when its training
+    ends, however it ends, and its CUDA stream (None off CUDA, or alone on the GPU)."""
+
+    step: Step | None  # None: the run finished already
+    stops: list[int]
+    leave: Callable[[], None] = lambda: None
+    stream: torch.cuda.Stream | None = None
+
+
+def group_steps(group: list[Job], signals: list[int]) -> list[RunStep]:
+    """Runs of one group key trained as one grouped network: each run's step hands its batch to the
+    group's (resexp/group.py), and all read their stop requests from it."""
+    optimizers = [job.optimizer for job in group]
+    step = make_group_step([job.model for job in group], optimizers, **group[0].step_options)
+    lockstep = Lockstep(step, optimizers, signals)
+    log.info("%s train as one network (hydra.launcher.group_runs)", ", ".join(job.label for job in group))
+    return [
+        RunStep(functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k))
+        for k in range(len(group))
+    ]
+
+
+def run_steps(jobs: list[Job], group_runs: bool, signals: list[int]) -> list[RunStep]:
+    """Each run's step, built here one after another in the main thread (a CUDA graph capture must not
+    meet other GPU work): alone, or with `group_runs` one step for each set of runs of one group key.
+    Beside others each training gets a CUDA stream of its own, which a group's runs share: it keeps the
+    order in which their threads hand in work."""
+    groups = train_as_one(jobs, group_runs)
+    grouped_on = {jobs[members[0]].settings.device for members in groups if len(members) > 1}
+    if off_gpu := sorted(str(device) for device in grouped_on if device.type != "cuda"):
+        # grouped convolutions are slow CPU kernels: measured 1.8x slower per run
+        log.warning(
+            "on %s a group trains slower than its runs apart; group_runs is meant for a GPU", ", ".join(off_gpu)
+        )
+    steps: dict[int, RunStep] = {}
+    for members in groups:
+        if len(members) > 1:
+            steps.update(zip(members, group_steps([jobs[index] for index in members], signals)))
+        else:
+            job = jobs[members[0]]
+            step = None if job.finished is not None else make_step(job.model, job.optimizer, **job.step_options)
+            steps[members[0]] = RunStep(step, signals)
+    if len(groups) > 1:  # after every capture, which the streams must follow
+        for members in groups:
+            stream = new_stream(jobs[members[0]].settings.device)
+            steps.update({index: dataclasses.replace(steps[index], stream=stream) for index in members})
+    return [steps[index] for index in range(len(jobs))]
+
+
+def train(jobs: list[Job], group_runs: bool = False) -> list[float]:
+    """Train prepared runs at once and return their final test errors: a lone run in this thread, several
+    each in a thread of its own (and on a CUDA stream of its own, or its group's). However they end, one
+    outcome: a stop request raises Interrupted once every run has checkpointed; runs that failed raise one
+    ResexpError naming each; a bug raises itself."""
+    outcomes: list[BaseException | float | None] = [None] * len(jobs)
+
+    def work(index: int, screen: Display, run_step: RunStep) -> None:
+        thread = threading.current_thread()
+        named, thread.name = (
+            thread.name,
+            jobs[index].label,
+        )  # the thread of a run is named by it: its log records say so
+        try:
+            with on_stream(run_step.stream):
+                outcomes[index] = train_job(jobs[index], screen, run_step.stops, run_step.step)
+        except BaseException as error:  # reported below, in the main thread, once every run has stopped
+            outcomes[index] = error
+        finally:
+            run_step.leave()
+            thread.name = named
+
+    try:
+        with displays([(job.label, job.iterations) for job in jobs]) as screens, stop_requests() as signals:
+            each = list(zip(range(len(jobs)), screens, run_steps(jobs, group_runs, signals)))  # work()'s arguments
+            if len(jobs) == 1:  # alone, in this thread: CPU kernels ran 10-15% slower in a new thread (OpenMP)
+                work(*each[0])
+            else:
+                threads = [threading.Thread(target=work, args=args, daemon=True) for args in each]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+    except Interrupted as stop:  # a second signal: the threads die with the process, checkpoints stay whole
+        raise Interrupted(stop.signum, None, jobs[0].settings.resume_command) from None
+
+    failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if isinstance(outcome, BaseException)]
+    for _, error in failed:
+        if not isinstance(error, (ResexpError, Interrupted)):
+            raise error  # a bug: its whole traceback
+    if stops := [error for _, error in failed if isinstance(error, Interrupted)]:
+        for job, error in failed:
+            if isinstance(error, ResexpError):  # a run that had failed before the stop: say so too
+                log.error("%s: %s", job.label, error)
+        raise Interrupted(stops[0].signum, stops[0].iteration, jobs[0].settings.resume_command)
+    if failed and len(jobs) == 1:
+        raise failed[0][1]  # as it is: a lone run needs no name
+    if failed:
+        raise ResexpError("; ".join(f"{job.label}: {error}" for job, error in failed))
+    return outcomes
+
+
+# --- How runs reach `train`: at once, or through the shared-GPU launcher's batch
+
+collecting: list[Job] | None = None  # the batch that `collected` opened, if any
+
+
+@contextmanager
+def collected() -> Iterator[list[Job]]:
+    """Runs that `start` meets inside join the list instead of training: how the shared-GPU launcher
+    prepares a batch through Hydra's run_job, one run after another, to train them at once."""
+    global collecting
+    outer, collecting = collecting, []
+    try:
+        yield collecting
+    finally:
+        collecting = outer
+
+
+def start(job: Job) -> float | None:
+    """Train the run now, as a batch of one, and return its final test error; or hand it to the batch
+    being collected (None: the launcher trains it, and reports its error)."""
+    if collecting is not None:
+        collecting.append(job)
+        return None
+    return train([job])[0]
+
+
+@contextmanager
+def taken_back(place: Place) -> Iterator[None]:
+    """Bad input (or any error) inside, before the run trained: take back what Hydra made for it."""
+    try:
+        yield
+    except Exception:
+        place.take_back()
+        raise

@@ -1,0 +1,231 @@
+"""A run directory, the one place that knows its layout: what Hydra puts there, what resexp writes there
+(checkpoint.pt, metrics.json, TensorBoard events, train.log), and how a run is read back from it, finished
+or not. The training writes through this module, and `resexp report`, its figures and resume read
+through it.
+
+    <run dir>/.hydra/{config,hydra,overrides}.yaml   Hydra's record of the run's config
+    <run dir>/train.log                              its log lines
+    <run dir>/events.out.tfevents.*                  its TensorBoard curves
+    <run dir>/checkpoint.pt                          its latest checkpoint (resexp/checkpoint.py)
+    <run dir>/metrics.json                           written once, when it finishes: Metrics below
+    <sweep dir>/multirun.yaml                        Hydra's record of a sweep, beside its runs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from resexp.errors import ResexpError
+from resexp.files import atomic_write_text
+from resexp.models.resnet import SHORTCUTS, canonical_shortcut, net_name
+
+HYDRA = ".hydra"  # Hydra's saved config (hydra.output_subdir)
+LOG = "train.log"  # ${hydra.job.name}.log (conf/hydra/job_logging/rich.yaml)
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+SWEEP_RECORD = "multirun.yaml"  # what Hydra writes into a sweep directory before its runs
+CURVES = ("error/train", "error/test", "error/val")  # what a report draws
+
+
+@dataclass
+class Metrics:
+    """metrics.json: what the run is (also TensorBoard's HPARAMS) and what it reached."""
+
+    net: str = MISSING  # resnet56-A, plain56 (resexp.models.resnet.net_name)
+    model: str | None = MISSING  # the model config's name (resnet56), None outside a Hydra run
+    data: str = MISSING  # the data config's name: cifar10, imagenet, synthetic
+    depth: int = MISSING
+    residual: bool = MISSING
+    shortcut: str | None = MISSING  # identity, projection or full; None for a plain net, which has none
+    params: int = MISSING
+    iterations: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING  # the base learning rate
+    seed: int = MISSING
+    precision: str = MISSING  # fp32 or bf16
+    images_per_s: float = MISSING  # training images per second of training time
+    device: str = MISSING  # the GPU's name, or cpu
+    torch: str = MISSING  # versions it ran with
+    python: str = MISSING
+    resexp: str = MISSING
+    final: dict[str, float] = MISSING  # the last value of every logged metric: error/test, loss/train, ...
+    best: dict[str, float] = MISSING  # lowest evaluation errors (error/test) and their iterations (iteration/test)
+    skipped_steps: int = MISSING  # steps skipped for a non-finite loss (on_nonfinite=skip)
+    train_time_s: float = MISSING  # seconds in training steps, evaluation excluded
+    wall_time_s: float = MISSING  # seconds of the whole run, over all its sessions
+
+
+def write_metrics(run_dir: Path, metrics: Metrics) -> None:
+    """Write metrics.json atomically: a reader, or a crash, sees no file or the whole of it."""
+    text = json.dumps(dataclasses.asdict(metrics), indent=2, sort_keys=True) + "\n"
+    atomic_write_text(run_dir / METRICS, text)
+
+
+def read_metrics(run_dir: Path) -> Metrics:
+    """metrics.json as Metrics, every field present and of its type, or a one-line error saying what is wrong."""
+    try:
+        return parse_metrics((run_dir / METRICS).read_text())
+    except (OSError, ValueError) as error:
+        raise ResexpError(f"{run_dir / METRICS} is truncated or malformed ({error})") from None
+
+
+def parse_metrics(text: str) -> Metrics:
+    """The text of a metrics.json as Metrics; a ValueError saying in one line what is wrong with it."""
+    try:
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"it holds a {type(loaded).__name__}, not an object")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Metrics), loaded))
+    except (ValueError, OmegaConfBaseException) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(reason) from None
+
+
+@dataclass
+class Run:
+    """A run as read back from its directory."""
+
+    path: Path
+    net: str  # resnet56-A, plain56, or "?" when nothing says
+    data: str  # the data config: cifar10, synthetic, ...
+    depth: int | None
+    residual: bool | None
+    shortcut: str | None  # identity, projection, full; None for a plain net or where nothing says
+    finished: bool
+    note: str = ""  # why an unfinished run is left out, and how far it got
+    params: int | None = None
+    seed: int | None = None
+    final: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (iteration, %) points
+
+    @property
+    def letter(self) -> str:
+        """The paper's letter for the shortcut option (A, B, C), "-" for a plain net."""
+        return SHORTCUTS.get(self.shortcut, "-") if self.residual else "-"
+
+
+def find_runs(directories: list[Path]) -> list[Path]:
+    """Every run directory below `directories`: one with Hydra's saved config or a metrics.json."""
+    found = set()
+    for directory in directories:
+        if not directory.is_dir():
+            raise ResexpError(f"{directory} is not a directory of runs")
+        found.update(path.parent for path in directory.rglob(METRICS))
+        found.update(path.parent.parent for path in directory.rglob(f"{HYDRA}/config.yaml"))
+    return sorted(found)
+
+
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    # TensorBoard's event reader: imported here, since training never reads curves back
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    tags = set(events.Tags().get("scalars", []))
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
+
+
+def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's resolved config and Hydra's choices (model=..., data=...); empty where unreadable."""
+    config: dict[str, Any] = {}
+    choices: dict[str, Any] = {}
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA / "config.yaml"), resolve=True)
+    except Exception:  # missing or foreign: the run is reported with what else is known
+        pass
+    try:
+        choices = yaml.safe_load((run_dir / HYDRA / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
+    except Exception:
+        pass
+    return config, choices
+
+
+def read_run(run_dir: Path) -> Run:
+    """The run in `run_dir`: from metrics.json when it finished, else from its saved config and curves."""
+    config, choices = read_hydra(run_dir)
+    model = config.get("model", {})
+    depth, residual = model.get("depth"), model.get("residual")
+    try:
+        shortcut = canonical_shortcut(config.get("shortcut")) if residual else None
+    except ResexpError:  # a config resexp did not write: the run is named without it
+        shortcut = None
+    net = net_name(residual, depth, shortcut) if depth is not None and (shortcut or not residual) else "?"
+    run = Run(
+        run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
+    )
+    run.curves = read_curves(run_dir)
+    if not (run_dir / METRICS).exists():
+        planned = config.get("schedule", {}).get("iterations", "?")
+        reached = max((points[-1][0] for points in run.curves.values() if points), default=0)
+        run.note = (
+            f"unfinished: reached iteration {reached} of {planned}" if reached else "failed before its first log point"
+        )
+        return run
+    try:
+        metrics = parse_metrics((run_dir / METRICS).read_text())
+        if "error/test" not in metrics.final:  # a finished run has a test error; without one the file is incomplete
+            raise ValueError("no final error/test")
+    except (OSError, ValueError) as error:
+        run.note = f"{METRICS} is truncated or malformed ({error})"
+        return run
+    run.net, run.data, run.depth, run.residual = metrics.net, metrics.data, metrics.depth, metrics.residual
+    run.shortcut, run.params, run.seed, run.final = metrics.shortcut, metrics.params, metrics.seed, metrics.final
+    run.finished = True
+    return run
+
+
+def discard_if_empty(directory: Path, hydra_files: set[str]) -> None:
+    """Remove `directory` and what Hydra made in it (`hydra_files`) if it holds nothing else. A
+    directory with anything more is never touched."""
+    if not directory.is_dir() or {entry.name for entry in directory.iterdir()} - hydra_files:
+        return
+    for name in hydra_files:
+        target = directory / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # something arrived meanwhile (another run): it stays
+        pass
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a run writes, and what Hydra made for it before it started."""
+
+    run_dir: Path  # the run's directory
+    in_sweep: bool = False  # one run of a sweep: the sweep's directory is taken back as a whole (take_back_sweep)
+    chosen: bool = True  # the user chose hydra.run.dir / hydra.sweep.dir: the folders around it are theirs
+
+    def take_back(self) -> None:
+        """Bad input: remove what Hydra made for a run that never started (its directory, saved config,
+        log file), and the default folders under outputs/ that it leaves empty. Anything else stays."""
+        discard_if_empty(self.run_dir, {HYDRA, LOG})
+        if not self.in_sweep:
+            discard_default_parents(self.run_dir, self.chosen)
+
+
+def take_back_sweep(sweep_dir: Path, chosen: bool) -> None:
+    """A sweep ended by bad input: its directory if no run is left in it, and the default folders around it."""
+    discard_if_empty(sweep_dir, {SWEEP_RECORD})
+    discard_default_parents(sweep_dir, chosen)
+
+
+def discard_default_parents(directory: Path, chosen: bool) -> None:
+    """The folders that the default run and sweep directories nest in (outputs/<date>/, outputs/multirun/<date>/,
+    outputs/ itself), where they are left empty; never those around a directory the user chose."""
+    if chosen:
+        return
+    outputs = Path("outputs").absolute()  # Hydra's default directories are relative to the working directory
+    for parent in directory.absolute().parents:
+        if not parent.is_relative_to(outputs):
+            break
+        discard_if_empty(parent, set())

@@ -1,0 +1,162 @@
+"""The type of every config key, as dataclass schemas in Hydra's ConfigStore: each YAML file of conf/
+names its schema first in its defaults list (`- /resexp_train@_here_`), so OmegaConf itself refuses a
+value of the wrong type (`seed=abc`, `resume=maybe`) while Hydra composes the config, before any
+directory exists. The values, and what each key is for, stay in the YAML files.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+from omegaconf.errors import ValidationError
+
+
+@dataclass
+class ModelSchema:  # conf/model/
+    depth: int = MISSING
+    residual: bool = MISSING
+    block: str = MISSING
+    stem: str = MISSING
+    shortcut: str = MISSING
+
+
+@dataclass
+class SGDSchema:  # conf/optim/sgd.yaml
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class ScheduleSchema:  # conf/schedule/
+    batch_size: int = MISSING
+    iterations: int = MISSING
+    milestones: list[int] = MISSING
+    gamma: float = MISSING
+    warmup_min_depth: int | None = MISSING
+    warmup_lr: float = MISSING
+    warmup_until_error: float = MISSING
+
+
+@dataclass
+class Cifar10Schema:  # conf/data/cifar10.yaml
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    root: str = MISSING
+    download: bool = MISSING
+    num_classes: int = MISSING
+    val_size: int = MISSING
+    eval_batch_size: int = MISSING
+
+
+@dataclass
+class ImageNetSchema:  # conf/data/imagenet.yaml
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    root: str = MISSING
+    num_classes: int = MISSING
+    scale: list[int] = MISSING
+    crop: int = MISSING
+    test_size: int = MISSING
+    lighting_std: float = MISSING
+    mean: list[float] = MISSING
+    workers: Any = MISSING  # auto or a number: OmegaConf 2.3 has no unions, so `check` tells
+    eval_batch_size: int = MISSING
+
+
+@dataclass
+class SyntheticSchema:  # conf/data/synthetic.yaml
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    num_classes: int = MISSING
+    train_size: int = MISSING
+    test_size: int = MISSING
+    val_size: int = MISSING
+    eval_batch_size: int = MISSING
+
+
+@dataclass
+class TrainSchema:  # conf/train.yaml
+    data: Any = MISSING  # one of the data schemas, which each data config names itself
+    optim: SGDSchema = MISSING
+    schedule: ScheduleSchema = MISSING
+    model: ModelSchema = MISSING
+    shortcut: str = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    precision: str = MISSING
+    cuda_graph: bool = MISSING
+    compile: bool = MISSING
+    eval_points: int = MISSING
+    log_every: int = MISSING
+    checkpoint_every: int = MISSING
+    resume: bool = MISSING
+    on_nonfinite: str = MISSING
+
+
+@dataclass
+class SharedGPULauncherSchema:  # conf/hydra/launcher/shared_gpu.yaml
+    _target_: str = MISSING
+    max_runs: int = MISSING
+    group_runs: bool = MISSING
+
+
+KEYS_OF = (TrainSchema, ModelSchema, SGDSchema, ScheduleSchema, Cifar10Schema, ImageNetSchema, SyntheticSchema)
+KEYS_OF += (SharedGPULauncherSchema,)  # every schema whose fields a wrong-type error can name
+SCHEMAS = {  # the names the YAML files' defaults lists give them
+    "resexp_train": TrainSchema,
+    "resexp_cifar10": Cifar10Schema,
+    "resexp_imagenet": ImageNetSchema,
+    "resexp_synthetic": SyntheticSchema,
+    "resexp_shared_gpu_launcher": SharedGPULauncherSchema,
+}
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore: before any config is composed."""
+    for name, schema in SCHEMAS.items():
+        ConfigStore.instance().store(name=name, node=schema, provider="resexp")
+
+
+TYPE_NAMES = {  # a value of the type, and several
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("a boolean (true or false)", "booleans"),
+    str: ("a string", "strings"),
+}
+
+
+def type_name(annotation: Any) -> str:
+    """How a schema field's type reads in a message: int -> "an integer", list[float] -> "a list of numbers"."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return f"a list of {TYPE_NAMES[args[0]][1]}"
+    if len(args) == 1:  # X | None
+        return f"{type_name(args[0])} or null"
+    return TYPE_NAMES.get(annotation, (str(annotation),))[0]
+
+
+def error_line(error: BaseException) -> str:
+    """Hydra's or OmegaConf's error as one line. A value of the wrong type names the key, the value and
+    the type the key takes: `seed='abc' is not an integer`."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ValidationError):
+        cause = cause.__cause__
+    wanted = None
+    if cause is not None and cause.object_type in KEYS_OF:  # a field of a schema
+        wanted = typing.get_type_hints(cause.object_type).get(cause.full_key.rsplit(".", 1)[-1])
+    elif cause is not None and cause.object_type is list and typing.get_args(cause.ref_type):  # an item of a list
+        wanted = typing.get_args(cause.ref_type)[0]
+    if wanted is not None:
+        value = "null" if cause.value is None else repr(cause.value)
+        return f"{cause.full_key}={value} is not {type_name(wanted)}"
+    # Keep the sentences of a message that spans lines (key, full_key, object_type).
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))]
+    return " ".join(kept) or type(error).__name__

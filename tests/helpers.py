@@ -1,0 +1,168 @@
+"""What the tests share: the real config, composed and shrunk; the resexp command, run in this process or
+as a process of its own; TensorBoard curves read back; runs fabricated on disk as resexp writes them."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+from torch.utils.tensorboard import SummaryWriter
+
+from resexp import cli, config, runs
+from resexp.models.resnet import net_name
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
+DATASETS = sorted(path.stem for path in (CONF / "data").glob("*.yaml"))
+# Small and fast: a few iterations on random images, evaluated twice.
+SHRINK = ["data=synthetic", "schedule.iterations=4", "schedule.milestones=[2,3]", "log_every=2", "eval_points=2"]
+# Long enough to be stopped midway (about 10 s on two cores), small enough to be cheap.
+RUN = [
+    "data=synthetic",
+    "schedule.batch_size=16",
+    "schedule.iterations=120",
+    "schedule.milestones=[60,90]",
+    "log_every=5",
+    "eval_points=4",
+    "checkpoint_every=7",
+]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    return config.compose(*overrides)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def resexp(*args: str, cwd: Path) -> Result:
+    """`resexp ARGS` in this process (resexp.cli.main) with `cwd` as the working directory and its output
+    captured: not a terminal, so plain log lines. What is about the process itself (signals, the console
+    script) runs `resexp_process` instead."""
+    out, err = io.StringIO(), io.StringIO()
+    root, argv, here = logging.getLogger(), sys.argv[:], os.getcwd()
+    handlers = root.handlers[:]
+    code = 0
+    try:
+        os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err):
+            cli.main(list(args))
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+        for handler in root.handlers[:]:  # the run's log file and console, which Hydra configured
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def resexp_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m resexp ARGS` as a process of its own, in `cwd`, with output captured."""
+    return subprocess.run([sys.executable, "-m", "resexp", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def start_process(*args: str, cwd: Path) -> subprocess.Popen:
+    """`python -m resexp ARGS` started in `cwd`, its output piped, for a test to signal or kill."""
+    command = [sys.executable, "-m", "resexp", *args]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_midway(args: list[str], sweep: Path, runs_to_wait_for: int) -> str:
+    """Start `resexp train ARGS` (a sweep into `sweep`), SIGTERM it once `runs_to_wait_for` runs have each
+    written a checkpoint, and return its stderr after it has stopped as a stopped sweep does."""
+    import signal
+
+    process = start_process("train", *args, cwd=sweep.parent)
+    deadline = time.monotonic() + 180
+    while len(list(sweep.glob(f"*/{runs.CHECKPOINT}"))) < runs_to_wait_for:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    return stderr
+
+
+def assert_one_line_error(result: Result | subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("resexp: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run: tag -> (step, value) points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def fake_run(
+    run_dir: Path,
+    *,
+    depth: int,
+    residual: bool,
+    final_train: float,
+    final_test: float,
+    final_top5: float | None = None,
+    seed: int = 0,
+    data: str = "cifar10",
+    shortcut: str = "identity",
+    iterations: int = 64_000,
+    finished: bool = True,
+    points: int = 32,
+) -> Path:
+    """A run directory as resexp writes it (Hydra's config, TensorBoard curves, metrics.json through
+    resexp.runs) with made-up numbers: curves that fall from 90% towards the final errors, with the
+    paper's drops at 50% and 75%."""
+    (run_dir / runs.HYDRA).mkdir(parents=True)
+    model = {"depth": depth, "residual": residual, "block": "basic", "stem": "cifar", "shortcut": "identity"}
+    saved = {"model": model, "shortcut": shortcut, "seed": seed, "schedule": {"iterations": iterations}}
+    (run_dir / runs.HYDRA / "config.yaml").write_text(yaml.safe_dump(saved))
+    choices = {"hydra": {"runtime": {"choices": {"data": data}}}}
+    (run_dir / runs.HYDRA / "hydra.yaml").write_text(yaml.safe_dump(choices))
+    stop = iterations if finished else iterations // 2
+    writer = SummaryWriter(str(run_dir))
+    for index in range(1, points + 1):
+        step = stop * index // points
+        progress = step / iterations
+        settle = 1 - math.exp(-6 * progress)
+        drop = 0.45 if progress >= 0.5 else 1.0
+        for tag, final in (("error/train", final_train), ("error/test", final_test)):
+            value = 90 - (90 - final * (1 + 0.6 * drop)) * settle if progress < 1 else final
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    if finished:
+        final = {"error/train": final_train, "error/test": final_test}
+        if final_top5 is not None:  # ImageNet runs log the top-5 error too
+            final["error_top5/test"] = final_top5
+        metrics = runs.Metrics(
+            net=net_name(residual, depth, shortcut), model=None, data=data, depth=depth, residual=residual,
+            shortcut=shortcut if residual else None, params=1000 * depth, iterations=iterations, batch_size=128,
+            lr=0.1, seed=seed, precision="fp32", images_per_s=1.0, device="cpu", torch="-", python="-",
+            resexp="-", final=final, best={}, skipped_steps=0, train_time_s=1.0, wall_time_s=1.0,
+        )  # fmt: skip
+        runs.write_metrics(run_dir, metrics)
+    return run_dir
