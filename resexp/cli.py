@@ -14,17 +14,14 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.plugins import Plugins
-from hydra.errors import HydraException
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
-
-from resexp import config, jobs, schemas
 from resexp.errors import Interrupted, JobFailed, ResexpError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# Hydra, torch and the rest are imported once a command needs them: `resexp --help` answers at once.
 
 COMMANDS = {
     "train": "train a plain or residual net (a Hydra app: `resexp train --help`, `resexp train -m ...`)",
@@ -41,6 +38,10 @@ USAGE = (
 def train_task(cfg: DictConfig) -> float | None:
     """The Hydra task of every run: settings from the config, the run prepared, then trained (or handed to
     the shared-GPU launcher's batch). Bad input takes back what Hydra made for the run, and ends the command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from resexp import config, jobs
+
     hydra_cfg = HydraConfig.get()
     place = config.place(hydra_cfg)
     try:
@@ -58,6 +59,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def outcome(error: BaseException) -> tuple[str, int] | None:
     """What an error that ended `resexp train` tells the user, and the exit code; None for a bug."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from resexp import schemas
+
     if isinstance(error, Interrupted):
         if error.iteration is None:
             return (
@@ -99,18 +105,15 @@ def report(rest: list[str]) -> None:
         fail(f"error: {error}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
-        sys.exit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        fail(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
-    if command == "report":
-        return report(rest)
+def train(rest: list[str]) -> None:
+    """`resexp train`: Hydra's app, with every way it can end told in one line."""
+    import hydra
+    from hydra.core.plugins import Plugins
+
+    from resexp import config
+
     config.register()
-    sys.argv = [f"resexp {command}", *rest]
+    sys.argv = ["resexp train", *rest]
     source = config.config_dir()
     config_path = str(source) if isinstance(source, Path) else "pkg://resexp.conf"
     # Hydra then raises its errors instead of printing a trimmed stack trace, and they are reported
@@ -130,3 +133,16 @@ def main(argv: list[str] | None = None) -> None:
         if told is None:
             raise  # a bug: its whole traceback
         fail(*told)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+    if command == "report":
+        return report(rest)
+    train(rest)

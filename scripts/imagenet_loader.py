@@ -1,4 +1,4 @@
-"""Images per second of resexp's ImageNet input pipeline (resexp/data/imagenet.py): the augmented
+"""Images per second of resexp's ImageNet input pipeline (resexp/data/imagenet_folders.py): the augmented
 training stream, the centre crops and the ten crops, with the settings of conf/data/imagenet.yaml. An ImageNet run is bound by
 this rate when the GPU is faster; it tells how many `data.workers` a run needs.
 

@@ -1,8 +1,10 @@
 """What the tests share: the real config, composed and shrunk; the resexp command, run in this process or
-as a process of its own; TensorBoard curves read back; runs fabricated on disk as resexp writes them."""
+as a process of its own; TensorBoard curves read back; runs fabricated on disk as resexp writes them;
+small float64 nets and batches for comparing two computations of the same step."""
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -14,12 +16,15 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from resexp import cli, config, runs
+from resexp.models import build_model
 from resexp.models.resnet import net_name
+from resexp.step import Step, make_step
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -27,16 +32,65 @@ MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
 DATASETS = sorted(path.stem for path in (CONF / "data").glob("*.yaml"))
 # Small and fast: a few iterations on random images, evaluated twice.
 SHRINK = ["data=synthetic", "schedule.iterations=4", "schedule.milestones=[2,3]", "log_every=2", "eval_points=2"]
-# Long enough to be stopped midway (about 10 s on two cores), small enough to be cheap.
+# Long enough to be stopped midway (a few seconds on two cores), small enough to be cheap.
+RUN_ITERATIONS = 60
 RUN = [
     "data=synthetic",
     "schedule.batch_size=16",
-    "schedule.iterations=120",
-    "schedule.milestones=[60,90]",
+    f"schedule.iterations={RUN_ITERATIONS}",
+    "schedule.milestones=[30,45]",
     "log_every=5",
     "eval_points=4",
     "checkpoint_every=7",
 ]
+
+
+def nets(count: int, device: str = "cpu", **net) -> list[tuple[torch.nn.Module, torch.optim.SGD]]:
+    """`count` nets of one kind with different initial weights, in float64 (so that two computations of
+    the same numbers agree to rounding on any CPU), each with the paper's SGD; a list value
+    (residual=[False, True, False]) sets that key per net."""
+    pairs = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        own = {key: value[seed] if isinstance(value, list) else value for key, value in net.items()}
+        model = build_model(
+            **{
+                "depth": 8,
+                "residual": True,
+                "block": "basic",
+                "stem": "cifar",
+                "shortcut": "identity",
+                "num_classes": 10,
+                **own,
+            }
+        )
+        model = model.to(device, torch.float64, memory_format=torch.channels_last)
+        pairs.append((model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)))
+    return pairs
+
+
+def alone(pairs, shape: tuple[int, ...]) -> list[tuple[torch.nn.Module, torch.optim.SGD, Step]]:
+    """Copies of the runs, each with its own eager step, as they would train outside a group."""
+    copies = []
+    for model, _ in pairs:
+        twin = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        copies.append((twin, optimizer, make_step(twin, optimizer, shape, precision="fp32", cuda_graph=False)))
+    return copies
+
+
+def batches(count: int, seed: int, size: int = 8, pixels: int = 32, device: str = "cpu"):
+    """`count` float64 batches of random images and labels, (size, 3, pixels, pixels) and (size,)."""
+    generator = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(size, 3, pixels, pixels, generator=generator, dtype=torch.float64) for _ in range(count)]
+    ys = [torch.randint(0, 10, (size,), generator=generator) for _ in range(count)]
+    return [x.to(device, memory_format=torch.channels_last) for x in xs], [y.to(device) for y in ys]
+
+
+# In float64 each op rounds at 1e-16 on any CPU; a few steps of a net amplify that to 1e-14, and to
+# 1e-10 for the ill-conditioned ResNet-50 of tests/test_group.py: far inside this tolerance, far
+# outside which any other update lies.
+CLOSE = dict(rtol=1e-7, atol=1e-9)
 
 
 def compose_config(*overrides: str) -> DictConfig:

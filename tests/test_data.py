@@ -71,7 +71,9 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    import torchvision.datasets.utils
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
     with pytest.raises(ResexpError, match="the download failed \\(network is unreachable\\); put the python version"):
         cifar10(
             root=str(tmp_path),

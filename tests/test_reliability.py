@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RUN, resexp, scalars, start_process, stop_midway
+from helpers import RUN, RUN_ITERATIONS, resexp, scalars, start_process, stop_midway
 
 from resexp import checkpoint, runs
 from resexp.data import synthetic
@@ -66,7 +66,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, straight):
     [line] = stderr.strip().splitlines()
     assert line.startswith("resexp: stopped by SIGTERM at iteration ") and f"hydra.run.dir={run_dir}" in line
     stopped_at = int(line.split("at iteration ")[1].split(",")[0])
-    assert checkpoint.load(run_dir / "checkpoint.pt")["progress"]["iteration"] == stopped_at < 120
+    assert checkpoint.load(run_dir / "checkpoint.pt")["progress"]["iteration"] == stopped_at < RUN_ITERATIONS
     assert not (run_dir / "metrics.json").exists()
 
     resumed = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)  # the same command again
@@ -81,10 +81,10 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, strai
     reached = []
     # Each attempt is killed once its log shows a later iteration than the last, and a moment after:
     # random, but before the run can end however fast the machine.
-    for target in sorted(rng.sample(range(10, 95, 5), 4)):
+    for target in sorted(rng.sample(range(5, RUN_ITERATIONS - 15, 5), 4)):
         process = start(run_dir, "checkpoint_every=1")  # a checkpoint every step: kills land mid-write
         for line in process.stdout:
-            shown = re.search(r" it (\d+)/120 .* it/s", line)
+            shown = re.search(rf" it (\d+)/{RUN_ITERATIONS} .* it/s", line)
             if shown and int(shown.group(1)) >= target:
                 break
         time.sleep(rng.uniform(0, 0.02))
@@ -92,7 +92,9 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, strai
         process.communicate()
         state = checkpoint.load(run_dir / "checkpoint.pt")  # whole and readable, whatever the moment
         reached.append(state["progress"]["iteration"])
-    assert reached == sorted(reached) and reached[-1] < 120, reached  # each attempt resumed where the last stopped
+    assert reached == sorted(reached) and reached[-1] < RUN_ITERATIONS, (
+        reached
+    )  # each attempt resumed where the last stopped
     finished = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert_same_run(run_dir, straight)
@@ -131,7 +133,7 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "plain20 finished already" in again.stdout and "resuming" in again.stdout
     assert (first / "metrics.json").read_bytes() == first_metrics
-    assert json.loads((second / "metrics.json").read_text())["iterations"] == 120
+    assert json.loads((second / "metrics.json").read_text())["iterations"] == RUN_ITERATIONS
 
 
 def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_path):
@@ -143,15 +145,15 @@ def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_p
     run_dirs = sorted(p.parent for p in sweep.glob("*/checkpoint.pt"))
     assert len(run_dirs) == 2 and not list(sweep.glob("*/metrics.json"))
     stopped_at = [checkpoint.load(run / runs.CHECKPOINT)["progress"]["iteration"] for run in run_dirs]
-    assert all(0 < iteration < 120 for iteration in stopped_at)
+    assert all(0 < iteration < RUN_ITERATIONS for iteration in stopped_at)
 
     again = resexp("train", *args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("resuming") == 2
-    assert [json.loads((run / "metrics.json").read_text())["iterations"] for run in run_dirs] == [120, 120]
+    assert [json.loads((run / "metrics.json").read_text())["iterations"] for run in run_dirs] == [RUN_ITERATIONS] * 2
     for run in run_dirs:  # every TensorBoard point once, resumed or not
         steps = [step for step, _ in scalars(run)["error/train"]]
-        assert steps == sorted(set(steps)) and steps[-1] == 120
+        assert steps == sorted(set(steps)) and steps[-1] == RUN_ITERATIONS
 
 
 def test_a_sweep_stopped_in_its_first_batch_leaves_no_directory_for_the_second(tmp_path):

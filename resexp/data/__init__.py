@@ -1,8 +1,20 @@
 """Data builders: each returns a `Data` (training batches and evaluation sets) from plain arguments."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from resexp.data.cifar import cifar10
-from resexp.data.imagenet import imagenet
 from resexp.data.loaders import Data
 from resexp.data.synthetic import synthetic
+
+
+def imagenet(**settings: Any) -> Data:
+    """ImageNet from class folders (resexp/data/imagenet_folders.py: its arguments there). Imported here,
+    on first use: torchvision's decoders and transforms (over a second of start-up) load for ImageNet runs only."""
+    from resexp.data.imagenet_folders import imagenet as build
+
+    return build(**settings)
+
 
 __all__ = ["Data", "cifar10", "imagenet", "synthetic"]

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import download_and_extract_archive
 
 from resexp.data.loaders import Data, tensor_data
 from resexp.errors import ResexpError
 
+FOLDER = "cifar-10-batches-py"  # the python version's folder (torchvision's CIFAR10.base_folder)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 IMAGES_PER_FILE = 10_000
@@ -41,13 +40,16 @@ def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def find_or_download(root: str, download: bool) -> Path:
-    folder = Path(root).expanduser().absolute() / CIFAR10.base_folder  # absolute: the message says where it looked
+    folder = Path(root).expanduser().absolute() / FOLDER  # absolute: the message says where it looked
     missing = [name for name in TRAIN_FILES + TEST_FILES if not (folder / name).is_file()]
     if not missing:
         return folder
     how = "put the python version of CIFAR-10 there (cifar-10-batches-py/) or point data.root (or RESEXP_DATA) at a folder that holds it"
     if not download:
         raise ResexpError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; {how}")
+    from torchvision.datasets import CIFAR10  # torchvision's import takes a second: only when downloading
+    from torchvision.datasets.utils import download_and_extract_archive
+
     try:
         download_and_extract_archive(CIFAR10.url, str(folder.parent), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except Exception as error:  # offline, proxy, disk full, bad checksum: the user needs the same advice

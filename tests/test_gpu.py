@@ -1,0 +1,109 @@
+"""The CUDA-only paths, on a GPU (`pytest -m gpu`; skipped where CUDA is missing): the CUDA-graph step, the
+shared-GPU launcher's streams, and the grouped step captured as a graph. What these paths compute is the
+eager step's, which the CPU tests check (test_step.py, test_group.py); here the CUDA code must give the
+same numbers. Float64 where two computations of one step are compared, as on the CPU."""
+
+import json
+
+import pytest
+import torch
+from helpers import CLOSE, SHRINK, alone, batches, nets, resexp
+
+from resexp import checkpoint, jobs, runs
+from resexp.group import make_group_step
+from resexp.step import GraphedStep, make_step, set_lr
+
+pytestmark = pytest.mark.gpu
+SHAPE = (8, 3, 32, 32)
+RATES = (0.1, 0.1, 0.01, 0.0, 0.05)  # a drop, a step that must not move, a rise: no capture again
+
+
+def test_the_cuda_graph_step_equals_eager_steps_and_follows_the_rate_without_capturing_again():
+    [(graphed_model, graphed_sgd)], [(eager_model, eager_sgd, eager)] = nets(1, "cuda"), alone(nets(1, "cuda"), SHAPE)
+    graphed = make_step(graphed_model, graphed_sgd, SHAPE, precision="fp32", cuda_graph=True)
+    assert isinstance(graphed, GraphedStep)
+    graph = graphed.graph
+    for iteration, lr in enumerate(RATES):
+        set_lr(graphed_sgd, lr)
+        set_lr(eager_sgd, lr)
+        (x,), (y,) = batches(1, iteration, device="cuda")
+        torch.testing.assert_close(graphed(x, y).clone(), eager(x, y), **CLOSE)
+    assert graphed.graph is graph
+    for name, tensor in graphed_model.state_dict().items():  # weights, BN statistics
+        torch.testing.assert_close(tensor, eager_model.state_dict()[name], **CLOSE, msg=name)
+    for p, q in zip(graphed_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(
+            graphed_sgd.state[p]["momentum_buffer"], eager_sgd.state[q]["momentum_buffer"], **CLOSE
+        )
+
+
+def test_the_bf16_cuda_graph_step_trains_as_the_eager_one():
+    # The real runs' precision: bf16 autocast, whose weight cache must not outlive the capture.
+    pairs = [(model.float(), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) for model, _ in nets(2, "cuda")]
+    pairs[1][0].load_state_dict(pairs[0][0].state_dict())
+    graphed = make_step(*pairs[0], SHAPE, precision="bf16", cuda_graph=True)
+    eager = make_step(*pairs[1], SHAPE, precision="bf16", cuda_graph=False)
+    for iteration in range(4):
+        (x,), (y,) = batches(1, iteration, device="cuda")
+        x = x.float()
+        # Both run the same kernels (cuDNN's choice for the shapes), bf16 rounding aside: 8 bits of mantissa
+        torch.testing.assert_close(graphed(x, y).clone(), eager(x, y), rtol=2e-2, atol=2e-2)
+    for name, tensor in pairs[0][0].state_dict().items():
+        torch.testing.assert_close(tensor, pairs[1][0].state_dict()[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_a_group_captured_as_a_cuda_graph_trains_each_copy_as_its_run_alone():
+    pairs = nets(3, "cuda", residual=[False, True, True])  # a plain twin beside two residual runs
+    twins = alone(pairs, SHAPE)
+    step = make_group_step([m for m, _ in pairs], [o for _, o in pairs], SHAPE, precision="fp32", cuda_graph=True)
+    assert isinstance(step, GraphedStep)
+    for iteration, lr in enumerate(RATES[:3]):
+        xs, ys = batches(3, iteration, device="cuda")
+        for k, ((_, optimizer), (_, twin_optimizer, _)) in enumerate(zip(pairs, twins)):
+            set_lr(optimizer, lr * (k + 1))  # each run its own rate
+            set_lr(twin_optimizer, lr * (k + 1))
+        stats = step(torch.cat(xs, 1), torch.stack(ys)).clone()
+        for k, ((_, _, twin_step), x, y) in enumerate(zip(twins, xs, ys)):
+            torch.testing.assert_close(stats[k], twin_step(x, y), **CLOSE)
+    for (model, _), (twin, _, _) in zip(pairs, twins):
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, twin.state_dict()[name], **CLOSE, msg=name)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 as fp32 (no TensorFloat-32 kernels), so that two runs of one computation agree to rounding."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+
+@pytest.mark.parametrize("group_runs", ["false", "true"])
+def test_a_shared_gpu_sweep_trains_its_runs_on_streams_of_their_own_as_they_train_one_by_one(
+    tmp_path, monkeypatch, no_tf32, group_runs
+):
+    made, new_stream = [], jobs.new_stream
+
+    def recorded(device: torch.device) -> torch.cuda.Stream:
+        made.append(new_stream(device))
+        return made[-1]
+
+    monkeypatch.setattr(jobs, "new_stream", recorded)
+    sweep = ["-m", *SHRINK, "model.depth=8,14", "seed=0,1", "device=cuda", "precision=fp32", "optim.lr=0.01"]
+    shared = resexp("train", *sweep, f"hydra.launcher.group_runs={group_runs}", "hydra.sweep.dir=shared", cwd=tmp_path)
+    assert shared.returncode == 0, shared.stderr
+    assert len(made) == len(set(made)) == (2 if group_runs == "true" else 4)  # one per training: a group's, or a run's
+    basic = resexp("train", *sweep, "hydra/launcher=basic", "hydra.sweep.dir=basic", cwd=tmp_path)
+    assert basic.returncode == 0, basic.stderr
+    for run in (tmp_path / "basic").glob("*seed=*"):
+        other = tmp_path / "shared" / run.name
+        a, b = (json.loads((path / runs.METRICS).read_text())["final"] for path in (other, run))
+        for key in b:  # cuDNN may pick other kernels in another run: float32 rounding, as on the CPU
+            if key.startswith("loss/"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
+            else:  # error %: at most one of 256 test images, or of 2 batches of 128, flips
+                assert abs(a[key] - b[key]) <= 100 / 256 + 1e-9, key
+        saved = [checkpoint.load(path / runs.CHECKPOINT)["model"] for path in (other, run)]
+        for name, tensor in saved[1].items():
+            torch.testing.assert_close(saved[0][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
