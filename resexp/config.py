@@ -3,8 +3,9 @@
 Two layers of checks, so that nothing past this module meets a wrong value:
 - types, by OmegaConf itself: resexp/schemas.py gives every key of conf/ its type, so `seed=abc` or
   `resume=maybe` is refused while Hydra composes the config, before any directory exists;
-- values, by `check` below, once for every key: positive sizes and counts, a learning rate above zero,
-  momentum in [0, 1), milestones inside the run, the options a choice has.
+- values, by `check_values` (and the functions that make the net, the schedule and the device), once
+  for every key: positive sizes and counts, a learning rate above zero, momentum in [0, 1), milestones
+  inside the run, the options a choice has.
 `settings` then turns the config into the frozen RunSettings a run is built from (resexp/jobs.py),
 each value canonicalised once (the shortcut's letter A/B/C to its name).
 """
@@ -114,12 +115,12 @@ def non_negative(key: str, value: float) -> None:
 
 def interval(low: float, high: float, *, low_open: bool, high_open: bool) -> Callable[[str, float], None]:
     """A check that values lie between `low` and `high`, each end open (excluded) or closed."""
+    span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
     def check(key: str, value: float) -> None:
         above = value > low if low_open else value >= low
         below = value < high if high_open else value <= high
         if not (above and below):
-            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
             raise ResexpError(f"{key}={value!r} must be in {span}")
 
     return check
@@ -136,19 +137,19 @@ def one_of(*options: str) -> Callable[[str, str], None]:
 
 
 def is_true(key: str, value: bool) -> None:
-    if value is not True:
-        raise ResexpError(f"{key}={value!r} must be true: the run passes the rest of the arguments")
+    if value is not True:  # _partial_: the run itself passes the optimizer its parameters, the data its batch size
+        raise ResexpError(f"{key}={value!r} must be true: the run passes the remaining arguments itself")
 
 
 def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
     return lambda key, value: value is None or check(key, value)
 
 
-# Every key with a range, by its full name; booleans and strings without options need none. The data
-# keys are those of any data config.
+# Every key with a range, by its full name; booleans and strings without options need none, and the
+# precision, the device, the shortcut, the depth and the milestones are checked as they are made below.
+# The data keys are those of any data config.
 CHECKS: dict[str, Callable[[str, Any], None]] = {
     "seed": interval(0, 2**32, low_open=False, high_open=True),  # ImageNet's epoch seeds multiply it: 32 bits
-    "precision": one_of("auto", *PRECISIONS),
     "on_nonfinite": one_of("stop", "skip"),
     "eval_points": positive_int,
     "log_every": positive_int,
@@ -180,7 +181,10 @@ def flat(cfg: DictConfig) -> dict[str, Any]:
 
     def walk(node: dict, prefix: str) -> None:
         for key, value in node.items():
-            walk(value, f"{prefix}{key}.") if isinstance(value, dict) else pairs.__setitem__(f"{prefix}{key}", value)
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                pairs[f"{prefix}{key}"] = value
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return pairs
@@ -243,7 +247,7 @@ def net_spec(cfg: DictConfig) -> NetSpec:
 
 def run_name(residual: bool, depth: int, shortcut: str) -> str:
     """The net's name in the default run directory (conf/train.yaml's `resexp.net` resolver). A shortcut
-    that is no option is named as typed: `check` refuses it, and the directory is taken back."""
+    that is no option is named as typed: `settings` refuses it, and the directory is taken back."""
     try:
         return net_name(residual, depth, canonical_shortcut(shortcut))
     except ResexpError:
@@ -253,7 +257,6 @@ def run_name(residual: bool, depth: int, shortcut: str) -> str:
 def schedule(cfg: DictConfig) -> Schedule:
     plan = cfg.schedule
     iterations, milestones = plan.iterations, tuple(plan.milestones)
-    positive_int("schedule.iterations", iterations)
     if list(milestones) != sorted(milestones) or any(not 0 < m < iterations for m in milestones):
         raise ResexpError(
             f"schedule.milestones={list(milestones)} must be increasing iterations within the run's "
@@ -338,9 +341,8 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
     )
 
 
-SWEEPS: list[
-    tuple[Path, bool]
-] = []  # the sweep directories Hydra made in this process, and whether the user chose them
+# The sweep directories Hydra made in this process, and whether the user chose them.
+SWEEPS: list[tuple[Path, bool]] = []
 
 
 class SweepRecord(Callback):

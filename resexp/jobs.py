@@ -6,11 +6,12 @@ training loop (train.py):
 `prepare` builds a run from its settings and decides what its directory holds already: nothing (a new
 run), a checkpoint of the same run (resumed), metrics.json (finished: skipped), anything else (refused).
 Bad input met on the way takes back what Hydra made for the run (`taken_back`). `train` trains prepared
-runs, one or many at once (a single run is a batch of one), each in a thread of its own, and maps however
-each ended to one outcome: their final test errors; Interrupted for a stop request, every run having saved
-its checkpoint; a ResexpError naming each run that failed; or a bug's own exception. `start`, a Hydra
-task's last step, trains its run at once, or hands it to the batch the shared-GPU launcher is collecting
-(hydra_plugins/resexp_launcher/), which then trains the batch's runs together.
+runs, one or many at once (a single run is a batch of one; several train each in a thread of its own),
+and maps however each ended to one outcome: their final test errors; Interrupted for a stop request,
+every run having saved its checkpoint; a ResexpError naming each run that failed; or a bug's own
+exception. `start`, a Hydra task's last step, trains its run at once, or hands it to the batch the
+shared-GPU launcher is collecting (hydra_plugins/resexp_launcher/), which then trains the batch's runs
+together.
 """
 
 from __future__ import annotations
@@ -132,7 +133,12 @@ def prepare(settings: RunSettings) -> Job:
     params = count_parameters(model)
     log.info(
         "%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s",
-        *(name, f"{params:,}", loop.schedule.iterations, settings.batch_size, settings.device, loop.precision),
+        name,
+        f"{params:,}",
+        loop.schedule.iterations,
+        settings.batch_size,
+        settings.device,
+        loop.precision,
         settings.place.run_dir,
     )
     return Job(

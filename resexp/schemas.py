@@ -45,40 +45,36 @@ class ScheduleSchema:  # conf/schedule/
 
 
 @dataclass
-class Cifar10Schema:  # conf/data/cifar10.yaml
+class DataSchema:  # what every data config has
     _target_: str = MISSING
     _partial_: bool = MISSING
-    root: str = MISSING
-    download: bool = MISSING
     num_classes: int = MISSING
-    val_size: int = MISSING
     eval_batch_size: int = MISSING
 
 
 @dataclass
-class ImageNetSchema:  # conf/data/imagenet.yaml
-    _target_: str = MISSING
-    _partial_: bool = MISSING
+class Cifar10Schema(DataSchema):  # conf/data/cifar10.yaml
     root: str = MISSING
-    num_classes: int = MISSING
+    download: bool = MISSING
+    val_size: int = MISSING
+
+
+@dataclass
+class ImageNetSchema(DataSchema):  # conf/data/imagenet.yaml
+    root: str = MISSING
     scale: list[int] = MISSING
     crop: int = MISSING
     test_size: int = MISSING
     lighting_std: float = MISSING
     mean: list[float] = MISSING
-    workers: Any = MISSING  # auto or a number: OmegaConf 2.3 has no unions, so `check` tells
-    eval_batch_size: int = MISSING
+    workers: Any = MISSING  # auto or a number: OmegaConf 2.3 has no unions, so resexp/config.py tells
 
 
 @dataclass
-class SyntheticSchema:  # conf/data/synthetic.yaml
-    _target_: str = MISSING
-    _partial_: bool = MISSING
-    num_classes: int = MISSING
+class SyntheticSchema(DataSchema):  # conf/data/synthetic.yaml
     train_size: int = MISSING
     test_size: int = MISSING
     val_size: int = MISSING
-    eval_batch_size: int = MISSING
 
 
 @dataclass

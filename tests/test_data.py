@@ -33,17 +33,14 @@ def fake_cifar(tmp_path):
     return tmp_path
 
 
+def load_cifar(root, **changes):
+    """cifar10() of `root` with small settings; `changes` replace some."""
+    settings = dict(download=False, num_classes=10, val_size=0, eval_batch_size=1, batch_size=1, seed=0, device=CPU)
+    return cifar10(root=str(root), **{**settings, **changes})
+
+
 def test_reads_the_standard_layout_without_md5_checks(fake_cifar):
-    data = cifar10(
-        root=str(fake_cifar),
-        download=False,
-        num_classes=10,
-        val_size=0,
-        eval_batch_size=1000,
-        batch_size=128,
-        seed=0,
-        device=CPU,
-    )
+    data = load_cifar(fake_cifar, eval_batch_size=1000, batch_size=128)
     assert data.num_train == 50_000
     assert len(data.evals["test"].labels) == 10_000
     x, y = next(iter(data.train))
@@ -52,16 +49,7 @@ def test_reads_the_standard_layout_without_md5_checks(fake_cifar):
 
 def test_missing_data_names_the_folder_and_how_to_provide_it(tmp_path):
     with pytest.raises(ResexpError) as error:
-        cifar10(
-            root=str(tmp_path),
-            download=False,
-            num_classes=10,
-            val_size=0,
-            eval_batch_size=1,
-            batch_size=1,
-            seed=0,
-            device=CPU,
-        )
+        load_cifar(tmp_path)
     message = str(error.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and "data_batch_1" in message and "data.root" in message
     assert "\n" not in message
@@ -75,16 +63,7 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
     with pytest.raises(ResexpError, match="the download failed \\(network is unreachable\\); put the python version"):
-        cifar10(
-            root=str(tmp_path),
-            download=True,
-            num_classes=10,
-            val_size=0,
-            eval_batch_size=1,
-            batch_size=1,
-            seed=0,
-            device=CPU,
-        )
+        load_cifar(tmp_path, download=True)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong shape"])

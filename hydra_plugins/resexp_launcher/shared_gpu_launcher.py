@@ -53,12 +53,9 @@ def labels(batch: Sequence[Sequence[str]]) -> list[str]:
 
 class SharedGPULauncher(Launcher):
     def __init__(self, max_runs: int, group_runs: bool = False) -> None:
-        self.max_runs = (
-            max_runs  # networks trained at once (a group of group_runs is one); more wait for the next batch
-        )
-        self.group_runs = (
-            group_runs  # runs of the same layers (seeds, plain/residual twins) train as one grouped network
-        )
+        # max_runs: networks trained at once (a group of group_runs is one); more wait for the next batch.
+        # group_runs: runs of the same layers (seeds, plain/residual twins) train as one grouped network.
+        self.max_runs, self.group_runs = max_runs, group_runs
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
@@ -134,14 +131,14 @@ class SharedGPULauncher(Launcher):
                 root.addHandler(handler)
         app.addFilter(label_with_thread)
         try:
-            errors = jobs.train([job for _, job, _ in batch], self.group_runs)
+            test_errors = jobs.train([job for _, job, _ in batch], self.group_runs)
         finally:
             app.removeFilter(label_with_thread)
             for _, _, files in batch:
                 for handler in files:
                     root.removeHandler(handler)
                     handler.close()
-        for (returned, _, _), error in zip(batch, errors):
+        for (returned, _, _), error in zip(batch, test_errors):  # what the app returns: a sweeper can minimise it
             returned.return_value, returned.status = error, JobStatus.COMPLETED
         return [returned for returned, _, _ in batch]
 
