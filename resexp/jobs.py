@@ -176,9 +176,9 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
     """Train (or resume) the run with `step` and write its metrics.json; its final test error."""
     if job.finished is not None:
         return job.finished.final["error/test"]
-    settings, about = job.settings, description(job)
+    settings, described = job.settings, description(job)
     run_dir = settings.place.run_dir
-    hparams = {**about, "shortcut": about["shortcut"] or "none"}  # TensorBoard takes no None
+    hparams = {**described, "shortcut": described["shortcut"] or "none"}  # TensorBoard takes no None
     summary = train_loop(
         job.model,
         job.optimizer,
@@ -196,7 +196,7 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
     runs.write_metrics(
         run_dir,
         Metrics(
-            **about,
+            **described,
             precision=settings.loop.precision,
             images_per_s=settings.loop.schedule.iterations * settings.batch_size / summary["train_time_s"],
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -226,7 +226,7 @@ def train_as_one(jobs: list[Job], group_runs: bool) -> list[list[int]]:
     return list(together.values())
 
 
-def trainings(jobs: list[Job], group_runs: bool) -> int:
+def networks_to_train(jobs: list[Job], group_runs: bool) -> int:
     """How many networks `jobs` train: a group is one, a finished run none."""
     return sum(jobs[members[0]].finished is None for members in train_as_one(jobs, group_runs))
 

@@ -80,7 +80,7 @@ class SharedGPULauncher(Launcher):
             try:
                 while pending and not waiting:
                     run = self.prepare(*pending.pop(0))
-                    if jobs.trainings([job for _, job, _ in [*batch, run]], self.group_runs) > self.max_runs:
+                    if jobs.networks_to_train([job for _, job, _ in [*batch, run]], self.group_runs) > self.max_runs:
                         waiting = [run]
                     else:
                         batch.append(run)
