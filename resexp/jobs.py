@@ -291,10 +291,8 @@ def train(jobs: list[Job], group_runs: bool = False) -> list[float]:
 
     def work(index: int, screen: Display, run_step: RunStep) -> None:
         thread = threading.current_thread()
-        named, thread.name = (
-            thread.name,
-            jobs[index].label,
-        )  # the thread of a run is named by it: its log records say so
+        # The thread of a run is named by it, so that its log records say which run they are about.
+        named, thread.name = thread.name, jobs[index].label
         try:
             with on_stream(run_step.stream):
                 outcomes[index] = train_job(jobs[index], screen, run_step.stops, run_step.step)

@@ -31,9 +31,8 @@ class Schedule:
     iterations: int  # training steps in all
     milestones: tuple[int, ...]  # iterations at which the learning rate is multiplied by `gamma`
     gamma: float  # the factor at each milestone (the paper divides by 10)
-    warmup_lr: (
-        float | None
-    )  # the learning rate until the training error falls below `warmup_until_error`; None: no warm-up
+    # the learning rate until the training error falls below `warmup_until_error`; None: no warm-up
+    warmup_lr: float | None
     warmup_until_error: float  # % training error that ends the warm-up
 
 

@@ -93,6 +93,15 @@ def batches(count: int, seed: int, size: int = 8, pixels: int = 32, device: str 
 CLOSE = dict(rtol=1e-7, atol=1e-9)
 
 
+def assert_same(model, twin, optimizer, twin_optimizer) -> None:
+    """Two nets trained alike: the same weights, BN statistics and momentum, to float64 rounding (CLOSE)."""
+    for name, tensor in model.state_dict().items():  # weights, and BN's running statistics and count
+        torch.testing.assert_close(tensor, twin.state_dict()[name], **CLOSE, msg=name)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        momentum, twin_momentum = optimizer.state[p]["momentum_buffer"], twin_optimizer.state[q]["momentum_buffer"]
+        torch.testing.assert_close(momentum, twin_momentum, **CLOSE)
+
+
 def compose_config(*overrides: str) -> DictConfig:
     return config.compose(*overrides)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import CLOSE, SHRINK, alone, batches, nets, resexp
+from helpers import CLOSE, SHRINK, alone, assert_same, batches, nets, resexp
 
 from resexp import checkpoint, jobs, runs
 from resexp.group import make_group_step
@@ -29,12 +29,7 @@ def test_the_cuda_graph_step_equals_eager_steps_and_follows_the_rate_without_cap
         (x,), (y,) = batches(1, iteration, device="cuda")
         torch.testing.assert_close(graphed(x, y).clone(), eager(x, y), **CLOSE)
     assert graphed.graph is graph
-    for name, tensor in graphed_model.state_dict().items():  # weights, BN statistics
-        torch.testing.assert_close(tensor, eager_model.state_dict()[name], **CLOSE, msg=name)
-    for p, q in zip(graphed_model.parameters(), eager_model.parameters()):
-        torch.testing.assert_close(
-            graphed_sgd.state[p]["momentum_buffer"], eager_sgd.state[q]["momentum_buffer"], **CLOSE
-        )
+    assert_same(graphed_model, eager_model, graphed_sgd, eager_sgd)
 
 
 def test_the_bf16_cuda_graph_step_trains_as_the_eager_one():
@@ -65,9 +60,8 @@ def test_a_group_captured_as_a_cuda_graph_trains_each_copy_as_its_run_alone():
         stats = step(torch.cat(xs, 1), torch.stack(ys)).clone()
         for k, ((_, _, twin_step), x, y) in enumerate(zip(twins, xs, ys)):
             torch.testing.assert_close(stats[k], twin_step(x, y), **CLOSE)
-    for (model, _), (twin, _, _) in zip(pairs, twins):
-        for name, tensor in model.state_dict().items():
-            torch.testing.assert_close(tensor, twin.state_dict()[name], **CLOSE, msg=name)
+    for (model, optimizer), (twin, twin_optimizer, _) in zip(pairs, twins):
+        assert_same(model, twin, optimizer, twin_optimizer)
 
 
 @pytest.fixture

@@ -9,19 +9,11 @@ import threading
 
 import pytest
 import torch
-from helpers import CLOSE, RUN, RUN_ITERATIONS, SHRINK, alone, batches, nets, resexp, stop_midway
+from helpers import CLOSE, RUN, RUN_ITERATIONS, SHRINK, alone, assert_same, batches, nets, resexp, stop_midway
 
 from resexp import checkpoint, runs
 from resexp.group import Lockstep, make_group_step
 from resexp.step import set_lr
-
-
-def assert_same(model, twin, optimizer, twin_optimizer):
-    for name, tensor in model.state_dict().items():  # weights, and BN's running statistics and count
-        torch.testing.assert_close(tensor, twin.state_dict()[name], **CLOSE, msg=name)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        momentum, twin_momentum = optimizer.state[p]["momentum_buffer"], twin_optimizer.state[q]["momentum_buffer"]
-        torch.testing.assert_close(momentum, twin_momentum, **CLOSE)
 
 
 # ResNet-50 on 32-pixel images at batch 8 (its last BN over 1x1 maps) is so ill-conditioned that weights
@@ -175,9 +167,8 @@ def test_a_sweep_with_group_runs_matches_the_same_sweep_without(tmp_path, sweep,
         assert saved[0].keys() == saved[1].keys()  # a plain run saves no gate of its group
         for name, tensor in saved[1].items():
             torch.testing.assert_close(saved[0][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
-            assert saved[0][name].untyped_storage().nbytes() == tensor.untyped_storage().nbytes(), (
-                name
-            )  # its slice, not the group's
+            # its slice, not the group's
+            assert saved[0][name].untyped_storage().nbytes() == tensor.untyped_storage().nbytes(), name
 
 
 def test_max_runs_counts_a_group_as_one_training(tmp_path):

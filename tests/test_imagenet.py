@@ -180,9 +180,8 @@ def test_an_imagenet_net_trains_on_imagenet_and_reports_tables_2_and_3(tmp_path,
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["data"], metrics["net"], metrics["batch_size"]) == ("imagenet", "resnet18-A", 8)
     assert {"error/val", "error_top5/val", "error/test", "error_top5/test"} <= set(metrics["final"])
-    assert (
-        metrics["best"]["iteration/val"] in (2, 4) and metrics["best"]["iteration/test"] == 4
-    )  # ten crops once, at the end
+    # ten crops once, at the end
+    assert metrics["best"]["iteration/val"] in (2, 4) and metrics["best"]["iteration/test"] == 4
     report = resexp("report", str(run), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert "27.88 (Table 2)" in report.stdout and "top-5" in report.stdout

@@ -92,9 +92,8 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, strai
         process.communicate()
         state = checkpoint.load(run_dir / "checkpoint.pt")  # whole and readable, whatever the moment
         reached.append(state["progress"]["iteration"])
-    assert reached == sorted(reached) and reached[-1] < RUN_ITERATIONS, (
-        reached
-    )  # each attempt resumed where the last stopped
+    # each attempt resumed where the last stopped
+    assert reached == sorted(reached) and reached[-1] < RUN_ITERATIONS, reached
     finished = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert_same_run(run_dir, straight)

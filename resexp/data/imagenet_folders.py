@@ -86,9 +86,8 @@ class EpochOrder(Sampler):
         return self.size - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.epoch
-        )  # distinct for any epoch count a run reaches
+        # one seed per (seed, epoch), distinct for any epoch count a run reaches
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
         seeds = torch.randint(2**62, (self.size,), generator=generator)
         return zip(order[self.start :].tolist(), seeds[self.start :].tolist())

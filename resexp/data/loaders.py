@@ -112,14 +112,12 @@ class Batches(Protocol):
 @dataclass
 class Data:
     train: Batches  # augmented training batches, endless and resumable
-    evals: dict[
-        str, Iterable[tuple[torch.Tensor, torch.Tensor]]
-    ]  # evaluated over the run: "test", and "val" with a split
+    # evaluated over the run: "test", and "val" with a split
+    evals: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]
     num_train: int  # images trained on
     image_shape: tuple[int, int, int]  # (channels, height, width) of a training image
-    final: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(
-        default_factory=dict
-    )  # evaluated once, at the end
+    # evaluated once, at the end
+    final: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     top5: bool = False  # also log the top-5 error (ImageNet)
 
 
