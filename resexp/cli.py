@@ -21,18 +21,27 @@ from resexp.errors import Interrupted, JobFailed, ResexpError
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from resexp.evaluate import SavedRun
+
 # Hydra, torch and the rest are imported once a command needs them: `resexp --help` answers at once.
 
 COMMANDS = {
     "train": "train a plain or residual net (a Hydra app: `resexp train --help`, `resexp train -m ...`)",
     "report": "the runs under some directories as the paper's tables and figures (`resexp report --help`)",
+    "eval": "the test error of trained runs from their checkpoints, single view and 10-crop (`resexp eval --help`)",
+    "export": "a trained run's weights alone, and torchvision's keys where the net is torchvision's (`resexp export --help`)",
 }
 USAGE = (
     "usage: resexp {"
     + ",".join(COMMANDS)
-    + "} [args]\n\ncommands:\n"
+    + "} [args]  |  resexp --version\n\ncommands:\n"
     + "".join(f"  {name:8s}{text}\n" for name, text in COMMANDS.items())
+    + "\nshell completion (bash; zsh after `autoload -Uz bashcompinit && bashcompinit`):\n"
+    + '  eval "$(resexp train -sc install=bash)"\n'
 )
+COMPLETION = ("-sc", "--shell-completion")  # Hydra's flag, which its bash completion calls back with
+# Hydra's flags that each pick what the app does: at most one at a time.
+MODES = {"multirun": "-m", "cfg": "--cfg", "info": "--info", "shell_completion": "-sc"}
 
 
 def train_task(cfg: DictConfig) -> float | None:
@@ -105,6 +114,106 @@ def report(rest: list[str]) -> None:
         fail(f"error: {error}")
 
 
+def trained_runs(parser: argparse.ArgumentParser, rest: list[str]) -> tuple[argparse.Namespace, list[SavedRun]]:
+    """`resexp eval` and `export`: the runs with a checkpoint below the directories given, made again
+    from their own records (config.saved_run)."""
+    from resexp import config, runs
+
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run or sweep directories")
+    parser.add_argument("--data-root", help="the data's folder, where it is not where the run had it (data.root)")
+    args = parser.parse_args(rest)
+    config.register()
+    for directory in args.dirs:
+        if not directory.is_dir():
+            raise ResexpError(f"{directory} is not a directory of runs")
+    found = sorted({path.parent for directory in args.dirs for path in directory.rglob(runs.CHECKPOINT)})
+    if not found:
+        raise ResexpError(f"no run with a {runs.CHECKPOINT} under {', '.join(map(str, args.dirs))}")
+    return args, [config.saved_run(path, args.data_root) for path in found]
+
+
+def evaluate(rest: list[str]) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from resexp import config
+    from resexp.evaluate import evaluate_run
+
+    parser = argparse.ArgumentParser(prog="resexp eval", description=COMMANDS["eval"].split(" (")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON (- for stdout)")
+    try:
+        args, saved = trained_runs(parser, rest)
+        device = config.pick_device(args.device)
+        rows = [row for run in saved for row in evaluate_run(run, device, args.precision)]
+    except ResexpError as error:
+        fail(f"error: {error}")
+    table = Table("run", "net", "iteration", "set", "views", "top-1 err %", "top-5 err %")
+    for row in rows:
+        top5 = f"{row['error_top5']:.2f}" if "error_top5" in row else "-"
+        cells = (row["run"], row["net"], row["iteration"], row["set"], row["views"], f"{row['error']:.2f}", top5)
+        table.add_row(*map(str, cells))
+    text = json.dumps(rows, indent=2) + "\n"
+    if args.json is not None and str(args.json) == "-":
+        sys.stdout.write(text)
+        return
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: whole paths rather than the 80 columns assumed
+        console.width = 200
+    console.print(table)
+    if args.json is not None:
+        args.json.write_text(text)
+
+
+def export(rest: list[str]) -> None:
+    from resexp.evaluate import export_run
+
+    parser = argparse.ArgumentParser(prog="resexp export", description=COMMANDS["export"].split(" (")[0])
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where the files go (default: each run's directory)")
+    try:
+        args, saved = trained_runs(parser, rest)
+        for run in saved:
+            for path in export_run(run, args.out or run.run_dir):
+                print(path)
+    except ResexpError as error:
+        fail(f"error: {error}")
+
+
+def complete(argv: list[str]) -> None:
+    """Hydra's bash completion, which calls `resexp -sc query=bash` back with the line typed so far
+    (COMP_LINE): the commands while the first word is typed, then for `resexp train` Hydra's own
+    answer, given the line as Hydra's app alone would see it."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if not any(arg.startswith("query") for arg in argv):  # install or uninstall: Hydra's script
+        return train(argv)
+    if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+        print(" ".join(COMMANDS))
+    elif words[1] == "train":
+        os.environ["COMP_LINE"] = line.replace(" train", "", 1)  # Hydra drops the app's name, one word
+        train(argv)
+    # the other commands take paths: the shell completes them (-o default)
+
+
+def check_modes(rest: list[str]) -> None:
+    """Hydra refuses two of -m, --cfg, --info, -sc with a traceback: say it in one line."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(rest)
+    except SystemExit:  # a malformed flag: Hydra's own parser says what is wrong
+        return
+    given = [flag for name, flag in MODES.items() if getattr(args, name)]
+    if len(given) > 1:
+        fail(
+            f"error: {' and '.join(given)} cannot be used together; for the config of a sweep's runs, "
+            "drop -m and give one run's values (`resexp train --cfg job model=plain56`)"
+        )
+
+
 def train(rest: list[str]) -> None:
     """`resexp train`: Hydra's app, with every way it can end told in one line."""
     import hydra
@@ -112,8 +221,11 @@ def train(rest: list[str]) -> None:
 
     from resexp import config
 
+    check_modes(rest)
     config.register()
-    sys.argv = ["resexp train", *rest]
+    # Hydra's completion script registers sys.argv[0]: the command `resexp`, whose dispatcher answers
+    # the completion queries (complete).
+    sys.argv = ["resexp" if COMPLETION[0] in rest or COMPLETION[1] in rest else "resexp train", *rest]
     source = config.config_dir()
     config_path = str(source) if isinstance(source, Path) else "pkg://resexp.conf"
     # Hydra then raises its errors instead of printing a trimmed stack trace, and they are reported
@@ -128,6 +240,8 @@ def train(rest: list[str]) -> None:
         with config.sweeps_taken_back():  # a sweep that ended before any of its runs started leaves no directory
             config.check_choices([arg for arg in rest if "=" in arg and not arg.startswith("-")])
             hydra.main(version_base="1.3", config_path=config_path, config_name="train")(train_task)()
+    except BrokenPipeError:  # not the run directory: the reader of a pipe left (main)
+        raise
     except (Exception, KeyboardInterrupt, Interrupted, JobFailed) as error:
         told = outcome(error.error if isinstance(error, JobFailed) else error)
         if told is None:
@@ -137,12 +251,31 @@ def train(rest: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        dispatch(argv)
+    except BrokenPipeError:  # `resexp train --help | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        sys.exit(128 + signal.SIGPIPE)
+
+
+def dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
+    if argv[0] == "--version":
+        import resexp
+
+        print(f"resexp {resexp.__version__}")
+        return
     command, rest = argv[0], argv[1:]
+    if command in COMPLETION:
+        return complete(argv)
     if command not in COMMANDS:
         fail(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
     if command == "report":
         return report(rest)
+    if command == "eval":
+        return evaluate(rest)
+    if command == "export":
+        return export(rest)
     train(rest)

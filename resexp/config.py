@@ -3,11 +3,12 @@
 Two layers of checks, so that nothing past this module meets a wrong value:
 - types, by OmegaConf itself: resexp/schemas.py gives every key of conf/ its type, so `seed=abc` or
   `resume=maybe` is refused while Hydra composes the config, before any directory exists;
-- values, by `check_values` (and the functions that make the net, the schedule and the device), once
-  for every key: positive sizes and counts, a learning rate above zero, momentum in [0, 1), milestones
-  inside the run, the options a choice has.
+- values, by `check_values` (resexp/checks.py) and the functions below that make the net, the schedule
+  and the device, once for every key: positive sizes and counts, a learning rate above zero, momentum
+  in [0, 1), milestones inside the run, the options a choice has.
 `settings` then turns the config into the frozen RunSettings a run is built from (resexp/jobs.py),
-each value canonicalised once (the shortcut's letter A/B/C to its name).
+each value canonicalised once (the shortcut's letter A/B/C to its name); `saved_run` makes a trained
+run's net and data again from its directory, for `resexp eval` and `resexp export`.
 """
 
 from __future__ import annotations
@@ -17,34 +18,39 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+import yaml
 from hydra import initialize_config_dir, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from resexp import schemas
+from resexp import checkpoint, resolvers, schemas
+from resexp.checks import check_values, one_of
 from resexp.errors import ResexpError
+from resexp.evaluate import SavedRun
 from resexp.jobs import RunSettings
 from resexp.models import NetSpec, canonical_shortcut
-from resexp.models.resnet import net_name
-from resexp.runs import Place, take_back_sweep
+from resexp.runs import CHECKPOINT, HYDRA, Place, swept_keys, take_back_sweep
 from resexp.step import PRECISIONS
 from resexp.train import Loop, Schedule
 
 
 def register() -> None:
-    """The schemas (resexp/schemas.py) and the run-name resolver: before any config is composed."""
+    """The schemas (resexp/schemas.py) and the config's resolvers (resexp/resolvers.py): before any
+    config is composed."""
     schemas.register()
-    OmegaConf.register_new_resolver("resexp.net", run_name, replace=True)
+    resolvers.register()
 
 
 def config_dir() -> Path | importlib.resources.abc.Traversable:
@@ -93,88 +99,6 @@ def check_choices(overrides: list[str]) -> None:
                 )
 
 
-def positive_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ResexpError(f"{key}={value!r} must be a positive integer")
-
-
-def non_negative_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or value < 0:
-        raise ResexpError(f"{key}={value!r} must be an integer of 0 or more")
-
-
-def positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ResexpError(f"{key}={value!r} must be positive")
-
-
-def non_negative(key: str, value: float) -> None:
-    if not value >= 0:
-        raise ResexpError(f"{key}={value!r} must be 0 or more")
-
-
-def interval(low: float, high: float, *, low_open: bool, high_open: bool) -> Callable[[str, float], None]:
-    """A check that values lie between `low` and `high`, each end open (excluded) or closed."""
-    span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-
-    def check(key: str, value: float) -> None:
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        if not (above and below):
-            raise ResexpError(f"{key}={value!r} must be in {span}")
-
-    return check
-
-
-def one_of(*options: str) -> Callable[[str, str], None]:
-    listed = " or ".join(options) if len(options) == 2 else ", ".join(options)
-
-    def check(key: str, value: str) -> None:
-        if value not in options:
-            raise ResexpError(f"{key}={value!r} is not an option; choose {listed}")
-
-    return check
-
-
-def is_true(key: str, value: bool) -> None:
-    if value is not True:  # _partial_: the run itself passes the optimizer its parameters, the data its batch size
-        raise ResexpError(f"{key}={value!r} must be true: the run passes the remaining arguments itself")
-
-
-def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
-    return lambda key, value: value is None or check(key, value)
-
-
-# Every key with a range, by its full name; booleans and strings without options need none, and the
-# precision, the device, the shortcut, the depth and the milestones are checked as they are made below.
-# The data keys are those of any data config.
-CHECKS: dict[str, Callable[[str, Any], None]] = {
-    "seed": interval(0, 2**32, low_open=False, high_open=True),  # ImageNet's epoch seeds multiply it: 32 bits
-    "on_nonfinite": one_of("stop", "skip"),
-    "eval_points": positive_int,
-    "log_every": positive_int,
-    "checkpoint_every": positive_int,
-    "optim._partial_": is_true,
-    "optim.lr": positive,
-    "optim.momentum": interval(0, 1, low_open=False, high_open=True),
-    "optim.weight_decay": non_negative,
-    "schedule.batch_size": positive_int,
-    "schedule.iterations": positive_int,
-    "schedule.gamma": interval(0, 1, low_open=True, high_open=False),  # the rate falls at a milestone, or stays
-    "schedule.warmup_min_depth": optional(positive_int),
-    "schedule.warmup_lr": positive,
-    "schedule.warmup_until_error": interval(0, 100, low_open=True, high_open=False),
-    "data._partial_": is_true,
-    "data.num_classes": positive_int,
-    "data.val_size": non_negative_int,
-    "data.eval_batch_size": positive_int,
-    "data.train_size": positive_int,
-    "data.test_size": positive_int,
-    "data.crop": positive_int,
-    "data.lighting_std": non_negative,
-}
-
-
 def flat(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as `a.b: value` pairs."""
     pairs: dict[str, Any] = {}
@@ -188,30 +112,6 @@ def flat(cfg: DictConfig) -> dict[str, Any]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return pairs
-
-
-def check_values(values: dict[str, Any]) -> None:
-    """Every value of the flat config in range (CHECKS, and ImageNet's sizes), or one line naming the
-    first that is not and what it may be. The net, the schedule and the device check their own as they
-    are made."""
-    for key, value in values.items():
-        if key in CHECKS:
-            CHECKS[key](key, value)
-    if "data.workers" in values and values["data.workers"] != "auto":
-        workers = values["data.workers"]
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-            raise ResexpError(
-                f"data.workers={workers!r} must be auto or a number of processes (0: decode in the training process)"
-            )
-    if "data.scale" in values:  # ImageNet: the crops come from the resized images (§3.4)
-        scale, crop, test = values["data.scale"], values["data.crop"], values["data.test_size"]
-        if not (len(scale) == 2 and crop <= scale[0] <= scale[1] and crop <= test):
-            raise ResexpError(
-                f"data.scale={list(scale)}, data.crop={crop}, data.test_size={test}: "
-                "need crop <= scale[0] <= scale[1] and crop <= test_size"
-            )
-    if "data.mean" in values and not (len(values["data.mean"]) == 3 and all(0 <= m <= 1 for m in values["data.mean"])):
-        raise ResexpError(f"data.mean={values['data.mean']} must be three values in [0, 1], one per RGB channel")
 
 
 # --- Settings
@@ -243,15 +143,6 @@ def net_spec(cfg: DictConfig) -> NetSpec:
     model = cfg.model
     shortcut = canonical_shortcut(cfg.shortcut)
     return NetSpec(model.depth, model.residual, model.block, model.stem, shortcut, cfg.data.num_classes)
-
-
-def run_name(residual: bool, depth: int, shortcut: str) -> str:
-    """The net's name in the default run directory (conf/train.yaml's `resexp.net` resolver). A shortcut
-    that is no option is named as typed: `settings` refuses it, and the directory is taken back."""
-    try:
-        return net_name(residual, depth, canonical_shortcut(shortcut))
-    except ResexpError:
-        return f"resnet{depth}-{shortcut}"
 
 
 def schedule(cfg: DictConfig) -> Schedule:
@@ -297,6 +188,16 @@ def resume_command(hydra_cfg: DictConfig) -> str:
     return " ".join(["resexp train", *map(shlex.quote, arguments)])
 
 
+def sweep_values(hydra_cfg: DictConfig, values: dict[str, Any]) -> dict[str, Any]:
+    """In a sweep, the keys it varies (runs.swept_keys) other than the net's, with this run's values."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    keys = swept_keys(Path(hydra_cfg.sweep.dir)) or []
+    chosen = hydra_cfg.runtime.choices
+    picked = {key: values[key] if key in values else chosen.get(key) for key in keys}
+    return {key: value for key, value in picked.items() if key not in resolvers.NAMED_BY_NET and value is not None}
+
+
 def cpu_cores() -> int:
     """The CPU cores this process may use (its affinity, where the OS tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -333,12 +234,56 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
         device=device,
         cuda_graph=cfg.cuda_graph,
         compile=cfg.compile,
+        deterministic=cfg.deterministic,
         resume=cfg.resume,
         identity=identity,
         model_config=hydra_cfg.runtime.choices.get("model"),
         data_config=hydra_cfg.runtime.choices.get("data"),
         resume_command=resume_command(hydra_cfg),
+        varies=sweep_values(hydra_cfg, values),
     )
+
+
+# --- A finished or stopped run, made again from its directory (resexp eval, resexp export)
+
+# The builders a run's data and optimizer may name: a saved config names one of these or is refused,
+# since `instantiate` calls what `_target_` names and a run directory may come from anyone.
+TARGETS = {"resexp.data.cifar10", "resexp.data.imagenet", "resexp.data.synthetic", "torch.optim.SGD"}
+
+
+def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
+    """The run in `run_dir` as its saved overrides (.hydra/overrides.yaml) compose it with this conf/,
+    checked against its checkpoint's record of its net; `data_root` replaces the data's root."""
+    checkpoint_path, overrides_path = run_dir / CHECKPOINT, run_dir / HYDRA / "overrides.yaml"
+    for path in (checkpoint_path, overrides_path):
+        if not path.is_file():
+            raise ResexpError(f"{run_dir} is not a resexp run with a checkpoint: it has no {path.relative_to(run_dir)}")
+    try:
+        overrides = [str(item) for item in yaml.safe_load(overrides_path.read_text()) or []]
+    except (yaml.YAMLError, TypeError) as error:
+        raise ResexpError(f"{overrides_path} is not a list of overrides ({type(error).__name__})") from None
+    try:
+        cfg = compose(*overrides, *([f"data.root={data_root}"] if data_root is not None else []))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ResexpError(f"{overrides_path}: {schemas.error_line(error)}") from None
+    for target in (cfg.data._target_, cfg.optim._target_):
+        if target not in TARGETS:
+            raise ResexpError(
+                f"{overrides_path} names _target_={target!r}; resexp builds only {', '.join(sorted(TARGETS))}"
+            )
+    check_values(flat(cfg))
+    net = net_spec(cfg)
+    recorded = checkpoint.load(checkpoint_path)["identity"]
+    now = {
+        "model.depth": net.depth,
+        "model.residual": net.residual,
+        "model.block": net.block,
+        "model.stem": net.stem,
+        "shortcut": net.shortcut,
+        "data.num_classes": net.num_classes,
+    }
+    checkpoint.check_same_run(checkpoint_path, {key: recorded.get(key) for key in now}, now)
+    return SavedRun(run_dir, net, instantiate(cfg.data), cfg.schedule.batch_size, cfg.seed)
 
 
 # The sweep directories Hydra made in this process, and whether the user chose them.

@@ -34,10 +34,10 @@ from resexp import checkpoint, runs
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError
 from resexp.group import Lockstep, make_group_step
-from resexp.logs import Display, displays, log
+from resexp.logs import Board, Display, displays, log
 from resexp.models import NetSpec, count_parameters
 from resexp.runs import Metrics, Place
-from resexp.step import Step, make_step, new_stream, on_stream
+from resexp.step import Step, choose_algorithms, make_step, new_stream, on_stream
 from resexp.train import Loop, restore, stop_requests
 from resexp.train import train as train_loop
 
@@ -56,11 +56,13 @@ class RunSettings:
     device: torch.device
     cuda_graph: bool  # capture the step as a CUDA graph (on CUDA)
     compile: bool  # torch.compile the net inside the step
+    deterministic: bool  # torch's deterministic algorithms, no cuDNN autotuning: one seed, one result on a GPU too
     resume: bool  # continue a run its directory holds; False: refuse such a directory
     identity: dict[str, Any]  # what its checkpoint must match to be continued: the config less where and how it runs
     model_config: str | None  # the model and data configs' names (resnet56, cifar10), for metrics.json
     data_config: str | None
     resume_command: str  # what continues it after a stop
+    varies: dict[str, Any] = field(default_factory=dict)  # in a sweep, the other keys it varies, with this run's values
 
 
 @dataclass
@@ -107,7 +109,7 @@ def prepare(settings: RunSettings) -> Job:
     if finished is not None:
         log.info("%s finished already (%s): nothing to do", name, settings.place.run_dir / runs.METRICS)
         return Job(settings, name, finished=finished)
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+    choose_algorithms(settings.deterministic)
     torch.manual_seed(settings.seed)  # weight initialisation; the data stream has a generator of its own
     model = net.build().to(settings.device, memory_format=torch.channels_last)  # the layout of the images
     if not net.residual:
@@ -178,7 +180,6 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
         return job.finished.final["error/test"]
     settings, described = job.settings, description(job)
     run_dir = settings.place.run_dir
-    hparams = {**described, "shortcut": described["shortcut"] or "none"}  # TensorBoard takes no None
     summary = train_loop(
         job.model,
         job.optimizer,
@@ -189,7 +190,7 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
         screen=screen,
         stops=stops,
         identity=settings.identity,
-        hparams=hparams,
+        board=Board.of_run(settings.net, settings.seed, settings.varies, settings.data_config),
         resume=job.resumed,
     )
     device = settings.device
@@ -287,6 +288,12 @@ def train(jobs: list[Job], group_runs: bool = False) -> list[float]:
     each in a thread of its own (and on a CUDA stream of its own, or its group's). However they end, one
     outcome: a stop request raises Interrupted once every run has checkpointed; runs that failed raise one
     ResexpError naming each; a bug raises itself."""
+    directories = [job.settings.place.run_dir for job in jobs]
+    if shared := next((path for path in directories if directories.count(path) > 1), None):
+        raise ResexpError(
+            f"two runs of the sweep would write to {shared}; name them apart, for example with "
+            "hydra.sweep.subdir='${hydra.job.override_dirname}'"
+        )
     outcomes: list[BaseException | float | None] = [None] * len(jobs)
 
     def work(index: int, screen: Display, run_step: RunStep) -> None:

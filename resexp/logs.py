@@ -6,14 +6,18 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rich import get_console
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from resexp.models import NetSpec
 
 log = logging.getLogger("resexp")
 
@@ -82,17 +86,83 @@ def displays(runs: list[tuple[str, int]], console: Console | None = None) -> Ite
         yield [Bar(progress, label, total) for label, total in runs]
 
 
-def describe_run(writer: SummaryWriter, hparams: dict[str, Any], metric_tags: list[str]) -> None:
-    """TensorBoard's HPARAMS tab (this run's settings against its final errors, across a sweep) and a
-    CUSTOM SCALARS view with every run's training and held-out error side by side."""
-    for record in hparams_summary(hparams, {tag: 0.0 for tag in metric_tags}):  # values come from the scalars
-        writer.file_writer.add_summary(record)
-    held_out = [tag for tag in metric_tags if tag != "error/train"]
-    writer.add_custom_scalars(
-        {
-            "plain vs residual": {
-                "training error (%)": ["Multiline", ["error/train"]],
-                "test error (%)": ["Multiline", held_out],
-            }
+# Every error curve is written twice: under its own tag (error/test), which SCALARS overlays across
+# all runs, and under one that says the run's depth and kind (plain vs residual/56 layers/plain/test),
+# which CUSTOM SCALARS' charts select by, since a chart picks its lines by tag, not by run. SCALARS
+# sorts its groups by name: these come after error/, loss/ and lr.
+COMPARE = "plain vs residual"
+
+
+@dataclass(frozen=True)
+class Board:
+    """How a run describes itself to TensorBoard: its HPARAMS row and its charts in CUSTOM SCALARS,
+    both made from the run's own description, so that a sweep's runs add up to one comparison."""
+
+    hparams: dict[str, Any]  # what tells the run apart: net, residual, depth, shortcut, seed, what the sweep varies
+    depth: int
+    residual: bool
+    figure: str | None  # the paper's figure that sets these nets side by side (Fig. 6, Fig. 4), if any
+
+    @classmethod
+    def of_run(cls, net: NetSpec, seed: int, varies: dict[str, Any], data: str | None) -> Board:
+        """The hyperparameters that tell runs apart, first the net's (net, residual, depth, shortcut)
+        and the seed, then the others its sweep varies (`varies`); constants are left out. The paper's
+        figure of plain against residual nets for the data: Fig. 6 on CIFAR-10, Fig. 4 on ImageNet."""
+        hparams: dict[str, Any] = {
+            "net": net.name,
+            "residual": str(net.residual).lower(),  # a bool would show as 0 and 1
+            "depth": net.depth,
+            "shortcut": net.shortcut if net.residual else "none",  # TensorBoard takes no None
+            "seed": seed,
         }
-    )
+        hparams.update({key: value for key, value in varies.items() if key not in hparams})
+        hparams = {
+            key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in hparams.items()
+        }
+        figure = {"cifar10": "Fig. 6", "imagenet": "Fig. 4"}.get(data or "")
+        return cls(hparams, net.depth, net.residual, figure)
+
+    def compare_tag(self, tag: str) -> str:
+        """error/test of plain-56 -> plain vs residual/56 layers/plain/test."""
+        return f"{COMPARE}/{self.depth} layers/{'residual' if self.residual else 'plain'}/{tag.split('/', 1)[1]}"
+
+    def describe(self, writer: SummaryWriter, error_tags: list[str]) -> None:
+        """Write the run's HPARAMS row (its hyperparameters against its final and best errors) and its
+        part of the CUSTOM SCALARS layout, which TensorBoard merges over the runs by title: one chart
+        per depth with its plain and residual runs, and the paper's two panels (plain nets, ResNets)."""
+        metrics = [*error_tags, *(best_tag(tag) for tag in error_tags)]
+        experiment, start, _ = hparams_summary(self.hparams, {tag: 0.0 for tag in metrics})  # values: the scalars
+        # TensorBoard lists hparams that differ between runs first and shows the first few; it cannot tell
+        # from one run's file, so say it: every hparam here is one that tells runs apart.
+        data = HParamsPluginData.FromString(experiment.value[0].metadata.plugin_data.content)
+        for info in data.experiment.hparam_infos:
+            info.differs = True
+        experiment.value[0].metadata.plugin_data.content = data.SerializeToString()
+        for record in (experiment, start):
+            writer.file_writer.add_summary(record)
+        figure = f" (paper {self.figure})" if self.figure else ""
+        held_out = " and ".join(tag.split("/", 1)[1] for tag in error_tags[1:]) or "held-out"
+        writer.add_custom_scalars(
+            {
+                f"plain vs residual, by depth{figure}": {
+                    f"{self.depth} layers: training and {held_out} error (%)": [
+                        "Multiline",
+                        [f"^{COMPARE}/{self.depth} layers/"],
+                    ],
+                },
+                f"plain nets and ResNets{figure}": {
+                    f"plain nets: training and {held_out} error (%)": ["Multiline", [f"^{COMPARE}/[^/]+/plain/"]],
+                    f"ResNets: training and {held_out} error (%)": ["Multiline", [f"^{COMPARE}/[^/]+/residual/"]],
+                },
+            }
+        )
+
+    def finish(self, writer: SummaryWriter, best: dict[str, float], iteration: int) -> None:
+        """The best errors as scalars at the last iteration (HPARAMS shows a metric's last value)."""
+        for tag, value in best.items():
+            writer.add_scalar(best_tag(tag), value, iteration)
+
+
+def best_tag(tag: str) -> str:
+    """error/test -> result/best_error_test: the lowest value of that curve."""
+    return f"result/best_{tag.replace('/', '_')}"

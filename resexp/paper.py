@@ -44,3 +44,26 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
 def lookup(dataset: str | None, net: str) -> PaperResult | None:
     """The paper's result for this net on this dataset; None where the paper has no such run."""
     return RESULTS.get((dataset or "", net))
+
+
+# The paper's recipe on each dataset (§4.2, §3.4): iterations, batch size, base learning rate. A run
+# trained otherwise is marked in a report, not compared silently.
+RECIPES = {"cifar10": (64_000, 128, 0.1), "imagenet": (600_000, 256, 0.1)}
+DATA_NAMES = {"cifar10": "CIFAR-10", "imagenet": "ImageNet", "synthetic": "random images (data=synthetic)"}
+
+
+def recipe_differences(
+    dataset: str | None, iterations: int | None, batch_size: int | None, lr: float | None
+) -> list[str]:
+    """How a run's recipe differs from the paper's on its dataset ([] where it is the paper's)."""
+    if dataset not in RECIPES:
+        return ["other data"]
+    paper_iterations, paper_batch, paper_lr = RECIPES[dataset]
+    differences = []
+    if iterations is not None and iterations != paper_iterations:
+        differences.append(f"{iterations:,} iterations (paper {paper_iterations:,})")
+    if batch_size is not None and batch_size != paper_batch:
+        differences.append(f"batch {batch_size} (paper {paper_batch})")
+    if lr is not None and lr != paper_lr:
+        differences.append(f"lr {lr:g} (paper {paper_lr:g})")
+    return differences

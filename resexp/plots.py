@@ -13,10 +13,26 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headless machines
 
+from resexp.paper import DATA_NAMES, recipe_differences
 from resexp.runs import Run
 
-FIGURES = {"imagenet": ("figure4", "ImageNet (paper Fig. 4)", "error/val")}
-DEFAULT = ("figure6", "CIFAR-10 (paper Fig. 6)", "error/test")
+# Per dataset: the file's name, the paper's figure of these curves, the held-out curve it draws bold.
+FIGURES = {"cifar10": ("figure6", "Fig. 6", "error/test"), "imagenet": ("figure4", "Fig. 4", "error/val")}
+OTHER = ("figure", None, "error/test")
+
+
+def title(data: str, runs: list[Run]) -> str:
+    """What the runs are: their data, the paper's figure where they are its experiment, and how their
+    recipe differs from the paper's where it does."""
+    figure = FIGURES.get(data, OTHER)[1]
+    differences = sorted(
+        {text for run in runs for text in recipe_differences(data, run.iterations, run.batch_size, run.lr)}
+    )
+    name = DATA_NAMES.get(data, data)
+    if not differences:
+        return f"{name} (paper {figure})"
+    shown = [text for text in differences if text != "other data"]
+    return f"{name}" + (f", like paper {figure} but " + ", ".join(shown) if figure and shown else "")
 
 
 def mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
@@ -33,7 +49,7 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
     for run in runs:
         by_data[run.data].append(run)
     for data, members in sorted(by_data.items()):
-        stem, title, held_out = FIGURES.get(data, DEFAULT)
+        stem, _, held_out = FIGURES.get(data, OTHER)
         held_out = held_out if any(held_out in run.curves for run in members) else "error/test"
         by_net: dict[str, list[Run]] = defaultdict(list)
         for run in members:
@@ -44,7 +60,7 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
         families = [
             (label, residual) for label, residual in families if any(run.residual == residual for run in members)
         ]
-        figure = Figure(figsize=(5.2 * len(families), 4.2), layout="constrained")
+        figure = Figure(figsize=(6.6 * len(families), 4.2), layout="constrained")
         axes = figure.subplots(1, len(families), squeeze=False)[0]
         longest = max((step for run in members for curve in run.curves.values() for step, _ in curve), default=1)
         scale = 1e4 if longest >= 2e4 else 1
@@ -70,14 +86,16 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                         style,
                         color=colour,
                         linewidth=width,
+                        marker="o" if len(steps) == 1 else None,  # a curve of one evaluation is a point
                         label=name if tag == held_out else None,
                     )
             ax.set_title(label)
             ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
             ax.set_ylabel("error (%)")
             ax.grid(alpha=0.3)
-            ax.legend(
-                loc="upper right",
+            ax.legend(  # beside the panel, never over the curves (high errors fill the whole panel)
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
                 fontsize="small",
                 title="bold: test, dashed: train" if held_out == "error/test" else "bold: val, dashed: train",
                 title_fontsize="x-small",
@@ -87,8 +105,8 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
             axes
         ):  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise
             ax.set_ylim(0, 20 if max(finals) < 19 else min(100, highest * 1.05 + 1))
-        figure.suptitle(title)
-        path = out / f"{stem}{'' if data in ('cifar10', 'imagenet') else '_' + data}.png"
+        figure.suptitle(title(data, members))
+        path = out / f"{stem}{'' if data in FIGURES else '_' + data}.png"
         figure.savefig(path, dpi=150)
         figure.savefig(path.with_suffix(".svg"))
         written.append(path)

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from resexp.errors import ResexpError
 from resexp.files import atomic_write_text
-from resexp.paper import PaperResult, lookup
+from resexp.paper import PaperResult, lookup, recipe_differences
 from resexp.runs import HYDRA, METRICS, Run, find_runs, read_run
 
 
@@ -39,11 +39,13 @@ class Row:
     best: float  # lowest final test error of the runs
     paper: PaperResult | None
     top5: tuple[float, float] | None = None  # final top-5 test error (ImageNet): mean, std
+    recipe: tuple[str, ...] = ()  # how the runs' recipe differs from the paper's: () where it is the paper's
 
     @property
     def difference(self) -> float | None:
-        """Our mean test error minus the paper's (its mean of several runs where it gives one)."""
-        if self.paper is None or self.paper.error is None:
+        """Our mean test error minus the paper's (its mean of several runs where it gives one); None where
+        the paper has no number, or the runs were trained otherwise (shorter, another batch, other data)."""
+        if self.paper is None or self.paper.error is None or self.recipe:
             return None
         return self.test[0] - (self.paper.mean if self.paper.mean is not None else self.paper.error)
 
@@ -53,12 +55,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[Run]) -> list[Row]:
-    groups: dict[tuple[str, str], list[Run]] = {}
+    groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        if run.finished:
-            groups.setdefault((run.data, run.net), []).append(run)
+        if run.finished:  # runs of one net with different recipes are different rows
+            groups.setdefault((run.data, run.net, run.iterations, run.batch_size, run.lr), []).append(run)
     rows = []
-    for (data, net), members in groups.items():
+    for (data, net, *_), members in groups.items():
         tests = [run.final["error/test"] for run in members]
         trains = [run.final.get("error/train", float("nan")) for run in members]
         top5 = [run.final["error_top5/test"] for run in members if "error_top5/test" in run.final]
@@ -77,10 +79,11 @@ def summarize(runs: list[Run]) -> list[Row]:
                 best=min(tests),
                 paper=lookup(data, net),
                 top5=mean_std(top5) if len(top5) == len(members) else None,
+                recipe=tuple(recipe_differences(data, first.iterations, first.batch_size, first.lr)),
             )
         )
     # Plain before residual, shallow before deep, as the paper's tables read.
-    return sorted(rows, key=lambda row: (row.data, row.residual, row.depth or 0, row.net))
+    return sorted(rows, key=lambda row: (row.data, row.residual, row.depth or 0, row.net, row.recipe))
 
 
 def paper_text(result: PaperResult | None) -> str:
@@ -108,6 +111,7 @@ COLUMNS = [
     "best test %",
     "paper %",
     "Δ vs paper",
+    "recipe",
 ]
 
 
@@ -126,12 +130,15 @@ def cells(row: Row) -> list[str]:
         f"{row.best:.2f}",
         paper_text(row.paper),
         difference,
+        "; ".join(row.recipe) or "the paper's",
     ]
 
 
 def markdown(rows: list[Row], left_out: list[Run]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+    if any(row.recipe for row in rows):
+        lines += ["", "Rows trained otherwise than the paper (the recipe column) are not compared with its numbers."]
     if left_out:
         lines += ["", "Left out:", ""] + [f"- `{run.path}` ({run.net}): {run.note}" for run in left_out]
     return "\n".join(lines) + "\n"
@@ -160,6 +167,7 @@ def csv_text(rows: list[Row]) -> str:
             "test_top5_mean",
             "test_top5_std",
             "paper_top5",
+            "recipe",
         ]
     )
     for row in rows:
@@ -181,6 +189,7 @@ def csv_text(rows: list[Row]) -> str:
                 row.difference,
                 *(row.top5 or (None, None)),
                 paper.top5,
+                "; ".join(row.recipe),
             ]
         )
     return out.getvalue()
@@ -197,10 +206,16 @@ def report(directories: list[Path], out: Path | None = None, console: Console | 
     rows, left_out = summarize(runs), [run for run in runs if not run.finished]
     table = Table(title=f"{len(runs) - len(left_out)} finished runs in {len(rows)} groups")
     for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("data", "net", "shortcut", "paper %") else "right")
+        table.add_column(
+            column, justify="left" if column in ("data", "net", "shortcut", "paper %", "recipe") else "right"
+        )
     for row in rows:
         table.add_row(*cells(row))
     console.print(table)
+    if other := sum(bool(row.recipe) for row in rows):
+        console.print(
+            f"[yellow]{other} of {len(rows)} rows[/] trained otherwise than the paper (the recipe column): not compared with its numbers"
+        )
     for run in left_out:
         console.print(f"[yellow]left out[/] {run.path} ({run.net}): {run.note}")
 

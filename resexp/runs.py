@@ -58,7 +58,9 @@ class Metrics:
     python: str = MISSING
     resexp: str = MISSING
     final: dict[str, float] = MISSING  # the last value of every logged metric: error/test, loss/train, ...
-    best: dict[str, float] = MISSING  # lowest evaluation errors (error/test) and their iterations (iteration/test)
+    best: dict[str, float] = (
+        MISSING  # lowest errors (error/test, error/train at its log points) and their iterations (iteration/test)
+    )
     skipped_steps: int = MISSING  # steps skipped for a non-finite loss (on_nonfinite=skip)
     train_time_s: float = MISSING  # seconds in training steps, evaluation excluded
     wall_time_s: float = MISSING  # seconds of the whole run, over all its sessions
@@ -104,6 +106,9 @@ class Run:
     note: str = ""  # why an unfinished run is left out, and how far it got
     params: int | None = None
     seed: int | None = None
+    iterations: int | None = None  # its recipe: what a report compares with the paper's
+    batch_size: int | None = None
+    lr: float | None = None
     final: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (iteration, %) points
 
@@ -134,12 +139,18 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
 
 
+# What a report reads of an unfinished run's saved config.
+READ_BACK = ("model.depth", "model.residual", "shortcut", "seed", "schedule.iterations", "schedule.batch_size")
+
+
 def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's resolved config and Hydra's choices (model=..., data=...); empty where unreadable."""
+    """READ_BACK's values in the run's saved config (each resolved alone: the config's own resolvers
+    are not needed) and Hydra's choices (model=..., data=...); empty where unreadable."""
     config: dict[str, Any] = {}
     choices: dict[str, Any] = {}
     try:
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA / "config.yaml"), resolve=True)
+        saved = OmegaConf.load(run_dir / HYDRA / "config.yaml")
+        config = {key: OmegaConf.select(saved, key, throw_on_resolution_failure=False) for key in READ_BACK}
     except Exception:  # missing or foreign: the run is reported with what else is known
         pass
     try:
@@ -152,8 +163,7 @@ def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def read_run(run_dir: Path) -> Run:
     """The run in `run_dir`: from metrics.json when it finished, else from its saved config and curves."""
     config, choices = read_hydra(run_dir)
-    model = config.get("model", {})
-    depth, residual = model.get("depth"), model.get("residual")
+    depth, residual = config.get("model.depth"), config.get("model.residual")
     try:
         shortcut = canonical_shortcut(config.get("shortcut")) if residual else None
     except ResexpError:  # a config resexp did not write: the run is named without it
@@ -164,7 +174,7 @@ def read_run(run_dir: Path) -> Run:
     )
     run.curves = read_curves(run_dir)
     if not (run_dir / METRICS).exists():
-        planned = config.get("schedule", {}).get("iterations", "?")
+        planned = config.get("schedule.iterations") or "?"
         reached = max((points[-1][0] for points in run.curves.values() if points), default=0)
         run.note = (
             f"unfinished: reached iteration {reached} of {planned}" if reached else "failed before its first log point"
@@ -179,8 +189,26 @@ def read_run(run_dir: Path) -> Run:
         return run
     run.net, run.data, run.depth, run.residual = metrics.net, metrics.data, metrics.depth, metrics.residual
     run.shortcut, run.params, run.seed, run.final = metrics.shortcut, metrics.params, metrics.seed, metrics.final
+    run.iterations, run.batch_size, run.lr = metrics.iterations, metrics.batch_size, metrics.lr
     run.finished = True
     return run
+
+
+def swept_keys(sweep_dir: Path) -> list[str] | None:
+    """The keys a sweep varies, in the order given (command line, then the sweeper's params of a preset
+    such as experiment=cifar10_fig6), from the record Hydra writes before the sweep's first run; None
+    where there is no readable record."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        hydra = yaml.safe_load((sweep_dir / SWEEP_RECORD).read_text())["hydra"]
+        typed = [str(item) for item in hydra["overrides"]["task"]]
+        params = hydra.get("sweeper", {}).get("params") or {}
+        overrides = OverridesParser.create().parse_overrides([*typed, *(f"{k}={v}" for k, v in params.items())])
+    except Exception:  # missing, damaged or foreign: the caller names runs by all their overrides
+        return None
+    keys = [override.key_or_group for override in overrides if override.is_sweep_override()]
+    return list(dict.fromkeys(keys))
 
 
 def discard_if_empty(directory: Path, hydra_files: set[str]) -> None:

@@ -89,6 +89,7 @@ class TrainSchema:  # conf/train.yaml
     precision: str = MISSING
     cuda_graph: bool = MISSING
     compile: bool = MISSING
+    deterministic: bool = MISSING
     eval_points: int = MISSING
     log_every: int = MISSING
     checkpoint_every: int = MISSING

@@ -11,6 +11,7 @@ updating) the same step function runs eagerly.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
@@ -24,6 +25,17 @@ EAGER_STEPS_BEFORE_CAPTURE = 3  # warm-up before capture (torch.cuda.graphs docs
 # What a step returns, on the device: (summed loss, wrong predictions, images) of its batch, to add up
 # between log points without a host sync.
 Stats = torch.Tensor
+
+
+def choose_algorithms(deterministic: bool) -> None:
+    """cuDNN autotuning (fixed input shapes: it picks the fastest kernels once), or, for `deterministic`,
+    torch's deterministic algorithms: on a GPU two runs of one seed then agree bit for bit. An op with no
+    deterministic version warns rather than ending the run."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:

@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from resexp import checkpoint
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError
-from resexp.logs import Display, describe_run, log
+from resexp.logs import Board, Display, log
 from resexp.runs import CHECKPOINT
 from resexp.step import Step, at_least_fp32, autocast, set_lr
 
@@ -85,9 +85,11 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """Top-1 and top-5 error (%) and mean cross-entropy over all batches. A batch of several views per
-    image, (B, V, 3, H, W), is scored by the mean of the views' softmax (10-crop testing, §3.4)."""
+    """Top-1 and top-5 error (%) and mean cross-entropy over all batches, and the views per image. A
+    batch of several views per image, (B, V, 3, H, W), is scored by the mean of the views' softmax
+    (10-crop testing, §3.4)."""
     model.eval()
+    views = 1
     totals = torch.zeros(4, device=device)  # loss sum, top-1 wrong, top-5 wrong, images
     for x, y in batches:
         views = x.shape[1] if x.dim() == 5 else 1
@@ -102,7 +104,7 @@ def evaluate(
         totals[3] += len(y)  # a Python number: no host-to-device copy, no sync
     model.train()
     loss_sum, wrong, wrong5, seen = totals.tolist()
-    return {"error": 100 * wrong / seen, "error_top5": 100 * wrong5 / seen, "loss": loss_sum / seen}
+    return {"error": 100 * wrong / seen, "error_top5": 100 * wrong5 / seen, "loss": loss_sum / seen, "views": views}
 
 
 @contextmanager
@@ -155,14 +157,14 @@ def train(
     screen: Display,
     stops: list[int],
     identity: dict[str, Any],
-    hparams: dict[str, Any] | None = None,
+    board: Board | None = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train for `loop.schedule.iterations` steps with `step` (make_step), logging to TensorBoard in
     `run_dir` and checkpointing there; returns a summary for metrics.json. `identity`: what the
     checkpoints record as the run's settings, for a resume to match. `resume`: the checkpoint that
     `restore` put back, whose loop state this continues. `stops` receives the signals that ask the run
-    to checkpoint and stop (see stop_requests)."""
+    to checkpoint and stop (see stop_requests). `board`: the run's HPARAMS row and comparison charts."""
     schedule, on_nonfinite = loop.schedule, loop.on_nonfinite
     device = next(model.parameters()).device
     path = run_dir / CHECKPOINT
@@ -201,10 +203,17 @@ def train(
 
     # purge_step: TensorBoard drops points that an interrupted run logged after its last checkpoint.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.iteration + 1 if resume else None)
-    if resume is None:
-        describe_run(
-            writer, hparams or {}, ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})]
-        )
+    error_tags = ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})]
+    if resume is None and board is not None:
+        board.describe(writer, error_tags)
+
+    def add_error(tag: str, value: float, iteration: int) -> None:
+        writer.add_scalar(tag, value, iteration)
+        if board is not None:
+            writer.add_scalar(board.compare_tag(tag), value, iteration)
+        if value < state.best.get(tag, math.inf):
+            state.best[tag], state.best[tag.replace("error/", "iteration/")] = value, iteration
+
     started, mark, wall_before, in_a_row, lr_now = (
         time.perf_counter(),
         time.perf_counter(),
@@ -245,7 +254,7 @@ def train(
                 state.train_seconds, mark = state.train_seconds + now - mark, now
                 if seen:
                     state.final["error/train"], state.final["loss/train"] = 100 * wrong / seen, loss_sum / seen
-                    writer.add_scalar("error/train", state.final["error/train"], iteration)
+                    add_error("error/train", state.final["error/train"], iteration)
                     writer.add_scalar("loss/train", state.final["loss/train"], iteration)
                 writer.add_scalar("lr", lr, iteration)
                 speed = (iteration - state.logged_at) / max(state.train_seconds - state.logged_seconds, 1e-9)
@@ -266,9 +275,9 @@ def train(
                     result = evaluate(model, batches, device, loop.precision)
                     for metric in ("error", "loss", *(("error_top5",) if data.top5 else ())):
                         state.final[f"{metric}/{name}"] = result[metric]
-                        writer.add_scalar(f"{metric}/{name}", result[metric], iteration)
-                    if result["error"] < state.best.get(f"error/{name}", math.inf):
-                        state.best[f"error/{name}"], state.best[f"iteration/{name}"] = result["error"], iteration
+                        if metric != "error":
+                            writer.add_scalar(f"{metric}/{name}", result[metric], iteration)
+                    add_error(f"error/{name}", result["error"], iteration)
                 log.info(
                     "it %d/%d  %s",
                     iteration,
@@ -276,6 +285,8 @@ def train(
                     "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in held_out),
                 )
                 mark = time.perf_counter()  # evaluation time is not training time
+            if last and board is not None:
+                board.finish(writer, {tag: value for tag, value in state.best.items() if tag in error_tags}, iteration)
             if iteration % loop.checkpoint_every == 0 or last or stops:
                 check_finite()
                 writer.flush()  # the curves reach disk no later than the checkpoint that covers them

@@ -194,12 +194,13 @@ def fake_run(
     data: str = "cifar10",
     shortcut: str = "identity",
     iterations: int = 64_000,
+    batch_size: int | None = None,
     finished: bool = True,
     points: int = 32,
 ) -> Path:
     """A run directory as resexp writes it (Hydra's config, TensorBoard curves, metrics.json through
     resexp.runs) with made-up numbers: curves that fall from 90% towards the final errors, with the
-    paper's drops at 50% and 75%."""
+    paper's drops at 50% and 75%. `batch_size`: the paper's for the data unless given."""
     (run_dir / runs.HYDRA).mkdir(parents=True)
     model = {"depth": depth, "residual": residual, "block": "basic", "stem": "cifar", "shortcut": "identity"}
     saved = {"model": model, "shortcut": shortcut, "seed": seed, "schedule": {"iterations": iterations}}
@@ -223,7 +224,8 @@ def fake_run(
             final["error_top5/test"] = final_top5
         metrics = runs.Metrics(
             net=net_name(residual, depth, shortcut), model=None, data=data, depth=depth, residual=residual,
-            shortcut=shortcut if residual else None, params=1000 * depth, iterations=iterations, batch_size=128,
+            shortcut=shortcut if residual else None, params=1000 * depth, iterations=iterations,
+            batch_size=batch_size or (256 if data == "imagenet" else 128),
             lr=0.1, seed=seed, precision="fp32", images_per_s=1.0, device="cpu", torch="-", python="-",
             resexp="-", final=final, best={}, skipped_steps=0, train_time_s=1.0, wall_time_s=1.0,
         )  # fmt: skip

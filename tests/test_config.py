@@ -40,8 +40,10 @@ def test_every_model_composes_with_every_dataset(model, data):
         out = net(torch.randn(2, 3, size, size))
     assert out.shape == (2, cfg.data.num_classes)
     plan = schedule(cfg)
-    # The paper's schedule for the data: §4.2 for CIFAR (warm-up from 110 layers), §3.4 for ImageNet.
-    assert plan.iterations == (600_000 if data == "imagenet" else 64_000)
+    # The paper's schedule for the data: §4.2 for CIFAR (warm-up from 110 layers), §3.4 for ImageNet;
+    # random images: CIFAR's, short, with the drops at the same fractions of the run.
+    expected = {"imagenet": (600_000, (150_000, 300_000)), "synthetic": (200, (100, 150))}
+    assert (plan.iterations, plan.milestones) == expected.get(data, (64_000, (32_000, 48_000)))
     assert (plan.warmup_lr is not None) == (data != "imagenet" and cfg.model.depth >= 110)
 
 
@@ -119,3 +121,16 @@ def test_configs_resolve():
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["shortcut"] == "projection"
     assert isinstance(resolved["data"]["root"], str)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "milestones"),
+    [
+        (["schedule.iterations=100"], (50, 75)),  # CIFAR's drops at 50% and 75% of any run length
+        (["data=imagenet", "schedule.iterations=1000"], (250, 500)),  # ImageNet's at 25% and 50%
+        (["schedule.iterations=100", "schedule.milestones=[10,20]"], (10, 20)),  # given: kept
+        (["data=synthetic"], (100, 150)),  # the smoke run's 200 iterations
+    ],
+)
+def test_shortening_a_run_scales_its_milestones_unless_they_are_given(overrides, milestones):
+    assert schedule(compose_config(*overrides)).milestones == milestones

@@ -101,3 +101,13 @@ def test_a_shared_gpu_sweep_trains_its_runs_on_streams_of_their_own_as_they_trai
         saved = [checkpoint.load(path / runs.CHECKPOINT)["model"] for path in (other, run)]
         for name, tensor in saved[1].items():
             torch.testing.assert_close(saved[0][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_two_deterministic_runs_of_one_seed_agree_bit_for_bit(tmp_path):
+    saved = []
+    for name in ("one", "two"):
+        run_dir = tmp_path / name
+        result = resexp("train", *SHRINK, "deterministic=true", "device=cuda", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        saved.append(checkpoint.load(run_dir / runs.CHECKPOINT)["model"])
+    assert all(torch.equal(saved[0][key], saved[1][key]) for key in saved[0])

@@ -118,15 +118,15 @@ def test_skip_nonfinite_in_a_group_skips_only_the_run_whose_loss_is_not_finite()
 @pytest.mark.parametrize(
     "sweep, members, grouped_as",
     [
-        (["seed=0,1"], ["seed=0", "seed=1"], "seed=0, seed=1"),
+        (["seed=0,1"], ["resnet20-A_seed0", "resnet20-A_seed1"], "resnet20-A_seed0, resnet20-A_seed1"),
         (
             ["model=plain20,resnet20"],
-            ["model=plain20", "model=resnet20"],
-            "model=plain20, model=resnet20",
+            ["plain20", "resnet20-A"],
+            "plain20, resnet20-A",
         ),  # Fig. 6's twins
         (
             ["model=plain20,resnet20", "shortcut=B"],
-            ["model=plain20", "model=resnet20"],
+            ["plain20", "resnet20-B"],
             None,
         ),  # B's projections: not twins
     ],
@@ -152,7 +152,7 @@ def test_a_sweep_with_group_runs_matches_the_same_sweep_without(tmp_path, sweep,
         assert ("train as one network" in result.stdout) == (grouped == "true" and grouped_as is not None)
         assert grouped_as is None or (f"{grouped_as} train as one network" in result.stdout) == (grouped == "true")
     for run in members:
-        [one], [other] = (list(sweeps[grouped].glob(f"*{run}*")) for grouped in ("true", "false"))
+        one, other = (sweeps[grouped] / run for grouped in ("true", "false"))
         a, b = (json.loads((path / "metrics.json").read_text()) for path in (one, other))
         assert (a["net"], a["seed"], a["iterations"]) == (b["net"], b["seed"], 4)
         # Grouped convolutions sum in another order: float32 rounding moves the losses by about 3e-7 in
@@ -184,7 +184,7 @@ def test_max_runs_counts_a_group_as_one_training(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "seed=0, seed=1 train as one network" in result.stdout
+    assert "resnet20-A_seed0, resnet20-A_seed1 train as one network" in result.stdout
     assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2
 
 

@@ -186,3 +186,11 @@ def test_an_imagenet_net_trains_on_imagenet_and_reports_tables_2_and_3(tmp_path,
     assert report.returncode == 0, report.stderr
     assert "27.88 (Table 2)" in report.stdout and "top-5" in report.stdout
     assert (run / "figure4.png").is_file()
+    # resexp eval: the centre crops (single view) and the 10-crop testing again, from the checkpoint
+    evaluated = resexp("eval", str(run), "--json", "-", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    rows = {row["set"]: row for row in json.loads(evaluated.stdout)}
+    assert (rows["val"]["views"], rows["test"]["views"]) == (1, 10)
+    for split in ("val", "test"):
+        assert rows[split]["error"] == metrics["final"][f"error/{split}"], split
+        assert rows[split]["error_top5"] == metrics["final"][f"error_top5/{split}"], split

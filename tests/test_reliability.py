@@ -160,7 +160,7 @@ def test_a_sweep_stopped_in_its_first_batch_leaves_no_directory_for_the_second(t
     sweep = tmp_path / "sweep"
     stop_midway(["-m", *RUN, "seed=0,1", "hydra.launcher.max_runs=1", f"hydra.sweep.dir={sweep}"], sweep, 1)
     run_dirs = [path for path in sweep.iterdir() if path.is_dir()]
-    assert len(run_dirs) == 1 and run_dirs[0].name.endswith("seed=0") and (run_dirs[0] / runs.CHECKPOINT).is_file()
+    assert len(run_dirs) == 1 and run_dirs[0].name.endswith("seed0") and (run_dirs[0] / runs.CHECKPOINT).is_file()
 
 
 class Payload:

@@ -11,6 +11,7 @@ from resexp.config import net_spec
 from resexp.errors import ResexpError
 from resexp.paper import RESULTS, lookup
 from resexp.report import report
+from resexp.runs import read_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -130,7 +131,7 @@ def test_report_of_real_short_runs(tmp_path):
     assert (
         "| synthetic | plain20 | - | 269,722 | 1 |" in text and "| synthetic | resnet20-A | A | 269,722 | 1 |" in text
     )
-    assert (sweep / "figure6_synthetic.png").read_bytes().startswith(PNG)
+    assert (sweep / "figure_synthetic.png").read_bytes().startswith(PNG)
     # TensorBoard: the HPARAMS tab and the side-by-side custom scalars view.
     run = next(sweep.glob("*resnet20*"))
     events = EventAccumulator(str(run))
@@ -192,3 +193,25 @@ def test_experiment_sweep_runs_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "s").glob("*/metrics.json")]
     assert [m["net"] for m in metrics] == ["resnet20-A"]  # the command line narrows the preset's sweep
+
+
+def test_runs_trained_otherwise_are_marked_not_compared(tmp_path):
+    fake_run(tmp_path / "short", depth=20, residual=True, final_train=30, final_test=40, iterations=2000, batch_size=32)
+    fake_run(tmp_path / "paper", depth=20, residual=True, final_train=1, final_test=8.5)
+    short, paper = sorted(report([tmp_path]), key=lambda row: bool(row.recipe), reverse=True)
+    assert short.recipe == ("2,000 iterations (paper 64,000)", "batch 32 (paper 128)") and short.difference is None
+    assert paper.recipe == () and paper.difference == pytest.approx(8.5 - 8.75)  # the same net, two rows
+    text = (tmp_path / "results.md").read_text()
+    assert "| 2,000 iterations (paper 64,000); batch 32 (paper 128) |" in text and "| the paper's |" in text
+    assert "not compared with its numbers" in text
+
+
+def test_figure_titles_say_what_the_runs_are(tmp_path):
+    from resexp.plots import title
+
+    short = fake_run(tmp_path / "a", depth=20, residual=True, final_train=30, final_test=40, iterations=2000)
+    paper = fake_run(tmp_path / "b", depth=20, residual=False, final_train=1, final_test=9)
+    random = fake_run(tmp_path / "c", depth=20, residual=False, final_train=1, final_test=9, data="synthetic")
+    assert title("cifar10", [read_run(paper)]) == "CIFAR-10 (paper Fig. 6)"
+    assert title("cifar10", [read_run(short)]) == "CIFAR-10, like paper Fig. 6 but 2,000 iterations (paper 64,000)"
+    assert title("synthetic", [read_run(random)]) == "random images (data=synthetic)"

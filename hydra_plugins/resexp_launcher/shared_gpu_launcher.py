@@ -44,13 +44,6 @@ def label_with_thread(record: logging.LogRecord) -> bool:
     return True
 
 
-def labels(batch: Sequence[Sequence[str]]) -> list[str]:
-    """Name each run by what differs between the runs (`model=plain20`), for log lines and progress bars."""
-    varying = [[item for item in overrides if any(item not in other for other in batch)] for overrides in batch]
-    names = [",".join(items) or "run" for items in varying]
-    return [f"{name}#{index}" if names.count(name) > 1 else name for index, name in enumerate(names)]
-
-
 class SharedGPULauncher(Launcher):
     def __init__(self, max_runs: int, group_runs: bool = False) -> None:
         # max_runs: networks trained at once (a group of group_runs is one); more wait for the next batch.
@@ -62,15 +55,13 @@ class SharedGPULauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from resexp import jobs  # torch and the app: only now that a sweep starts
-        from resexp.config import positive_int
+        from resexp.checks import positive_int
 
         positive_int("hydra.launcher.max_runs", self.max_runs)
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        pending = list(
-            zip(range(initial_job_idx, initial_job_idx + len(job_overrides)), job_overrides, labels(job_overrides))
-        )
+        pending = list(enumerate(job_overrides, start=initial_job_idx))
         returns: list[JobReturn] = []
         waiting: list[Prepared] = []  # prepared for a batch that was full: the first of the next one
         while pending or waiting:
@@ -94,7 +85,7 @@ class SharedGPULauncher(Launcher):
                 raise
         return returns
 
-    def prepare(self, index: int, overrides: Sequence[str], label: str) -> Prepared:
+    def prepare(self, index: int, overrides: Sequence[str]) -> Prepared:
         """Hydra's run_job sets the run up as for any job (directory, saved config, logging) and runs the
         task, which hands its prepared run to the batch. The log file that run_job opened is kept for the
         run's thread alone."""
@@ -112,13 +103,13 @@ class SharedGPULauncher(Launcher):
                 job_subdir_key="hydra.sweep.subdir",
             )
         returned.return_value  # noqa: B018 -- raises what the task raised (a bug; bad input passed run_job by)
+        if len(handed) != 1:
+            raise RuntimeError("the shared_gpu launcher trains resexp's runs; use hydra/launcher=basic for other tasks")
+        label = handed[0].label = handed[0].settings.place.run_dir.name  # what the sweep varies: resnet56-A_seed3
         files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
         for handler in files:  # the next run_job would replace it; train() puts it back
             logging.getLogger().removeHandler(handler)
             handler.addFilter(lambda record, label=label: record.threadName == label)
-        if len(handed) != 1:
-            raise RuntimeError("the shared_gpu launcher trains resexp's runs; use hydra/launcher=basic for other tasks")
-        handed[0].label = label
         return returned, handed[0], files
 
     def train(self, batch: list[Prepared]) -> list[JobReturn]:

@@ -8,6 +8,8 @@ CIFAR-10 nets (§4.2): 3x3 stem, widths 16/32/64, 6n+2 layers. ImageNet nets (Ta
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -185,7 +187,6 @@ class ResNet(nn.Module):
                 channels = planes * block_class.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -198,7 +199,9 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, 16, 32, 32) on CIFAR; (B, 64, 56, 56) on 224x224 ImageNet
         x = self.stages(x)  # (B, 64, 8, 8) on CIFAR; (B, 512 or 2048, 7, 7) on ImageNet
-        return self.fc(torch.flatten(self.pool(x), 1))
+        # Global average pooling (§3.4) as a mean: its gradient is deterministic on CUDA, that of
+        # AdaptiveAvgPool2d is not (deterministic=true).
+        return self.fc(x.mean((2, 3)))
 
 
 @dataclass(frozen=True)
@@ -233,3 +236,20 @@ def build_model(depth: int, residual: bool, block: str, stem: str, shortcut: str
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def torchvision_keys(spec: NetSpec) -> Callable[[str], str] | None:
+    """How this net's state-dict keys read in torchvision's ResNet, where it computes torchvision's
+    function: an ImageNet ResNet with option B (projections only where dimensions change; torchvision's
+    `downsample`), whose bottleneck strides in its 3x3 conv as torchvision's does. None for any other
+    net (plain, option A or C, CIFAR). stem.0/1 -> conv1/bn1, stages.i -> layer{i+1}, shortcut -> downsample."""
+    if not (spec.residual and spec.stem == "imagenet" and spec.shortcut == "projection"):
+        return None
+
+    def rename(key: str) -> str:
+        key = re.sub(r"^stem\.0\.", "conv1.", key)
+        key = re.sub(r"^stem\.1\.", "bn1.", key)
+        key = re.sub(r"^stages\.(\d+)\.", lambda match: f"layer{int(match[1]) + 1}.", key)
+        return key.replace(".shortcut.", ".downsample.")
+
+    return rename

@@ -1,0 +1,68 @@
+"""The config's own functions (OmegaConf resolvers in conf/): run names, and milestones that scale
+with the run. Registered before any config is composed or a saved one is read back.
+
+    ${resexp.net:RESIDUAL,DEPTH,SHORTCUT}                    a lone run's directory: resnet56-A, plain56
+    ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,RESIDUAL,DEPTH,SHORTCUT}   a sweep run's: the net and what the
+                                                              sweep varies besides (resnet56-A_seed3)
+    ${resexp.at:ITERATIONS,FRACTION,...}                     milestones at these fractions of the run
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from resexp.errors import ResexpError
+from resexp.models.resnet import canonical_shortcut, net_name
+from resexp.runs import swept_keys
+
+# The keys a net's name already says (its depth, plain or residual; the shortcut, for a residual net).
+NAMED_BY_NET = {"model", "model.depth", "model.residual"}
+SHORTCUT_KEYS = {"shortcut", "model.shortcut"}
+
+
+def register() -> None:
+    OmegaConf.register_new_resolver("resexp.net", run_name, replace=True)
+    OmegaConf.register_new_resolver("resexp.sweep_run", sweep_run_name, replace=True)
+    OmegaConf.register_new_resolver("resexp.at", at_fractions, replace=True)
+
+
+def run_name(residual: bool, depth: int, shortcut: str) -> str:
+    """The net's name (resnet56-A, plain56). A shortcut that is no option is named as typed: the config
+    check refuses it, and the directory is taken back."""
+    try:
+        return net_name(residual, depth, canonical_shortcut(shortcut))
+    except ResexpError:
+        return f"resnet{depth}-{shortcut}"
+
+
+def sweep_run_name(sweep_dir: str, overrides: Sequence[str], residual: bool, depth: int, shortcut: str) -> str:
+    """A sweep run's directory: the net's name, then `_<key><value>` for each other key the sweep varies
+    (`resnet56-A_seed3`, `plain20_lr0.01`), so that TensorBoard's run list shows each name whole and
+    tells the runs apart. The same sweep command gives the same names: that is how it resumes. Where the
+    sweep's record (multirun.yaml) cannot be read, every override of the run names it."""
+    given = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        given[key.lstrip("+~")] = value
+    varies = swept_keys(Path(sweep_dir))
+    varies = [key for key in (varies if varies is not None else given) if key in given]
+    said = NAMED_BY_NET | (SHORTCUT_KEYS if residual else set())
+    rest = [key for key in varies if key not in said]
+    leaves = [key.rsplit(".", 1)[-1] for key in rest]
+    parts = [run_name(residual, depth, shortcut)]
+    for key, leaf in zip(rest, leaves):
+        name = leaf if leaves.count(leaf) == 1 else key  # lr, unless two varied keys end in lr
+        value = re.sub(r"[^A-Za-z0-9.+-]", "", given[key].replace(",", "-")) or "none"
+        parts.append(f"{name}{value}" if re.match(r"-?\d", value) else f"{name}-{value}")
+    return "_".join(parts)
+
+
+def at_fractions(iterations: int, *fractions: float) -> list[int]:
+    """Milestones at these fractions of the run (the paper's CIFAR drops: 0.5 and 0.75 of 64k), so that a
+    shorter run keeps the paper's shape; those that fall outside a very short run are left out."""
+    points = [round(iterations * fraction) for fraction in fractions]
+    return sorted({point for point in points if 0 < point < iterations})

@@ -1,0 +1,139 @@
+"""The commands around training: --version, shell completion, Hydra's flags told in one line, and a
+trained run used outside resexp (resexp eval, resexp export into torchvision's ResNet)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from helpers import SHRINK, assert_one_line_error, resexp
+
+import resexp as package
+from resexp import checkpoint, runs
+from resexp.models import NetSpec
+from resexp.models.resnet import torchvision_keys
+from resexp.step import choose_algorithms
+
+
+def test_version(tmp_path):
+    result = resexp("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"resexp {package.__version__}"
+
+
+def complete(tmp_path, monkeypatch, line):
+    """What bash's completion gets back for the line typed so far (Hydra's script calls `resexp -sc query=bash`)."""
+    monkeypatch.setenv("COMP_LINE", line)
+    monkeypatch.setenv("COMP_POINT", str(len(line)))
+    result = resexp("-sc", "query=bash", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_bash_completion_answers_for_resexp_train(tmp_path, monkeypatch):
+    assert complete(tmp_path, monkeypatch, "resexp ") == ["train", "report", "eval", "export"]
+    assert "model=" in complete(tmp_path, monkeypatch, "resexp train mo")
+    options = complete(tmp_path, monkeypatch, "resexp train model=plain5")
+    assert options == ["model=plain56"]
+    assert complete(tmp_path, monkeypatch, "resexp report ") == []  # paths: the shell's own completion
+    install = resexp("train", "-sc", "install=bash", cwd=tmp_path)
+    # The script registers the command that answers the queries: `resexp`, not "resexp train" (two words).
+    assert install.stdout.strip().splitlines()[-1].endswith("-F hydra_bash_completion resexp")
+
+
+def test_two_of_hydras_modes_are_one_line(tmp_path):
+    assert_one_line_error(resexp("train", "-m", "model=plain20,plain56", "--cfg", "job", cwd=tmp_path), "-m and --cfg")
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    # `resexp train --help | head -1`, with the reader gone before resexp writes
+    process = subprocess.Popen(
+        [sys.executable, "-m", "resexp", "train", "--hydra-help"], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stdout.close()
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + 13 and error == "", error  # SIGPIPE's code, no message
+
+
+def test_deterministic_mode_sets_torchs_flags():
+    try:
+        choose_algorithms(True)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        choose_algorithms(False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+def test_eval_gives_the_runs_final_test_error_again(tmp_path):
+    run_dir = tmp_path / "run"
+    assert resexp("train", *SHRINK, "deterministic=true", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    result = resexp("eval", str(run_dir), "--json", str(tmp_path / "eval.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads((tmp_path / "eval.json").read_text())
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert (row["net"], row["iteration"], row["set"], row["views"]) == ("resnet20-A", 4, "test", 1)
+    assert row["error"] == final["error/test"] and row["loss"] == pytest.approx(final["loss/test"], rel=1e-6)
+    assert "resnet20-A" in result.stdout  # the table
+
+
+def test_eval_of_a_directory_without_runs_is_one_line(tmp_path):
+    assert_one_line_error(resexp("eval", str(tmp_path), cwd=tmp_path), "no run with a checkpoint.pt")
+
+
+def saved_imagenet_run(run_dir, spec: NetSpec, overrides: list[str]):
+    """A run directory as an ImageNet run leaves it: its overrides and a checkpoint of its weights."""
+    (run_dir / runs.HYDRA).mkdir(parents=True)
+    (run_dir / runs.HYDRA / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    torch.manual_seed(0)
+    model = spec.build()
+    for module in model.modules():  # BN statistics other than the defaults, so that their keys matter
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    identity = {"model.depth": spec.depth, "model.residual": spec.residual, "model.block": spec.block,
+                "model.stem": spec.stem, "shortcut": spec.shortcut, "data.num_classes": spec.num_classes}  # fmt: skip
+    checkpoint.save(
+        run_dir / runs.CHECKPOINT, {"identity": identity, "model": model.state_dict(), "progress": {"iteration": 7}}
+    )
+    return model
+
+
+@pytest.mark.parametrize(("model", "block"), [("resnet18", "basic"), ("resnet50", "bottleneck")])
+def test_export_loads_into_torchvision_and_computes_the_same(tmp_path, model, block):
+    torchvision = pytest.importorskip("torchvision")
+    spec = NetSpec(int(model[6:]), True, block, "imagenet", "projection", 1000)
+    ours = saved_imagenet_run(tmp_path / "run", spec, [f"model={model}", "shortcut=B"])
+    result = resexp("export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"{model}-B-torchvision.pt", f"{model}-B.pt"]
+    theirs = getattr(torchvision.models, model)()
+    theirs.load_state_dict(torch.load(tmp_path / "out" / f"{model}-B-torchvision.pt", weights_only=True))  # strict
+    weights = torch.load(tmp_path / "out" / f"{model}-B.pt", weights_only=True)
+    again = NetSpec(**weights["spec"]).build()
+    again.load_state_dict(weights["state_dict"])
+    assert weights["net"] == f"{model}-B" and weights["iteration"] == 7
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    outputs = [net.double().eval()(x) for net in (ours, theirs, again)]
+    assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-10) and torch.equal(outputs[0], outputs[2])
+
+
+def test_nets_torchvision_does_not_build_export_their_weights_only(tmp_path):
+    spec = NetSpec(34, True, "basic", "imagenet", "identity", 1000)  # option A: zero padding, not torchvision's
+    saved_imagenet_run(tmp_path / "run", spec, ["model=resnet34"])
+    result = resexp("export", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "run" / "resnet34-A.pt")]
+    assert all(torchvision_keys(dataclasses.replace(spec, **change)) is None for change in
+               ({"shortcut": "identity"}, {"shortcut": "full"}, {"residual": False}))  # fmt: skip
+
+
+def test_a_run_whose_record_names_foreign_code_is_refused(tmp_path):
+    spec = NetSpec(18, True, "basic", "imagenet", "projection", 1000)
+    saved_imagenet_run(tmp_path / "run", spec, ["model=resnet18", "shortcut=B", "data._target_=os.system"])
+    assert_one_line_error(resexp("export", str(tmp_path / "run"), cwd=tmp_path), "_target_='os.system'")
