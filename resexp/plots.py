@@ -90,6 +90,7 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                         label=name if tag == held_out else None,
                     )
             ax.set_title(label)
+            ax.set_xlim(0, longest / scale * 1.02)  # from the start of training, as the paper's curves
             ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
             ax.set_ylabel("error (%)")
             ax.grid(alpha=0.3)

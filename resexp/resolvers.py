@@ -2,8 +2,8 @@
 with the run. Registered before any config is composed or a saved one is read back.
 
     ${resexp.net:RESIDUAL,DEPTH,SHORTCUT}                    a lone run's directory: resnet56-A, plain56
-    ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,RESIDUAL,DEPTH,SHORTCUT}   a sweep run's: the net and what the
-                                                              sweep varies besides (resnet56-A_seed3)
+    ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,RESIDUAL,DEPTH,SHORTCUT,OLD_NAME}   a sweep run's: the net and
+                                                              what the sweep varies besides (resnet56-A_seed3)
     ${resexp.at:ITERATIONS,FRACTION,...}                     milestones at these fractions of the run
 """
 
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from resexp.errors import ResexpError
 from resexp.models.resnet import canonical_shortcut, net_name
-from resexp.runs import swept_keys
+from resexp.runs import CHECKPOINT, METRICS, swept_keys
 
 # The keys a net's name already says (its depth, plain or residual; the shortcut, for a residual net).
 NAMED_BY_NET = {"model", "model.depth", "model.residual"}
@@ -39,11 +39,17 @@ def run_name(residual: bool, depth: int, shortcut: str) -> str:
         return f"resnet{depth}-{shortcut}"
 
 
-def sweep_run_name(sweep_dir: str, overrides: Sequence[str], residual: bool, depth: int, shortcut: str) -> str:
+def sweep_run_name(
+    sweep_dir: str, overrides: Sequence[str], residual: bool, depth: int, shortcut: str, old_name: str = ""
+) -> str:
     """A sweep run's directory: the net's name, then `_<key><value>` for each other key the sweep varies
     (`resnet56-A_seed3`, `plain20_lr0.01`), so that TensorBoard's run list shows each name whole and
     tells the runs apart. The same sweep command gives the same names: that is how it resumes. Where the
-    sweep's record (multirun.yaml) cannot be read, every override of the run names it."""
+    sweep's record (multirun.yaml) cannot be read, every override of the run names it. A run that an
+    older resexp named by all its overrides (`old_name`, Hydra's override_dirname) keeps its directory."""
+    old = Path(sweep_dir) / old_name if old_name else None
+    if old is not None and ((old / CHECKPOINT).exists() or (old / METRICS).exists()):
+        return old_name
     given = {}
     for override in overrides:
         key, _, value = override.partition("=")
