@@ -60,7 +60,9 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert process.wait(timeout=120) == 128 + 13 and error == "", error  # SIGPIPE's code, no message
 
 
-def test_deterministic_mode_sets_torchs_flags():
+def test_deterministic_mode_sets_torchs_flags(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # restored afterwards, whatever the test sets
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     try:
         choose_algorithms(True)
         assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark

@@ -131,6 +131,10 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     again = resexp("train", *args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "plain20 finished already" in again.stdout and "resuming" in again.stdout
+    assert sorted(path.name for path in sweep.iterdir() if path.is_dir()) == [
+        "plain20",
+        "resnet20-A",
+    ]  # basic: same names
     assert (first / "metrics.json").read_bytes() == first_metrics
     assert json.loads((second / "metrics.json").read_text())["iterations"] == RUN_ITERATIONS
 

@@ -77,7 +77,7 @@ def test_a_presets_sweep_and_a_missing_record_still_give_distinct_names(tmp_path
 
 
 def test_a_directory_two_runs_would_share_is_refused(tmp_path):
-    # model=resnet20-like twins: shortcut B given twice under two spellings is one run's name
+    # hydra.sweep.subdir=same puts both runs of the sweep into one directory
     directory = tmp_path / "sweep"
     result = resexp(
         "train", "-m", *SHRINK, "shortcut=B,projection", f"hydra.sweep.dir={directory}",
