@@ -140,6 +140,7 @@ def evaluate(rest: list[str]) -> None:
 
     from resexp import config
     from resexp.evaluate import evaluate_run
+    from resexp.files import atomic_write_text
 
     parser = argparse.ArgumentParser(prog="resexp eval", description=COMMANDS["eval"].split(" (")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
@@ -165,7 +166,10 @@ def evaluate(rest: list[str]) -> None:
         console.width = 200
     console.print(table)
     if args.json is not None:
-        args.json.write_text(text)
+        try:
+            atomic_write_text(args.json, text)
+        except OSError as error:
+            fail(f"error: cannot write {args.json} ({error.strerror or error})")
 
 
 def export(rest: list[str]) -> None:
@@ -180,6 +184,8 @@ def export(rest: list[str]) -> None:
                 print(path)
     except ResexpError as error:
         fail(f"error: {error}")
+    except OSError as error:  # the folder for the files: not writable, not a folder, full
+        fail(f"error: cannot write {error.filename or args.out} ({error.strerror or error}); choose another --out")
 
 
 def complete(argv: list[str]) -> None:

@@ -282,7 +282,12 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
         "shortcut": net.shortcut,
         "data.num_classes": net.num_classes,
     }
-    checkpoint.check_same_run(checkpoint_path, {key: recorded.get(key) for key in now}, now)
+    if differences := [
+        f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in now.items() if recorded.get(key) != value
+    ]:
+        raise ResexpError(
+            f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(differences)})"
+        )
     return SavedRun(run_dir, net, instantiate(cfg.data), cfg.schedule.batch_size, cfg.seed)
 
 

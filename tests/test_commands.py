@@ -139,3 +139,18 @@ def test_a_run_whose_record_names_foreign_code_is_refused(tmp_path):
     spec = NetSpec(18, True, "basic", "imagenet", "projection", 1000)
     saved_imagenet_run(tmp_path / "run", spec, ["model=resnet18", "shortcut=B", "data._target_=os.system"])
     assert_one_line_error(resexp("export", str(tmp_path / "run"), cwd=tmp_path), "_target_='os.system'")
+
+
+def test_export_to_a_folder_it_cannot_write_is_one_line(tmp_path):
+    spec = NetSpec(18, True, "basic", "imagenet", "projection", 1000)
+    saved_imagenet_run(tmp_path / "run", spec, ["model=resnet18", "shortcut=B"])
+    (tmp_path / "file").write_text("")
+    result = resexp("export", str(tmp_path / "run"), "--out", str(tmp_path / "file"), cwd=tmp_path)
+    assert_one_line_error(result, "--out")
+
+
+def test_a_checkpoint_of_another_net_than_the_runs_record_is_one_line(tmp_path):
+    spec = NetSpec(18, True, "basic", "imagenet", "projection", 1000)
+    saved_imagenet_run(tmp_path / "run", spec, ["model=resnet18"])  # the record: option A
+    result = resexp("eval", str(tmp_path / "run"), cwd=tmp_path)
+    assert_one_line_error(result, "shortcut: 'projection' there, 'identity' now")
