@@ -107,6 +107,25 @@ def evaluate(
     return {"error": 100 * wrong / seen, "error_top5": 100 * wrong5 / seen, "loss": loss_sum / seen, "views": views}
 
 
+EVENTS = "events.out.tfevents."  # TensorBoard's event files: EVENTS + the second each was opened + host, pid
+
+
+def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
+    """The run's TensorBoard writer for a session that starts after `iteration`. Where an earlier session
+    left event files (it stopped, or was killed before its first checkpoint), the new file starts with a
+    restart marker at iteration + 1 (purge_step), and TensorBoard drops every point the earlier files
+    hold from there on: those the checkpoint does not cover. TensorBoard reads a run's files in name
+    order, and a name starts with the second its file was opened; a session opened within the second
+    of the previous one's could sort before it and lose its points to that file's marker, so it waits
+    for the next second (at most one)."""
+    opened = [int(path.name.removeprefix(EVENTS).split(".")[0]) for path in run_dir.glob(f"{EVENTS}*")]
+    if not opened:
+        return SummaryWriter(log_dir=str(run_dir))
+    while int(time.time()) <= max(opened):
+        time.sleep(0.05)
+    return SummaryWriter(log_dir=str(run_dir), purge_step=iteration + 1)
+
+
 @contextmanager
 def stop_requests() -> Iterator[list[int]]:
     """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) are noted instead of killing the process, so the
@@ -201,8 +220,7 @@ def train(
                 "lower optim.lr, or set on_nonfinite=skip to skip such steps"
             )
 
-    # purge_step: TensorBoard drops points that an interrupted run logged after its last checkpoint.
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.iteration + 1 if resume else None)
+    writer = open_writer(run_dir, state.iteration)
     error_tags = ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})]
     if resume is None and board is not None:
         board.describe(writer, error_tags)

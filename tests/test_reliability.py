@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RUN, RUN_ITERATIONS, resexp, scalars, start_process, stop_midway
+from helpers import RUN, RUN_ITERATIONS, SHRINK, resexp, scalars, start_process, stop_midway
+from torch.utils.tensorboard import SummaryWriter
 
 from resexp import checkpoint, runs
 from resexp.data import synthetic
@@ -20,7 +21,7 @@ from resexp.errors import ResexpError
 from resexp.logs import LogLines
 from resexp.models import build_model
 from resexp.step import make_step
-from resexp.train import Loop, Schedule, train
+from resexp.train import EVENTS, Loop, Schedule, open_writer, train
 
 
 def start(run_dir: Path, *extra: str):
@@ -328,3 +329,26 @@ def test_on_nonfinite_skip_skips_the_bad_step_and_finishes(tmp_path):
     assert summary["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert checkpoint.load(tmp_path / "checkpoint.pt")["progress"]["iteration"] == 10
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_without_its_stale_points(tmp_path):
+    # The killed attempt's curve points are in the directory, with no checkpoint to continue from.
+    run_dir, clean = tmp_path / "run", tmp_path / "clean"
+    stale = SummaryWriter(str(run_dir))
+    for step in (2, 4):
+        stale.add_scalar("error/train", 55.5, step)
+        stale.add_scalar("lr", 7.0, step)
+    stale.close()
+    for directory in (run_dir, clean):
+        assert resexp("train", *SHRINK, f"hydra.run.dir={directory}", cwd=tmp_path).returncode == 0
+    mine, theirs = scalars(run_dir), scalars(clean)
+    assert mine["error/train"] == theirs["error/train"] and mine["lr"] == theirs["lr"]  # one point per step
+
+
+def test_a_session_opens_its_event_file_after_the_previous_ones_second(tmp_path):
+    # TensorBoard reads a run's event files in name order; names begin with the second they were opened.
+    now = int(time.time())
+    (tmp_path / f"{EVENTS}{now}.host.99999.0").write_bytes(b"")  # would sort after a new file of this second
+    open_writer(tmp_path, 5).close()
+    [new] = [path for path in tmp_path.glob(f"{EVENTS}*") if ".99999." not in path.name]
+    assert int(new.name.removeprefix(EVENTS).split(".")[0]) > now
