@@ -118,7 +118,8 @@ def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
     order, and a name starts with the second its file was opened; a session opened within the second
     of the previous one's could sort before it and lose its points to that file's marker, so it waits
     for the next second (at most one)."""
-    opened = [int(path.name.removeprefix(EVENTS).split(".")[0]) for path in run_dir.glob(f"{EVENTS}*")]
+    seconds = (path.name.removeprefix(EVENTS).split(".")[0] for path in run_dir.glob(f"{EVENTS}*"))
+    opened = [int(second) for second in seconds if second.isdigit()]
     if not opened:
         return SummaryWriter(log_dir=str(run_dir))
     while int(time.time()) <= max(opened):
