@@ -20,10 +20,13 @@ def save(path: Path, state: dict[str, Any]) -> None:
     """Replace `path` atomically: a kill at any instant leaves the previous checkpoint, whole."""
     try:
         atomic_write(path, lambda file: torch.save({**state, "version": VERSION}, file))
-    except OSError as error:  # disk full, quota, read-only: the old checkpoint is untouched
+    # Disk full, quota, read-only: the old checkpoint is untouched. torch.save reports a failed write of
+    # its zip archive as a RuntimeError ("PytorchStreamWriter failed writing file ..."), not an OSError.
+    except (OSError, RuntimeError) as error:
         kept = f"the previous checkpoint {path} is intact" if Path(path).exists() else "no checkpoint was kept"
+        reason = getattr(error, "strerror", None) or f"{str(error).strip().splitlines()[0]}; is the disk full?"
         raise ResexpError(
-            f"could not write a checkpoint to {Path(path).parent} ({error.strerror or error}); {kept}"
+            f"could not write the checkpoint {path} ({reason}); {kept}; once it can be written, the same command resumes"
         ) from None
 
 

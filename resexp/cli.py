@@ -88,12 +88,12 @@ def outcome(error: BaseException) -> tuple[str, int] | None:
         return "stopped at once, before training; the checkpoints already written are intact", 128 + signal.SIGINT
     if isinstance(error, ResexpError):
         return f"error: {error}", 2
+    if isinstance(error, (HydraException, OmegaConfBaseException)):  # before OSError: Hydra's missing config is one
+        return f"error: {schemas.error_line(error)}", 2
     if isinstance(error, OSError):  # typically the run directory: not writable, not a directory, disk full
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or error
         return f"error: cannot write{where} ({reason}); choose a writable hydra.run.dir or hydra.sweep.dir", 2
-    if isinstance(error, (HydraException, OmegaConfBaseException)):
-        return f"error: {schemas.error_line(error)}", 2
     return None
 
 

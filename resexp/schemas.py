@@ -156,4 +156,6 @@ def error_line(error: BaseException) -> str:
     # Keep the sentences of a message that spans lines (key, full_key, object_type).
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     kept = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))]
+    if "Config search path:" in kept:  # a missing config: where Hydra looked is not what went wrong
+        kept = kept[: kept.index("Config search path:")]
     return " ".join(kept) or type(error).__name__

@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import numpy as np
@@ -77,6 +78,35 @@ def test_corrupt_files_are_a_clear_error(fake_cifar, damage):
         write_batch(path, np.zeros((10, 3072), np.uint8), [0] * 10)
     with pytest.raises(ResexpError, match=f"{path} is corrupt or truncated"):
         cifar.read_batch(path)
+
+
+class Payload:
+    """What a crafted batch could hold: unpickling it would create a folder (any code could run)."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_a_batch_that_would_run_code_is_refused_without_running_it(fake_cifar, tmp_path):
+    path, target = fake_cifar / "cifar-10-batches-py" / "data_batch_3", tmp_path / "ran"
+    with open(path, "wb") as file:
+        pickle.dump({"batch_label": "x", "labels": [0] * 10_000, "data": Payload(target)}, file)
+    with pytest.raises(ResexpError, match=f"{path} is not a CIFAR-10 batch: it would call .*mkdir") as error:
+        cifar.read_batch(path)
+    assert "\n" not in str(error.value) and not target.exists()
+
+
+def test_a_python2_style_batch_still_loads(fake_cifar):
+    # Protocol 2 (the original archive's) with numpy's and _codecs' callables, which are data
+    path = fake_cifar / "cifar-10-batches-py" / "data_batch_2"
+    images = np.random.default_rng(0).integers(0, 256, (10_000, 3072), dtype=np.uint8)
+    with open(path, "wb") as file:
+        pickle.dump({"batch_label": "b", "labels": [3] * 10_000, "data": images}, file, protocol=2)
+    loaded, labels = cifar.read_batch(path)
+    assert torch.equal(loaded.flatten(1), torch.from_numpy(images)) and set(labels.tolist()) == {3}
 
 
 def test_real_copy_loads(cifar_root):

@@ -101,6 +101,8 @@ def test_every_number_out_of_range_is_one_line_naming_it_and_nothing_is_left(tmp
         (["-m", "hydra.launcher.max_runs=-1", "seed=0,1"], "hydra.launcher.max_runs=-1 must be a positive integer"),
         (["-m", "hydra.launcher.group_runs=maybe", "seed=0,1"], "hydra.launcher.group_runs='maybe' is not a boolean"),
         (["-m", "optim.lr=0.1,-1", "hydra/launcher=basic"], "optim.lr=-1.0 must be positive"),
+        # Hydra's missing-config error is also an OSError: not a run directory's fault
+        (["-m", "hydra/launcher=nope"], "Could not find 'hydra/launcher/nope' Available options in 'hydra/launcher'"),
     ],
 )
 def test_bad_values_are_one_line_exit_2_and_leave_nothing_behind(tmp_path, arguments, message):

@@ -7,6 +7,7 @@ import pickle
 import random
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -241,20 +242,51 @@ def test_a_checkpoint_of_another_experiment_is_refused(tmp_path, straight, overr
     ]
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        # what torch.save raises when its zip writer meets a full disk
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+    ],
+    ids=["oserror", "torch-runtimeerror"],
+)
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
     path = tmp_path / "checkpoint.pt"
     checkpoint.save(path, {"model": {"w": torch.ones(3)}})
 
     def full_disk(obj, file):
         file.write(b"partial bytes")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise failure
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(ResexpError, match="No space left on device\\); the previous checkpoint .* is intact"):
+    reason = "No space left on device" if isinstance(failure, OSError) else "file write failed"
+    with pytest.raises(ResexpError, match=f"{path} \\(.*{reason}.*\\); the previous checkpoint .* is intact"):
         checkpoint.save(path, {"model": {"w": torch.zeros(3)}})
     monkeypatch.undo()
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 256 KiB filesystem (tmpfs), where this machine lets the tests mount one (as root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip() or made.returncode}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(small_filesystem):
+    path = small_filesystem / "checkpoint.pt"
+    checkpoint.save(path, {"model": {"w": torch.ones(3)}})
+    with pytest.raises(ResexpError, match=f"could not write the checkpoint {path} .*; the previous checkpoint"):
+        checkpoint.save(path, {"model": {"w": torch.zeros(200_000)}})  # 800 KB: does not fit
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in small_filesystem.iterdir()] == ["checkpoint.pt"]  # no temporary file left
 
 
 def test_an_unwritable_run_directory_is_a_one_line_error(tmp_path):

@@ -22,13 +22,47 @@ TEST_FILES = ["test_batch"]
 IMAGES_PER_FILE = 10_000
 
 
+# What a batch may be made of: a dict of strings, lists of numbers and one numpy array (the pixels). A
+# pickle names the functions it calls to rebuild its objects, and pickle.load calls whatever it names;
+# these are the only ones a batch needs (numpy 1's and numpy 2's names, Python 2's bytes).
+BATCH_CALLABLES = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class NotABatch(pickle.UnpicklingError):
+    """A pickle that names a callable no CIFAR-10 batch needs."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 batch as data only: `data.root` is often a shared folder, and a crafted batch
+    file could otherwise run any code as it loads (a pickle's __reduce__)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in BATCH_CALLABLES:
+            raise NotABatch(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pickled batch as uint8 images (10000, 3, 32, 32) and int64 labels, or a one-line error."""
+    """One pickled batch as uint8 images (10000, 3, 32, 32) and int64 labels, read as data only
+    (BatchUnpickler), or a one-line error."""
     try:
         with open(path, "rb") as file:
-            entry = pickle.load(file, encoding="latin1")
+            entry = BatchUnpickler(file, encoding="latin1").load()
         images = np.asarray(entry["data"], dtype=np.uint8).reshape(IMAGES_PER_FILE, 3, 32, 32)
         labels = np.asarray(entry["labels"], dtype=np.int64).reshape(IMAGES_PER_FILE)
+    except NotABatch as error:
+        raise ResexpError(
+            f"{path} is not a CIFAR-10 batch: it would call {error} as it loads, and resexp reads the batches "
+            "as data only, never as code; replace it with a good copy"
+        ) from None
     except Exception as error:  # a truncated or foreign pickle fails in many ways; all mean the same here
         raise ResexpError(
             f"{path} is corrupt or truncated ({type(error).__name__}: {error}); "
