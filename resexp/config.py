@@ -41,7 +41,7 @@ from resexp.errors import ResexpError
 from resexp.evaluate import SavedRun
 from resexp.jobs import RunSettings
 from resexp.models import NetSpec, canonical_shortcut
-from resexp.runs import CHECKPOINT, HYDRA, Place, swept_keys, take_back_sweep
+from resexp.runs import CHECKPOINT, HYDRA, SWEEP_RECORD, Place, holds_run, snapshot, swept_keys, take_back_sweep
 from resexp.step import PRECISIONS
 from resexp.train import Loop, Schedule
 
@@ -173,10 +173,9 @@ def user_chose_directory(hydra_cfg: DictConfig) -> bool:
 def place(hydra_cfg: DictConfig) -> Place:
     """Where Hydra put the run (in a sweep, or alone), and whether the user chose it."""
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     return Place(
-        run_dir=Path(hydra_cfg.runtime.output_dir),
-        in_sweep=sweep,
-        chosen=user_chose_directory(hydra_cfg),
+        run_dir=run_dir, in_sweep=sweep, chosen=user_chose_directory(hydra_cfg), before=HELD.get(run_dir.absolute())
     )
 
 
@@ -291,17 +290,33 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
     return SavedRun(run_dir, net, instantiate(cfg.data), cfg.schedule.batch_size, cfg.seed)
 
 
-# The sweep directories Hydra made in this process, and whether the user chose them.
-SWEEPS: list[tuple[Path, bool]] = []
+# What Hydra is about to write over, noted before it does (RunRecord): each sweep's directory, whether
+# the user chose it, and its record if it held one; the files of each run directory that held a run.
+SWEEPS: list[tuple[Path, bool, bytes | None]] = []
+HELD: dict[Path, dict[str, bytes]] = {}
 
 
-class SweepRecord(Callback):
-    """A Hydra callback (conf/train.yaml, hydra.callbacks) that notes each sweep's directory as the sweep
-    starts: Hydra's sweeper makes it, then composes the runs' configs, so a sweep value of the wrong type
-    ends the sweep before any run, or this code, could take the directory back; `take_back_sweeps` does."""
+class RunRecord(Callback):
+    """A Hydra callback (conf/train.yaml, hydra.callbacks) that notes, before Hydra writes anything, each
+    sweep's directory, and the files of every run directory that holds a run already: Hydra writes a
+    run's saved config before its task can refuse it (another net, resume=false), and makes a sweep's
+    directory before it composes the runs, so that bad input would otherwise leave them changed.
+    `sweeps_taken_back` and Place.take_back put them back."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir).absolute()
+        if holds_run(run_dir):
+            HELD[run_dir] = snapshot(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        SWEEPS.append((Path(config.hydra.sweep.dir), user_chose_directory(config.hydra)))
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        record = sweep_dir / SWEEP_RECORD
+        SWEEPS.append(
+            (sweep_dir, user_chose_directory(config.hydra), record.read_bytes() if record.is_file() else None)
+        )
+        for run_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
+            if holds_run(run_dir):
+                HELD[run_dir] = snapshot(run_dir)
 
 
 @contextmanager
@@ -309,6 +324,7 @@ def sweeps_taken_back() -> Iterator[None]:
     """A command that fails (bad input, mostly) leaves no sweep directory without a run, nor the default
     folders around it empty."""
     SWEEPS.clear()
+    HELD.clear()
     try:
         yield
     except BaseException:

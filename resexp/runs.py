@@ -25,7 +25,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resexp.errors import ResexpError
-from resexp.files import atomic_write_text
+from resexp.files import atomic_write, atomic_write_text
 from resexp.models.resnet import SHORTCUTS, canonical_shortcut, net_name
 
 HYDRA = ".hydra"  # Hydra's saved config (hydra.output_subdir)
@@ -225,6 +225,27 @@ def discard_if_empty(directory: Path, hydra_files: set[str]) -> None:
         pass
 
 
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / CHECKPOINT).is_file() or (run_dir / METRICS).is_file()
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """What Hydra rewrites as a run starts in a directory (its saved config, and the log it appends to),
+    byte for byte, to be put back if that start is refused: the directory must go on describing the run
+    its checkpoint holds."""
+    files = [run_dir / LOG, *sorted((run_dir / HYDRA).glob("*.yaml"))]
+    return {str(path.relative_to(run_dir)): path.read_bytes() for path in files if path.is_file()}
+
+
+def put_back(run_dir: Path, before: dict[str, bytes]) -> None:
+    """The files of `snapshot` as they were, and no saved-config file that was not there."""
+    for name, content in before.items():
+        atomic_write(run_dir / name, lambda file, content=content: file.write(content))
+    for path in (run_dir / HYDRA).glob("*.yaml"):
+        if str(path.relative_to(run_dir)) not in before:
+            path.unlink()
+
+
 @dataclass(frozen=True)
 class Place:
     """Where a run writes, and what Hydra made for it before it started."""
@@ -232,17 +253,27 @@ class Place:
     run_dir: Path  # the run's directory
     in_sweep: bool = False  # one run of a sweep: the sweep's directory is taken back as a whole (take_back_sweep)
     chosen: bool = True  # the user chose hydra.run.dir / hydra.sweep.dir: the folders around it are theirs
+    # a run's directory that held a run already: its files that Hydra rewrote as this start began (snapshot)
+    before: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
 
     def take_back(self) -> None:
         """Bad input: remove what Hydra made for a run that never started (its directory, saved config,
-        log file), and the default folders under outputs/ that it leaves empty. Anything else stays."""
+        log file), and the default folders under outputs/ that it leaves empty. Anything else stays; a
+        directory that held a run already is put back as it was, byte for byte."""
+        if self.before is not None:
+            put_back(self.run_dir, self.before)
+            return
         discard_if_empty(self.run_dir, {HYDRA, LOG})
         if not self.in_sweep:
             discard_default_parents(self.run_dir, self.chosen)
 
 
-def take_back_sweep(sweep_dir: Path, chosen: bool) -> None:
-    """A sweep ended by bad input: its directory if no run is left in it, and the default folders around it."""
+def take_back_sweep(sweep_dir: Path, chosen: bool, record: bytes | None = None) -> None:
+    """A sweep ended by bad input: its directory if no run is left in it, and the default folders around it;
+    the record of a sweep that was there already (`record`, its multirun.yaml) as it was."""
+    if record is not None:
+        atomic_write(sweep_dir / SWEEP_RECORD, lambda file: file.write(record))
+        return
     discard_if_empty(sweep_dir, {SWEEP_RECORD})
     discard_default_parents(sweep_dir, chosen)
 

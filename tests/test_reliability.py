@@ -384,3 +384,29 @@ def test_a_session_opens_its_event_file_after_the_previous_ones_second(tmp_path)
     open_writer(tmp_path, 5).close()
     [new] = [path for path in tmp_path.glob(f"{EVENTS}*") if ".99999." not in path.name]
     assert int(new.name.removeprefix(EVENTS).split(".")[0]) > now
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("change", ["seed=1", "resume=false"])
+def test_a_refused_start_leaves_the_run_directory_byte_for_byte(tmp_path, change):
+    run_dir = tmp_path / "run"
+    assert resexp("train", *SHRINK, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    before = files_of(run_dir)
+    result = resexp("train", *SHRINK, change, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert files_of(run_dir) == before  # its saved config still describes its checkpoint
+
+
+@pytest.mark.parametrize("launcher", ["shared_gpu", "basic"])
+def test_a_refused_sweep_leaves_its_directory_byte_for_byte(tmp_path, launcher):
+    sweep, args = tmp_path / "sweep", ["-m", *SHRINK, "seed=0,1", f"hydra/launcher={launcher}"]
+    assert resexp("train", *args, f"hydra.sweep.dir={sweep}", cwd=tmp_path).returncode == 0
+    before = files_of(sweep)
+    result = resexp("train", *args, "optim.momentum=0.8", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2 and "belongs to another experiment" in result.stderr, result.stderr
+    assert files_of(sweep) == before  # the runs' saved configs and logs, and the sweep's record
