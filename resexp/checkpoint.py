@@ -56,17 +56,22 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A checkpoint continues only the run that wrote it: the same net, shortcut, data and recipe (the
-    identities: a run's settings but where and how it runs)."""
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: value there, value now` for each setting in which a checkpoint's record and the current
+    settings disagree."""
     keys = sorted(set(saved) | set(current))
-    differences = [
+    return [
         f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now"
         for key in keys
         if saved.get(key) != current.get(key)
     ]
-    if differences:
+
+
+def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A checkpoint continues only the run that wrote it: the same net, shortcut, data and recipe (the
+    identities: a run's settings but where and how it runs)."""
+    if found := differences(saved, current):
         raise ResexpError(
-            f"{path} belongs to another experiment ({'; '.join(differences)}); "
+            f"{path} belongs to another experiment ({'; '.join(found)}); "
             "use the same settings to resume it, or another hydra.run.dir to start a new run"
         )

@@ -123,10 +123,7 @@ def trained_runs(parser: argparse.ArgumentParser, rest: list[str]) -> tuple[argp
     parser.add_argument("--data-root", help="the data's folder, where it is not where the run had it (data.root)")
     args = parser.parse_args(rest)
     config.register()
-    for directory in args.dirs:
-        if not directory.is_dir():
-            raise ResexpError(f"{directory} is not a directory of runs")
-    found = sorted({path.parent for directory in args.dirs for path in directory.rglob(runs.CHECKPOINT)})
+    found = runs.find_runs(args.dirs, marks=(runs.CHECKPOINT,))
     if not found:
         raise ResexpError(f"no run with a {runs.CHECKPOINT} under {', '.join(map(str, args.dirs))}")
     return args, [config.saved_run(path, args.data_root) for path in found]

@@ -281,11 +281,9 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
         "shortcut": net.shortcut,
         "data.num_classes": net.num_classes,
     }
-    if differences := [
-        f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in now.items() if recorded.get(key) != value
-    ]:
+    if found := checkpoint.differences({key: recorded.get(key) for key in now}, now):
         raise ResexpError(
-            f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(differences)})"
+            f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(found)})"
         )
     return SavedRun(run_dir, net, instantiate(cfg.data), cfg.schedule.batch_size, cfg.seed)
 

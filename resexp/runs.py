@@ -118,14 +118,15 @@ class Run:
         return SHORTCUTS.get(self.shortcut, "-") if self.residual else "-"
 
 
-def find_runs(directories: list[Path]) -> list[Path]:
-    """Every run directory below `directories`: one with Hydra's saved config or a metrics.json."""
+def find_runs(directories: list[Path], marks: tuple[str, ...] = (METRICS, f"{HYDRA}/config.yaml")) -> list[Path]:
+    """Every run directory below `directories`: one that holds any of `marks` (paths inside a run
+    directory; by default Hydra's saved config or a metrics.json)."""
     found = set()
     for directory in directories:
         if not directory.is_dir():
             raise ResexpError(f"{directory} is not a directory of runs")
-        found.update(path.parent for path in directory.rglob(METRICS))
-        found.update(path.parent.parent for path in directory.rglob(f"{HYDRA}/config.yaml"))
+        for mark in marks:
+            found.update(path.parents[mark.count("/")] for path in directory.rglob(mark))
     return sorted(found)
 
 
