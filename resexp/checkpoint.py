@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from resexp.errors import ResexpError
+from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write
 
 VERSION = 2  # bump when the layout of the dict changes; older files are then refused with a message, or read as below
@@ -24,15 +24,40 @@ def save(path: Path, state: dict[str, Any]) -> None:
     # its zip archive as a RuntimeError ("PytorchStreamWriter failed writing file ..."), not an OSError.
     except (OSError, RuntimeError) as error:
         kept = f"the previous checkpoint {path} is intact" if Path(path).exists() else "no checkpoint was kept"
-        reason = getattr(error, "strerror", None) or f"{str(error).strip().splitlines()[0]}; is the disk full?"
+        reason = getattr(error, "strerror", None) or f"{first_line(error)}; is the disk full?"
         raise ResexpError(
             f"could not write the checkpoint {path} ({reason}); {kept}; once it can be written, the same command resumes"
         ) from None
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True`: tensors, numbers, strings and containers only, so a
-    crafted file cannot run code. Anything unreadable is a one-line error."""
+# What a checkpoint holds (the training loop writes it: resexp/train.py), and the type of each part: a file without one of them,
+# or with one of another type, is damaged.
+LAYOUT: dict[str, type] = {
+    "identity": dict,  # the run's settings less NOT_IDENTITY, for a resume to match
+    "model": dict,  # the net's state_dict
+    "optimizer": dict,  # the optimizer's state_dict
+    "data": dict,  # the training stream's position and generator
+    "rng": dict,  # torch's RNG states
+    "progress": dict,  # the loop's state (train.Progress)
+    "totals": torch.Tensor,  # the loss and error sums since the last log point
+}
+
+
+def load(path: Path, layout: dict[str, type] = LAYOUT) -> dict[str, Any]:
+    """Read a checkpoint as data only, checked whole: every record of the file against the CRC-32 that
+    torch.save stores beside it in its zip archive (torch.load itself reads a flipped byte without a
+    word), then `torch.load(weights_only=True)`, which admits tensors, numbers, strings and containers
+    only, so a crafted file cannot run code, then the parts of `layout`. Anything else is one line."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # the first record whose bytes do not match their CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise unreadable(path, error) from None
+    if damaged is not None:
+        raise ResexpError(
+            f"{path} is damaged: {damaged} does not match the checksum stored with it; "
+            "move it away to start this run over"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the verdict follows anyway
@@ -42,18 +67,58 @@ def load(path: Path) -> dict[str, Any]:
             f"{path} is not a readable resexp checkpoint (it holds objects other than tensors and numbers, "
             "and resexp loads checkpoints as data only, never as code); move it away to start this run over"
         ) from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, KeyError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ResexpError(
-            f"{path} is not a readable resexp checkpoint ({first_line}); move it away to start this run over"
-        ) from None
-    if isinstance(state, dict) and state.get("version") == 1 and "experiment" in state:
-        state["identity"] = state.pop("experiment")  # version 1's name for it; nothing else changed
+    # A file that passed its checksums but is still not a checkpoint (made so, or written by another
+    # program) can fail anywhere inside torch's unpickler: an IndexError, a TypeError, ... all say
+    # "not readable".
+    except Exception as error:
+        raise unreadable(path, error) from None
+    if isinstance(state, dict) and state.get("version") == 1:
+        if "experiment" in state:
+            state["identity"] = state.pop("experiment")  # version 1's name for it; nothing else changed
         state["version"] = VERSION
     if not isinstance(state, dict) or state.get("version") != VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ResexpError(f"{path} is a checkpoint of version {found!r}; this resexp reads versions 1 to {VERSION}")
+    for key, kind in layout.items():
+        if not isinstance(state.get(key), kind):
+            what = "no" if key not in state else f"a {type(state[key]).__name__} as its"
+            raise ResexpError(
+                f"{path} is not a whole resexp checkpoint: it has {what} {key!r}; move it away to start this run over"
+            )
     return state
+
+
+def unreadable(path: Path, error: BaseException) -> ResexpError:
+    return ResexpError(
+        f"{path} is not a readable resexp checkpoint ({first_line(error)}); move it away to start this run over"
+    )
+
+
+# The settings that say where and how a run runs, or how often it reports, not what it trains: a run
+# resumes with other values of these, so they are no part of the identity its checkpoint records (and a
+# checkpoint that recorded some, as 0.2.0 did log_every and eval_points, is read without them).
+NOT_IDENTITY = frozenset(
+    {
+        "data.root",
+        "data.download",
+        "data.workers",
+        "data.eval_batch_size",
+        "device",
+        "cuda_graph",
+        "compile",
+        "deterministic",
+        "resume",
+        "checkpoint_every",
+        "on_nonfinite",
+        "log_every",
+        "eval_points",
+    }
+)
+
+
+def identity(values: dict[str, Any]) -> dict[str, Any]:
+    """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY."""
+    return {key: value for key, value in values.items() if key not in NOT_IDENTITY}
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -70,7 +135,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A checkpoint continues only the run that wrote it: the same net, shortcut, data and recipe (the
     identities: a run's settings but where and how it runs)."""
-    if found := differences(saved, current):
+    if found := differences(identity(saved), identity(current)):
         raise ResexpError(
             f"{path} belongs to another experiment ({'; '.join(found)}); "
             "use the same settings to resume it, or another hydra.run.dir to start a new run"

@@ -4,6 +4,7 @@ what it may be, in one line."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,13 +22,13 @@ def non_negative_int(key: str, value: Any) -> None:
 
 
 def positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ResexpError(f"{key}={value!r} must be positive")
+    if not 0 < value < math.inf:  # nan and inf too: a rate of inf trains nothing but infinities
+        raise ResexpError(f"{key}={value!r} must be a positive, finite number")
 
 
 def non_negative(key: str, value: float) -> None:
-    if not value >= 0:
-        raise ResexpError(f"{key}={value!r} must be 0 or more")
+    if not 0 <= value < math.inf:
+        raise ResexpError(f"{key}={value!r} must be a finite number of 0 or more")
 
 
 def interval(low: float, high: float, *, low_open: bool, high_open: bool) -> Callable[[str, float], None]:

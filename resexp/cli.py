@@ -49,16 +49,21 @@ def train_task(cfg: DictConfig) -> float | None:
     the shared-GPU launcher's batch). Bad input takes back what Hydra made for the run, and ends the command."""
     from hydra.core.hydra_config import HydraConfig
 
-    from resexp import config, jobs
+    from resexp import config, jobs, lock
 
     hydra_cfg = HydraConfig.get()
     place = config.place(hydra_cfg)
     try:
+        lock.hold(place.run_dir)  # a sweep's run (a lone run took it before Hydra wrote: resexp/record.py)
         with jobs.taken_back(place):
             job = jobs.prepare(config.settings(cfg, hydra_cfg, place))
         return jobs.start(job)
     except ResexpError as error:
         raise JobFailed(error) from None
+    except Interrupted as stop:  # stopped while no run trained: say how to go on all the same
+        if stop.training:
+            raise
+        raise Interrupted(stop.signum, resume=config.resume_command(hydra_cfg), training=False) from None
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -73,19 +78,16 @@ def outcome(error: BaseException) -> tuple[str, int] | None:
 
     from resexp import schemas
 
+    if isinstance(error, KeyboardInterrupt):  # where resexp's own handler was not yet in place
+        error = Interrupted(signal.SIGINT, training=False)
     if isinstance(error, Interrupted):
+        name, code = signal.Signals(error.signum).name, 128 + error.signum
+        resume = f"; resume: {error.resume}" if error.resume else ""
+        if not error.training:
+            return f"stopped by {name} while no run was training; nothing half-made is left{resume}", code
         if error.iteration is None:
-            return (
-                f"stopped at once; the last checkpoint of each run, if any, is intact; resume: {error.resume}",
-                128 + error.signum,
-            )
-        name = signal.Signals(error.signum).name
-        return (
-            f"stopped by {name} at iteration {error.iteration}, checkpoint saved; resume: {error.resume}",
-            128 + error.signum,
-        )
-    if isinstance(error, KeyboardInterrupt):  # before training began: no checkpoint is being written
-        return "stopped at once, before training; the checkpoints already written are intact", 128 + signal.SIGINT
+            return f"stopped at once; the last checkpoint of each run, if any, is intact{resume}", code
+        return f"stopped by {name} at iteration {error.iteration}, checkpoint saved{resume}", code
     if isinstance(error, ResexpError):
         return f"error: {error}", 2
     if isinstance(error, (HydraException, OmegaConfBaseException)):  # before OSError: Hydra's missing config is one
@@ -222,7 +224,7 @@ def train(rest: list[str]) -> None:
     import hydra
     from hydra.core.plugins import Plugins
 
-    from resexp import config
+    from resexp import config, record
 
     check_modes(rest)
     config.register()
@@ -240,7 +242,7 @@ def train(rest: list[str]) -> None:
 
     Plugins.instance().register(SharedGPULauncher)
     try:
-        with config.sweeps_taken_back():  # a sweep that ended before any of its runs started leaves no directory
+        with record.recorded():  # a sweep that ended before any of its runs started leaves no directory
             config.check_choices([arg for arg in rest if "=" in arg and not arg.startswith("-")])
             hydra.main(version_base="1.3", config_path=config_path, config_name="train")(train_task)()
     except BrokenPipeError:  # not the run directory: the reader of a pipe left (main)
@@ -252,13 +254,27 @@ def train(rest: list[str]) -> None:
         fail(*told)
 
 
+def stop_at_once(signum: int, frame: object) -> None:
+    """SIGTERM or SIGINT while no run trains (training has handlers of its own: resexp.train.stop_requests):
+    the command ends where it is, and what a run being prepared had made is taken back on the way out."""
+    raise Interrupted(signum, training=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # From the first instant, so that a stop during start-up (imports, Hydra's composition, a run's
+    # preparation) is one line too, and SIGTERM does not end the process before it can tidy up.
+    previous = {signum: signal.signal(signum, stop_at_once) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         dispatch(argv)
+    except (Interrupted, KeyboardInterrupt) as stop:  # outside `resexp train`, which says more
+        fail(*outcome(stop))
     except BrokenPipeError:  # `resexp train --help | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
         sys.exit(128 + signal.SIGPIPE)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def dispatch(argv: list[str]) -> None:

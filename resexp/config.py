@@ -18,8 +18,6 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +27,20 @@ import yaml
 from hydra import initialize_config_dir, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resexp import checkpoint, resolvers, schemas
+from resexp import checkpoint, record, resolvers, schemas
 from resexp.checks import check_values, one_of
 from resexp.errors import ResexpError
-from resexp.evaluate import SavedRun
+from resexp.evaluate import READ, SavedRun
 from resexp.jobs import RunSettings
 from resexp.models import NetSpec, canonical_shortcut
-from resexp.runs import CHECKPOINT, HYDRA, SWEEP_RECORD, Place, holds_run, snapshot, swept_keys, take_back_sweep
+from resexp.runs import CHECKPOINT, HYDRA, Place, swept_keys
 from resexp.step import PRECISIONS
-from resexp.train import Loop, Schedule
+from resexp.train import Loop, Remedies, Schedule
 
 
 def register() -> None:
@@ -164,27 +161,50 @@ def schedule(cfg: DictConfig) -> Schedule:
     )
 
 
-def user_chose_directory(hydra_cfg: DictConfig) -> bool:
-    """Whether the command line set hydra.run.dir or hydra.sweep.dir (else they are outputs/'s defaults)."""
-    chosen = {override.split("=", 1)[0].lstrip("+~") for override in hydra_cfg.overrides.hydra}
-    return bool({"hydra.run.dir", "hydra.sweep.dir"} & chosen)
-
-
 def place(hydra_cfg: DictConfig) -> Place:
     """Where Hydra put the run (in a sweep, or alone), and whether the user chose it."""
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     return Place(
-        run_dir=run_dir, in_sweep=sweep, chosen=user_chose_directory(hydra_cfg), before=HELD.get(run_dir.absolute())
+        run_dir=run_dir,
+        in_sweep=sweep,
+        chosen=record.user_chose_directory(hydra_cfg),
+        before=record.HELD.get(run_dir.absolute()),
     )
+
+
+def command(task: list[str], changes: dict[str, str], extra: list[str]) -> str:
+    """`resexp train` with the overrides `task`, the keys of `changes` set to their values, and `extra`."""
+    kept = [item for item in task if item.split("=", 1)[0].lstrip("+~") not in changes]
+    arguments = [*kept, *(f"{key}={value}" for key, value in changes.items()), *extra]
+    return " ".join(["resexp train", *map(shlex.quote, arguments)])
 
 
 def resume_command(hydra_cfg: DictConfig) -> str:
     """What continues this run: the same command on the same directory."""
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f"run the same sweep again with hydra.sweep.dir={hydra_cfg.sweep.dir}"
-    arguments = [*hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
-    return " ".join(["resexp train", *map(shlex.quote, arguments)])
+    return command(list(hydra_cfg.overrides.task), {}, [f"hydra.run.dir={hydra_cfg.runtime.output_dir}"])
+
+
+def remedies(hydra_cfg: DictConfig, lr: float) -> Remedies:
+    """The commands that a run gone non-finite advises, each one that works: skipping such steps in the
+    same directory (on_nonfinite is no part of the run's identity), or a lower rate in a new one (the
+    rate is)."""
+    lower = f"{lr / 10:g}"
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Remedies(
+            skip=f"to skip such steps, run the same sweep again with on_nonfinite=skip hydra.sweep.dir={hydra_cfg.sweep.dir}",
+            lower_rate=f"to start over at a lower rate, run the sweep with optim.lr={lower} in another hydra.sweep.dir",
+        )
+    task, run_dir = list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir
+    elsewhere = (
+        [f"hydra.run.dir={run_dir}_lr{lower}"] if record.user_chose_directory(hydra_cfg) else []
+    )  # else a new default
+    return Remedies(
+        skip=f"to skip such steps, in this directory: {command(task, {'on_nonfinite': 'skip'}, [f'hydra.run.dir={run_dir}'])}",
+        lower_rate=f"to start over at a tenth of the rate: {command(task, {'optim.lr': lower}, elsewhere)}",
+    )
 
 
 def sweep_values(hydra_cfg: DictConfig, values: dict[str, Any]) -> dict[str, Any]:
@@ -210,8 +230,7 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
     data = cfg.data
     if data.get("workers") == "auto":  # one decoding process per CPU core this process may use
         data = OmegaConf.merge(data, {"workers": cpu_cores()})
-    runtime_keys = set(hydra_cfg.job.config.override_dirname.exclude_keys)
-    identity = {key: value for key, value in values.items() if key not in runtime_keys}
+    identity = checkpoint.identity(values)
     identity["shortcut"] = net.shortcut  # B and projection are one run
     loop = Loop(
         schedule=plan,
@@ -239,6 +258,7 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
         model_config=hydra_cfg.runtime.choices.get("model"),
         data_config=hydra_cfg.runtime.choices.get("data"),
         resume_command=resume_command(hydra_cfg),
+        remedies=remedies(hydra_cfg, cfg.optim.lr),
         varies=sweep_values(hydra_cfg, values),
     )
 
@@ -272,7 +292,7 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
             )
     check_values(flat(cfg))
     net = net_spec(cfg)
-    recorded = checkpoint.load(checkpoint_path)["identity"]
+    recorded = checkpoint.load(checkpoint_path, layout=READ)["identity"]
     now = {
         "model.depth": net.depth,
         "model.residual": net.residual,
@@ -286,46 +306,3 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
             f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(found)})"
         )
     return SavedRun(run_dir, net, instantiate(cfg.data), cfg.schedule.batch_size, cfg.seed)
-
-
-# What Hydra is about to write over, noted before it does (RunRecord): each sweep's directory, whether
-# the user chose it, and its record if it held one; the files of each run directory that held a run.
-SWEEPS: list[tuple[Path, bool, bytes | None]] = []
-HELD: dict[Path, dict[str, bytes]] = {}
-
-
-class RunRecord(Callback):
-    """A Hydra callback (conf/train.yaml, hydra.callbacks) that notes, before Hydra writes anything, each
-    sweep's directory, and the files of every run directory that holds a run already: Hydra writes a
-    run's saved config before its task can refuse it (another net, resume=false), and makes a sweep's
-    directory before it composes the runs, so that bad input would otherwise leave them changed.
-    `sweeps_taken_back` and Place.take_back put them back."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = Path(config.hydra.run.dir).absolute()
-        if holds_run(run_dir):
-            HELD[run_dir] = snapshot(run_dir)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir).absolute()
-        record = sweep_dir / SWEEP_RECORD
-        SWEEPS.append(
-            (sweep_dir, user_chose_directory(config.hydra), record.read_bytes() if record.is_file() else None)
-        )
-        for run_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
-            if holds_run(run_dir):
-                HELD[run_dir] = snapshot(run_dir)
-
-
-@contextmanager
-def sweeps_taken_back() -> Iterator[None]:
-    """A command that fails (bad input, mostly) leaves no sweep directory without a run, nor the default
-    folders around it empty."""
-    SWEEPS.clear()
-    HELD.clear()
-    try:
-        yield
-    except BaseException:
-        while SWEEPS:
-            take_back_sweep(*SWEEPS.pop())
-        raise

@@ -6,15 +6,16 @@ class ResexpError(Exception):
 
 
 class Interrupted(BaseException):
-    """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped training: every run saved a checkpoint at the
-    iteration it reached, `iteration` (None: stopped at once by a second signal; the last checkpoint of
-    each run stands). `resume` says how to continue. A BaseException, as KeyboardInterrupt is: a stop is
-    not an error, so nothing that handles errors (Hydra's run_job among them) takes it for one, and it
-    ends the process wherever it is raised."""
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped the command. During training (`training`) every
+    run saved a checkpoint at the iteration it reached, `iteration` (None: stopped at once by a second
+    signal; the last checkpoint of each run stands). Outside it (`training=False`: while a run was being
+    prepared, or between runs) what a run being prepared had made is taken back. `resume` says how to
+    continue. A BaseException, as KeyboardInterrupt is: a stop is not an error, so nothing that handles
+    errors (Hydra's run_job among them) takes it for one, and it ends the process wherever it is raised."""
 
-    def __init__(self, signum: int, iteration: int | None = None, resume: str = "") -> None:
+    def __init__(self, signum: int, iteration: int | None = None, resume: str = "", training: bool = True) -> None:
         super().__init__(f"signal {signum} at iteration {iteration}")
-        self.signum, self.iteration, self.resume = signum, iteration, resume
+        self.signum, self.iteration, self.resume, self.training = signum, iteration, resume, training
 
 
 class JobFailed(BaseException):
@@ -25,3 +26,9 @@ class JobFailed(BaseException):
     def __init__(self, error: ResexpError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def first_line(error: BaseException) -> str:
+    """What an error says, in one line: its message's first line, or its type where it says nothing."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

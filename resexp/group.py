@@ -150,7 +150,7 @@ def group_network(models: Sequence[nn.Module]) -> nn.Module:
             net.set_submodule(name, gated_shortcut(parts, device))
         elif (group := grouped_module(parts)) is not None:
             net.set_submodule(name, group)
-    net.to(memory_format=torch.channels_last)  # the layout of the images (train.to_device)
+    net.to(memory_format=torch.channels_last)  # the layout of the images (step.to_device)
     wholes = dict(itertools.chain(net.named_parameters(), net.named_buffers()))
     for k, model in enumerate(models):
         for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):

@@ -38,7 +38,7 @@ from resexp.logs import Board, Display, displays, log
 from resexp.models import NetSpec, count_parameters
 from resexp.runs import Metrics, Place
 from resexp.step import Step, choose_algorithms, make_step, new_stream, on_stream
-from resexp.train import Loop, restore, stop_requests
+from resexp.train import Loop, Remedies, restore, stop_requests
 from resexp.train import train as train_loop
 
 
@@ -62,6 +62,7 @@ class RunSettings:
     model_config: str | None  # the model and data configs' names (resnet56, cifar10), for metrics.json
     data_config: str | None
     resume_command: str  # what continues it after a stop
+    remedies: Remedies  # what a stop for non-finite weights or loss advises
     varies: dict[str, Any] = field(default_factory=dict)  # in a sweep, the other keys it varies, with this run's values
 
 
@@ -117,7 +118,11 @@ def prepare(settings: RunSettings) -> Job:
     data = settings.data(batch_size=settings.batch_size, seed=settings.seed, device=settings.device)
     optimizer = settings.optimizer(model.parameters())
     if resumed is not None:
-        restore(model, optimizer, data, resumed)
+        try:
+            restore(model, optimizer, data, resumed)
+        except ValueError as error:
+            path = settings.place.run_dir / runs.CHECKPOINT
+            raise ResexpError(f"{path} is damaged: {error}; move it away to start this run over") from None
     loop = settings.loop
     step_options = dict(
         batch_shape=(settings.batch_size, *data.image_shape),
@@ -192,6 +197,7 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
         identity=settings.identity,
         board=Board.of_run(settings.net, settings.seed, settings.varies, settings.data_config),
         resume=job.resumed,
+        remedies=settings.remedies,
     )
     device = settings.device
     runs.write_metrics(
@@ -310,7 +316,7 @@ def train(jobs: list[Job], group_runs: bool = False) -> list[float]:
             thread.name = named
 
     try:
-        with displays([(job.label, job.iterations) for job in jobs]) as screens, stop_requests() as signals:
+        with stop_requests() as signals, displays([(job.label, job.iterations) for job in jobs]) as screens:
             each = list(zip(range(len(jobs)), screens, run_steps(jobs, group_runs, signals)))  # work()'s arguments
             if len(jobs) == 1:  # alone, in this thread: CPU kernels ran 10-15% slower in a new thread (OpenMP)
                 work(*each[0])
@@ -367,9 +373,9 @@ def start(job: Job) -> float | None:
 
 @contextmanager
 def taken_back(place: Place) -> Iterator[None]:
-    """Bad input (or any error) inside, before the run trained: take back what Hydra made for it."""
+    """Bad input, any error, or a stop inside, before the run trained: take back what Hydra made for it."""
     try:
         yield
-    except Exception:
+    except BaseException:
         place.take_back()
         raise

@@ -1,12 +1,14 @@
-"""What a run shows: log lines or a progress bar, and its TensorBoard description."""
+"""What a run shows: log lines or a progress bar, and its TensorBoard writer and description."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from rich import get_console
@@ -20,6 +22,26 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from resexp.models import NetSpec
 
 log = logging.getLogger("resexp")
+
+
+EVENTS = "events.out.tfevents."  # TensorBoard's event files: EVENTS + the second each was opened + host, pid
+
+
+def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
+    """The run's TensorBoard writer for a session that starts after `iteration`. Where an earlier session
+    left event files (it stopped, or was killed before its first checkpoint), the new file starts with a
+    restart marker at iteration + 1 (purge_step), and TensorBoard drops every point the earlier files
+    hold from there on: those the checkpoint does not cover. TensorBoard reads a run's files in name
+    order, and a name starts with the second its file was opened; a session opened within the second
+    of the previous one's could sort before it and lose its points to that file's marker, so it waits
+    for the next second (at most one)."""
+    seconds = (path.name.removeprefix(EVENTS).split(".")[0] for path in run_dir.glob(f"{EVENTS}*"))
+    opened = [int(second) for second in seconds if second.isdigit()]
+    if not opened:
+        return SummaryWriter(log_dir=str(run_dir))
+    while int(time.time()) <= max(opened):
+        time.sleep(0.05)
+    return SummaryWriter(log_dir=str(run_dir), purge_step=iteration + 1)
 
 
 class Display(Protocol):

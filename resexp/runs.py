@@ -8,7 +8,9 @@ through it.
     <run dir>/events.out.tfevents.*                  its TensorBoard curves
     <run dir>/checkpoint.pt                          its latest checkpoint (resexp/checkpoint.py)
     <run dir>/metrics.json                           written once, when it finishes: Metrics below
+    <run dir>/.resexp.lock                           while a process trains there: who (resexp/lock.py)
     <sweep dir>/multirun.yaml                        Hydra's record of a sweep, beside its runs
+    <sweep dir>/.resexp.lock                         while a process runs the sweep
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resexp.errors import ResexpError
+from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write, atomic_write_text
 from resexp.models.resnet import SHORTCUTS, canonical_shortcut, net_name
 
@@ -33,6 +35,7 @@ LOG = "train.log"  # ${hydra.job.name}.log (conf/hydra/job_logging/rich.yaml)
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 SWEEP_RECORD = "multirun.yaml"  # what Hydra writes into a sweep directory before its runs
+LOCK = ".resexp.lock"  # the advisory lock of a run or sweep directory (resexp/lock.py)
 CURVES = ("error/train", "error/test", "error/val")  # what a report draws
 
 
@@ -73,11 +76,17 @@ def write_metrics(run_dir: Path, metrics: Metrics) -> None:
 
 
 def read_metrics(run_dir: Path) -> Metrics:
-    """metrics.json as Metrics, every field present and of its type, or a one-line error saying what is wrong."""
+    """metrics.json as Metrics, every field present and of its type, or a one-line error saying what is
+    wrong, and how to write it again where the run's last checkpoint can."""
     try:
         return parse_metrics((run_dir / METRICS).read_text())
     except (OSError, ValueError) as error:
-        raise ResexpError(f"{run_dir / METRICS} is truncated or malformed ({error})") from None
+        again = (
+            "; move it away and run the same command: the run's final checkpoint writes it again"
+            if (run_dir / CHECKPOINT).is_file()
+            else ""
+        )
+        raise ResexpError(f"{run_dir / METRICS} is truncated or malformed ({error}){again}") from None
 
 
 def parse_metrics(text: str) -> Metrics:
@@ -86,10 +95,13 @@ def parse_metrics(text: str) -> Metrics:
         loaded = json.loads(text)
         if not isinstance(loaded, dict):
             raise ValueError(f"it holds a {type(loaded).__name__}, not an object")
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Metrics), loaded))
+        metrics = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Metrics), loaded))
     except (ValueError, OmegaConfBaseException) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(reason) from None
+    if "error/test" not in metrics.final:  # a finished run has a test error; without one the file is incomplete
+        raise ValueError("no final error/test")
+    return metrics
 
 
 @dataclass
@@ -183,8 +195,6 @@ def read_run(run_dir: Path) -> Run:
         return run
     try:
         metrics = parse_metrics((run_dir / METRICS).read_text())
-        if "error/test" not in metrics.final:  # a finished run has a test error; without one the file is incomplete
-            raise ValueError("no final error/test")
     except (OSError, ValueError) as error:
         run.note = f"{METRICS} is truncated or malformed ({error})"
         return run
@@ -264,7 +274,7 @@ class Place:
         if self.before is not None:
             put_back(self.run_dir, self.before)
             return
-        discard_if_empty(self.run_dir, {HYDRA, LOG})
+        discard_if_empty(self.run_dir, {HYDRA, LOG, LOCK})
         if not self.in_sweep:
             discard_default_parents(self.run_dir, self.chosen)
 
@@ -275,7 +285,7 @@ def take_back_sweep(sweep_dir: Path, chosen: bool, record: bytes | None = None) 
     if record is not None:
         atomic_write(sweep_dir / SWEEP_RECORD, lambda file: file.write(record))
         return
-    discard_if_empty(sweep_dir, {SWEEP_RECORD})
+    discard_if_empty(sweep_dir, {SWEEP_RECORD, LOCK})
     discard_default_parents(sweep_dir, chosen)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from resexp import checkpoint
 from resexp.data import Data
-from resexp.errors import Interrupted, ResexpError
-from resexp.logs import Board, Display, log
+from resexp.errors import Interrupted, ResexpError, first_line
+from resexp.evaluate import evaluate
+from resexp.logs import Board, Display, log, open_writer
 from resexp.runs import CHECKPOINT
-from resexp.step import Step, at_least_fp32, autocast, set_lr
+from resexp.step import Step, set_lr, to_device
 
 MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
 
@@ -49,6 +49,15 @@ class Loop:
     precision: str  # fp32 or bf16 autocast, for evaluation as for training
 
 
+@dataclass(frozen=True)
+class Remedies:
+    """What the user can do after a non-finite loss or weights, as commands that work (config.py writes
+    them for the run at hand: the same directory, the same settings but the one that changes)."""
+
+    skip: str = "set on_nonfinite=skip to skip such steps"  # go on from the last checkpoint, skipping bad steps
+    lower_rate: str = "start over at a lower optim.lr"  # the rate is part of the run: a new run
+
+
 @dataclass
 class Progress:
     """What the loop carries between steps besides the model, optimizer and data stream."""
@@ -71,60 +80,17 @@ def learning_rate(iteration: int, base_lr: float, schedule: Schedule, warming_up
     return base_lr * schedule.gamma ** sum(iteration >= m for m in schedule.milestones)
 
 
-def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # channels_last (NHWC) lets the convolution kernels skip layout transposes: measured 12% faster
-    # training and 27% faster evaluation for ResNet-20 on a 2-core CPU; GPUs gain more.
-    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    precision: str = "fp32",
-) -> dict[str, float]:
-    """Top-1 and top-5 error (%) and mean cross-entropy over all batches, and the views per image. A
-    batch of several views per image, (B, V, 3, H, W), is scored by the mean of the views' softmax
-    (10-crop testing, §3.4)."""
-    model.eval()
-    views = 1
-    totals = torch.zeros(4, device=device)  # loss sum, top-1 wrong, top-5 wrong, images
-    for x, y in batches:
-        views = x.shape[1] if x.dim() == 5 else 1
-        x, y = to_device(x.flatten(0, x.dim() - 4), y, device)
-        with autocast(device, precision):
-            out = model(x)
-        # log of the mean probability over the views; one view: log_softmax itself
-        log_p = at_least_fp32(out).log_softmax(1).unflatten(0, (len(y), views)).logsumexp(1) - math.log(views)
-        totals[0] += nn.functional.nll_loss(log_p, y, reduction="sum")
-        totals[1] += (log_p.argmax(1) != y).sum()
-        totals[2] += (log_p.topk(min(5, log_p.shape[1]), 1).indices != y[:, None]).all(1).sum()
-        totals[3] += len(y)  # a Python number: no host-to-device copy, no sync
-    model.train()
-    loss_sum, wrong, wrong5, seen = totals.tolist()
-    return {"error": 100 * wrong / seen, "error_top5": 100 * wrong5 / seen, "loss": loss_sum / seen, "views": views}
-
-
-EVENTS = "events.out.tfevents."  # TensorBoard's event files: EVENTS + the second each was opened + host, pid
-
-
-def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
-    """The run's TensorBoard writer for a session that starts after `iteration`. Where an earlier session
-    left event files (it stopped, or was killed before its first checkpoint), the new file starts with a
-    restart marker at iteration + 1 (purge_step), and TensorBoard drops every point the earlier files
-    hold from there on: those the checkpoint does not cover. TensorBoard reads a run's files in name
-    order, and a name starts with the second its file was opened; a session opened within the second
-    of the previous one's could sort before it and lose its points to that file's marker, so it waits
-    for the next second (at most one)."""
-    seconds = (path.name.removeprefix(EVENTS).split(".")[0] for path in run_dir.glob(f"{EVENTS}*"))
-    opened = [int(second) for second in seconds if second.isdigit()]
-    if not opened:
-        return SummaryWriter(log_dir=str(run_dir))
-    while int(time.time()) <= max(opened):
-        time.sleep(0.05)
-    return SummaryWriter(log_dir=str(run_dir), purge_step=iteration + 1)
+def nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the weights, BN statistics and momentum buffers that hold a NaN or an infinity (one
+    host sync for all)."""
+    named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p, buffers in optimizer.state.items():
+        named += [(f"momentum of {names.get(id(p), '?')}", t) for t in buffers.values() if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([t.isfinite().all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 @contextmanager
@@ -159,11 +125,22 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, saved: dict[str, Any]) -> None:
     """Put a checkpoint's weights, optimizer state, data stream and RNG back: before the step is built,
-    since a captured step reads these very tensors."""
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    data.train.load_state_dict(saved["data"])
-    restore_rng_states(saved["rng"])
+    since a captured step reads these very tensors. A checkpoint whose parts do not fit the run (a
+    damaged file, or one made by hand) raises ValueError saying which part."""
+    parts = [
+        ("model", model.load_state_dict),
+        ("optimizer", optimizer.load_state_dict),
+        ("data", data.train.load_state_dict),
+        ("rng", restore_rng_states),
+        ("progress", lambda progress: Progress(**progress)),
+        ("totals", lambda totals: torch.zeros(3).copy_(totals)),
+    ]
+    for part, put_back in parts:
+        try:
+            put_back(saved[part])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            reason = first_line(error)
+            raise ValueError(f"its {part} does not fit this run ({reason})") from None
 
 
 def train(
@@ -179,12 +156,15 @@ def train(
     identity: dict[str, Any],
     board: Board | None = None,
     resume: dict[str, Any] | None = None,
+    remedies: Remedies = Remedies(),
 ) -> dict[str, Any]:
     """Train for `loop.schedule.iterations` steps with `step` (make_step), logging to TensorBoard in
     `run_dir` and checkpointing there; returns a summary for metrics.json. `identity`: what the
     checkpoints record as the run's settings, for a resume to match. `resume`: the checkpoint that
     `restore` put back, whose loop state this continues. `stops` receives the signals that ask the run
-    to checkpoint and stop (see stop_requests). `board`: the run's HPARAMS row and comparison charts."""
+    to checkpoint and stop (see stop_requests). `board`: the run's HPARAMS row and comparison charts.
+    `remedies`: what the error that stops a run gone non-finite advises. No checkpoint holds non-finite
+    weights, and no evaluation, the last included, is of such weights: the run stops first."""
     schedule, on_nonfinite = loop.schedule, loop.on_nonfinite
     device = next(model.parameters()).device
     path = run_dir / CHECKPOINT
@@ -195,8 +175,10 @@ def train(
         state = Progress(**resume["progress"])
         totals.copy_(resume["totals"])
         log.info("resuming %s at iteration %d", path, state.iteration)
+    saved_at = state.iteration if resume is not None else None  # the iteration of the checkpoint on disk
 
     def save() -> None:
+        nonlocal saved_at
         state.wall_seconds = wall_before + time.perf_counter() - started
         checkpoint.save(
             path,
@@ -212,14 +194,23 @@ def train(
                 "totals": totals.cpu(),
             },
         )
+        saved_at = state.iteration
 
-    def check_finite() -> None:
-        if on_nonfinite == "stop" and (bad := int(first_bad)):
-            kept = f"the last good checkpoint ({path}) is kept" if path.exists() else "no checkpoint was written yet"
+    def check_finite(weights: bool) -> None:
+        """Stop on a non-finite loss (on_nonfinite=stop) and, with `weights`, on non-finite weights."""
+        bad = int(first_bad) if on_nonfinite == "stop" else 0
+        broken = nonfinite(model, optimizer) if weights or bad else []
+        if not bad and not broken:
+            return
+        kept = "no checkpoint was written yet" if saved_at is None else f"{path} (iteration {saved_at}) is kept"
+        if broken:  # the rate overflowed the weights: skipping steps cannot help
+            first = f"{broken[0]} and {len(broken) - 1} more" if len(broken) > 1 else broken[0]
             raise ResexpError(
-                f"the training loss became non-finite at iteration {bad}; {kept}; "
-                "lower optim.lr, or set on_nonfinite=skip to skip such steps"
+                f"the weights became non-finite by iteration {state.iteration} ({first}); {kept}; {remedies.lower_rate}"
             )
+        raise ResexpError(
+            f"the training loss became non-finite at iteration {bad}; {kept}; {remedies.skip}; or {remedies.lower_rate}"
+        )
 
     writer = open_writer(run_dir, state.iteration)
     error_tags = ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})]
@@ -255,7 +246,8 @@ def train(
                 log.warning("iteration %d: non-finite loss, step skipped", iteration)
                 if in_a_row >= MAX_SKIPPED_IN_A_ROW:
                     raise ResexpError(
-                        f"{in_a_row} steps in a row had a non-finite loss up to iteration {iteration}: the run has diverged"
+                        f"{in_a_row} steps in a row had a non-finite loss up to iteration {iteration}: the run has "
+                        f"diverged; {remedies.lower_rate}"
                     )
             else:
                 in_a_row = 0
@@ -267,7 +259,7 @@ def train(
 
             if iteration % loop.log_every == 0 or last:
                 loss_sum, wrong, seen = totals.tolist()  # the one host sync per interval
-                check_finite()
+                check_finite(weights=False)
                 totals.zero_()
                 now = time.perf_counter()
                 state.train_seconds, mark = state.train_seconds + now - mark, now
@@ -289,6 +281,7 @@ def train(
                     log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
             if iteration % loop.eval_every == 0 or last:
                 state.train_seconds += time.perf_counter() - mark
+                check_finite(weights=True)
                 held_out = {**data.evals, **(data.final if last else {})}
                 for name, batches in held_out.items():
                     result = evaluate(model, batches, device, loop.precision)
@@ -307,7 +300,7 @@ def train(
             if last and board is not None:
                 board.finish(writer, {tag: value for tag, value in state.best.items() if tag in error_tags}, iteration)
             if iteration % loop.checkpoint_every == 0 or last or stops:
-                check_finite()
+                check_finite(weights=True)
                 writer.flush()  # the curves reach disk no later than the checkpoint that covers them
                 save()
             if stops and not last:

@@ -43,8 +43,7 @@ from resexp.config import compose, pick_precision
 from resexp.data import synthetic
 from resexp.group import Lockstep, make_group_step
 from resexp.models import build_model
-from resexp.step import make_step, new_stream, on_stream
-from resexp.train import to_device
+from resexp.step import make_step, new_stream, on_stream, to_device
 
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)  # CIFAR-10's channel statistics
 

@@ -18,6 +18,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory) -> Path:
+    """RUN trained without a stop, in a directory of its own: what every stopped, killed or disturbed
+    run must end up as."""
+    from helpers import RUN, resexp
+
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = resexp("train", *RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
 @pytest.fixture
 def cifar_root() -> Path:
     """The folder holding cifar-10-batches-py/, from RESEXP_DATA (set by .ci/run)."""

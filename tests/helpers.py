@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import yaml
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from resexp import cli, config, runs
+from resexp import checkpoint, cli, config, runs
 from resexp.models import build_model
 from resexp.models.resnet import net_name
 from resexp.step import Step, make_step
@@ -146,6 +147,29 @@ def start_process(*args: str, cwd: Path) -> subprocess.Popen:
     """`python -m resexp ARGS` started in `cwd`, its output piped, for a test to signal or kill."""
     command = [sys.executable, "-m", "resexp", *args]
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """`resexp train` of RUN into `run_dir`, as a process to signal or kill."""
+    return start_process("train", *RUN, *extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `path` exists, while `process` runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two finished runs alike: bit for bit the same weights, final and best metrics, and curves."""
+    wa, wb = (checkpoint.load(d / runs.CHECKPOINT)["model"] for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ"
+    ma, mb = (json.loads((d / runs.METRICS).read_text()) for d in (a, b))
+    assert (ma["final"], ma["best"]) == (mb["final"], mb["best"])
+    assert scalars(a) == scalars(b)  # the curves too: no point missing, none twice
 
 
 def stop_midway(args: list[str], sweep: Path, runs_to_wait_for: int) -> str:

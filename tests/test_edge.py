@@ -78,10 +78,12 @@ def test_every_number_out_of_range_is_one_line_naming_it_and_nothing_is_left(tmp
         (["resume=maybe"], "resume='maybe' is not a boolean (true or false)"),
         (["cuda_graph=maybe"], "cuda_graph='maybe' is not a boolean (true or false)"),
         (["schedule.milestones=[1,x]"], "schedule.milestones[1]='x' is not an integer"),
-        (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 must be a positive, finite number"),
+        (["optim.lr=nan"], "optim.lr=nan must be a positive, finite number"),
+        (["optim.lr=inf"], "optim.lr=inf must be a positive, finite number"),  # trains nothing but infinities
         (["optim.momentum=-1"], "optim.momentum=-1.0 must be in [0, 1)"),
         (["optim.momentum=1"], "optim.momentum=1.0 must be in [0, 1)"),
-        (["optim.weight_decay=-1e-4"], "optim.weight_decay=-0.0001 must be 0 or more"),
+        (["optim.weight_decay=-1e-4"], "optim.weight_decay=-0.0001 must be a finite number of 0 or more"),
         (["schedule.gamma=0"], "schedule.gamma=0.0 must be in (0, 1]"),
         (["data.test_size=0"], "data.test_size=0 must be a positive integer"),
         (["device=mps"], "device='mps' is not a device; choose auto, cpu, cuda or cuda:N"),
@@ -95,12 +97,12 @@ def test_every_number_out_of_range_is_one_line_naming_it_and_nothing_is_left(tmp
         (["-m", "seed=0,abc"], "seed='abc' is not an integer"),  # found by Hydra's sweeper, after it made the sweep
         (
             ["-m", "optim.lr=0.1,-1"],
-            "optim.lr=-1.0 must be positive",
+            "optim.lr=-1.0 must be a positive, finite number",
         ),  # found by the second run: the first is taken back
         (["-m", "hydra.launcher.max_runs=abc", "seed=0,1"], "hydra.launcher.max_runs='abc' is not an integer"),
         (["-m", "hydra.launcher.max_runs=-1", "seed=0,1"], "hydra.launcher.max_runs=-1 must be a positive integer"),
         (["-m", "hydra.launcher.group_runs=maybe", "seed=0,1"], "hydra.launcher.group_runs='maybe' is not a boolean"),
-        (["-m", "optim.lr=0.1,-1", "hydra/launcher=basic"], "optim.lr=-1.0 must be positive"),
+        (["-m", "optim.lr=0.1,-1", "hydra/launcher=basic"], "optim.lr=-1.0 must be a positive, finite number"),
         # Hydra's missing-config error is also an OSError: not a run directory's fault
         (["-m", "hydra/launcher=nope"], "Could not find 'hydra/launcher/nope' Available options in 'hydra/launcher'"),
     ],

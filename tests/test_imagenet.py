@@ -15,7 +15,7 @@ from resexp import checkpoint
 from resexp.data import imagenet
 from resexp.data.imagenet_folders import EIGENVALUES, EIGENVECTORS, lighting
 from resexp.errors import ResexpError
-from resexp.train import evaluate
+from resexp.evaluate import evaluate
 
 SMALL = dict(scale=[40, 64], crop=32, test_size=40)  # the paper's 256-480/224/256, scaled down for the CPU
 SMALL_ARGS = ["data.scale=[40,64]", "data.crop=32", "data.test_size=40"]
@@ -107,7 +107,7 @@ def test_the_stream_resumes_exactly_whatever_the_number_of_workers(root):
     path = root.parent / "checkpoint.pt"
     checkpoint.save(path, {"data": first.train.state_dict()})
     resumed = load(root, workers=1)
-    resumed.train.load_state_dict(checkpoint.load(path)["data"])  # stored as plain data
+    resumed.train.load_state_dict(checkpoint.load(path, layout={"data": dict})["data"])  # stored as plain data
     rest = take(resumed.train, 11)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, straight[5:]))
 

@@ -44,7 +44,8 @@ def test_cifar_parameter_counts_match_the_paper_and_plain_twins_match(depth, exp
 
 
 def test_resnet1202_has_about_19_4m_parameters():
-    assert round(count_parameters(cifar(1202)) / 1e6, 1) == 19.4
+    with torch.device("meta"):  # shapes without values: the count, without initialising 19.4M weights
+        assert round(count_parameters(cifar(1202)) / 1e6, 1) == 19.4
 
 
 @pytest.mark.parametrize(
@@ -52,9 +53,10 @@ def test_resnet1202_has_about_19_4m_parameters():
     [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032), (101, 44_549_160), (152, 60_192_808)],
 )
 def test_option_b_imagenet_nets_equal_torchvision(depth, expected):
-    ours = count_parameters(imagenet(depth))
-    assert ours == expected
-    assert ours == count_parameters(getattr(torchvision.models, f"resnet{depth}")(weights=None))
+    with torch.device("meta"):
+        ours = count_parameters(imagenet(depth))
+        assert ours == expected
+        assert ours == count_parameters(getattr(torchvision.models, f"resnet{depth}")(weights=None))
 
 
 def test_option_a_adds_no_parameters_and_has_no_projections():

@@ -1,0 +1,82 @@
+"""What one `resexp train` command notes before Hydra writes anything, and puts back if the command
+fails: Hydra writes a run's saved config before its task can refuse the run (another net,
+resume=false), and makes a sweep's directory before it composes the sweep's runs, so that bad input
+would otherwise leave them changed. And the lock of each run or sweep directory (resexp/lock.py),
+taken before Hydra writes there, so that a second process is refused before it changes a byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from resexp import lock
+from resexp.errors import JobFailed, ResexpError
+from resexp.runs import SWEEP_RECORD, holds_run, snapshot, take_back_sweep
+
+# What Hydra is about to write over, noted before it does (RunRecord): each sweep's directory, whether
+# the user chose it, and its record if it held one; the files of each run directory that held a run.
+SWEEPS: list[tuple[Path, bool, bytes | None]] = []
+HELD: dict[Path, dict[str, bytes]] = {}
+
+
+class RunRecord(Callback):
+    """A Hydra callback (conf/train.yaml, hydra.callbacks) that, before Hydra writes anything, takes the
+    lock of the run's directory, or of the sweep's (resexp/lock.py: a second process there is refused
+    before it changes a byte), and notes each sweep's directory, and the files of every run directory
+    that holds a run already: Hydra writes a run's saved config before its task can refuse it (another
+    net, resume=false), and makes a sweep's directory before it composes the runs, so that bad input
+    would otherwise leave them changed. `recorded` and Place.take_back put them back."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir).absolute()
+        hold_or_fail(run_dir)
+        if holds_run(run_dir):
+            HELD[run_dir] = snapshot(run_dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        record = sweep_dir / SWEEP_RECORD
+        before = record.read_bytes() if record.is_file() else None
+        hold_or_fail(sweep_dir)
+        SWEEPS.append((sweep_dir, user_chose_directory(config.hydra), before))
+        for run_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
+            if holds_run(run_dir):
+                HELD[run_dir] = snapshot(run_dir)
+
+
+def user_chose_directory(hydra_cfg: DictConfig) -> bool:
+    """Whether the command line set hydra.run.dir or hydra.sweep.dir (else they are outputs/'s defaults)."""
+    chosen = {override.split("=", 1)[0].lstrip("+~") for override in hydra_cfg.overrides.hydra}
+    return bool({"hydra.run.dir", "hydra.sweep.dir"} & chosen)
+
+
+def hold_or_fail(directory: Path) -> None:
+    """The lock of `directory`, or the refusal as JobFailed: Hydra turns a callback's Exception into a
+    warning and goes on."""
+    try:
+        lock.hold(directory)
+    except ResexpError as error:
+        raise JobFailed(error) from None
+
+
+@contextmanager
+def recorded() -> Iterator[None]:
+    """One `resexp train` command, with what RunRecord notes: a command that fails (bad input, mostly)
+    leaves no sweep directory without a run, nor the default folders around it empty; at its end,
+    however it ends, the locks it took are let go."""
+    SWEEPS.clear()
+    HELD.clear()
+    try:
+        yield
+    except BaseException:
+        while SWEEPS:
+            take_back_sweep(*SWEEPS.pop())
+        raise
+    finally:
+        lock.release()
