@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dispatch(argv)
     except (Interrupted, KeyboardInterrupt) as stop:  # outside `resexp train`, which says more
-        fail(*outcome(stop))
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        fail(f"stopped by {signal.Signals(signum).name}", 128 + signum)
     except BrokenPipeError:  # `resexp train --help | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
         sys.exit(128 + signal.SIGPIPE)

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from resexp import lock
-from resexp.errors import JobFailed, ResexpError
+from resexp.errors import Interrupted, JobFailed, ResexpError
 from resexp.runs import SWEEP_RECORD, holds_run, snapshot, take_back_sweep
 
 # What Hydra is about to write over, noted before it does (RunRecord): each sweep's directory, whether
@@ -68,15 +68,20 @@ def hold_or_fail(directory: Path) -> None:
 @contextmanager
 def recorded() -> Iterator[None]:
     """One `resexp train` command, with what RunRecord notes: a command that fails (bad input, mostly)
-    leaves no sweep directory without a run, nor the default folders around it empty; at its end,
-    however it ends, the locks it took are let go."""
+    leaves no sweep directory without a run, nor the default folders around it empty, and one stopped
+    between a sweep's runs says how to resume it; at its end, however it ends, the locks it took are
+    let go."""
     SWEEPS.clear()
     HELD.clear()
     try:
         yield
-    except BaseException:
+    except BaseException as error:
+        sweep_dir = SWEEPS[-1][0] if SWEEPS else None
         while SWEEPS:
             take_back_sweep(*SWEEPS.pop())
+        if isinstance(error, Interrupted) and not error.resume and sweep_dir is not None and sweep_dir.is_dir():
+            resume = f"run the same sweep again with hydra.sweep.dir={sweep_dir}"
+            raise Interrupted(error.signum, error.iteration, resume, error.training) from None
         raise
     finally:
         lock.release()
