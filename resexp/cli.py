@@ -53,17 +53,23 @@ def train_task(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     place = config.place(hydra_cfg)
+    handed = False  # to the shared-GPU launcher's batch, which trains it later: its lock stays held
     try:
         lock.hold(place.run_dir)  # a sweep's run (a lone run took it before Hydra wrote: resexp/record.py)
         with jobs.taken_back(place):
             job = jobs.prepare(config.settings(cfg, hydra_cfg, place))
-        return jobs.start(job)
+        test_error = jobs.start(job)
+        handed = test_error is None
+        return test_error
     except ResexpError as error:
         raise JobFailed(error) from None
     except Interrupted as stop:  # stopped while no run trained: say how to go on all the same
         if stop.training:
             raise
         raise Interrupted(stop.signum, resume=config.resume_command(hydra_cfg), training=False) from None
+    finally:
+        if not handed:  # the run is over: a launcher's worker process (joblib) may live on
+            lock.release(place.run_dir)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

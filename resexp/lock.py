@@ -60,11 +60,15 @@ def hold(directory: Path) -> None:
     HELD[directory] = fd
 
 
-def release() -> None:
-    """Let go of every lock this process holds, removing the lock files (those still its own)."""
-    while HELD:
-        directory, fd = HELD.popitem()
-        path = directory / LOCK
+def release(directory: Path | None = None) -> None:
+    """Let go of the lock of `directory` (None: of every directory) that this process holds, removing
+    the lock file while it is still this process's own."""
+    held = list(HELD) if directory is None else [directory.absolute()]
+    for name in held:
+        fd = HELD.pop(name, None)
+        if fd is None:
+            continue
+        path = name / LOCK
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 path.unlink()  # while still locked: no other process can be holding this file

@@ -88,12 +88,16 @@ def test_a_sweep_directory_is_held_too_and_a_killed_holder_blocks_nothing(tmp_pa
     assert not sweep.joinpath(runs.LOCK).exists()
 
 
-def test_holding_a_lock_twice_in_one_process_is_one_hold(tmp_path):
-    lock.hold(tmp_path)
-    lock.hold(tmp_path)
-    assert len(lock.HELD) == 1
+def test_holding_a_lock_twice_in_one_process_is_one_hold_and_each_is_let_go_alone(tmp_path):
+    one, other = tmp_path / "one", tmp_path / "other"
+    lock.hold(one)
+    lock.hold(one)
+    lock.hold(other)
+    assert len(lock.HELD) == 2
+    lock.release(one)  # a run that ended: the rest of its process's runs keep theirs
+    assert not (one / runs.LOCK).exists() and (other / runs.LOCK).exists()
     lock.release()
-    assert not lock.HELD and not (tmp_path / runs.LOCK).exists()
+    assert not lock.HELD and not (other / runs.LOCK).exists()
 
 
 # --- A stop while a run is being prepared
