@@ -198,9 +198,8 @@ def remedies(hydra_cfg: DictConfig, lr: float) -> Remedies:
             lower_rate=f"to start over at a lower rate, run the sweep with optim.lr={lower} in another hydra.sweep.dir",
         )
     task, run_dir = list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir
-    elsewhere = (
-        [f"hydra.run.dir={run_dir}_lr{lower}"] if record.user_chose_directory(hydra_cfg) else []
-    )  # else a new default
+    # beside the directory the user chose, else in a new default one
+    elsewhere = [f"hydra.run.dir={run_dir}_lr{lower}"] if record.user_chose_directory(hydra_cfg) else []
     return Remedies(
         skip=f"to skip such steps, in this directory: {command(task, {'on_nonfinite': 'skip'}, [f'hydra.run.dir={run_dir}'])}",
         lower_rate=f"to start over at a tenth of the rate: {command(task, {'optim.lr': lower}, elsewhere)}",
