@@ -13,6 +13,7 @@ import torch
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write
 
+START_OVER = "move it away to start this run over"  # what a damaged or foreign checkpoint leaves to do
 VERSION = 2  # bump when the layout of the dict changes; older files are then refused with a message, or read as below
 
 
@@ -30,8 +31,8 @@ def save(path: Path, state: dict[str, Any]) -> None:
         ) from None
 
 
-# What a checkpoint holds (the training loop writes it: resexp/train.py), and the type of each part: a file without one of them,
-# or with one of another type, is damaged.
+# What a checkpoint holds (the training loop writes it: resexp/train.py), and the type of each part:
+# a file without one of them, or with one of another type, is damaged.
 LAYOUT: dict[str, type] = {
     "identity": dict,  # the run's settings less NOT_IDENTITY, for a resume to match
     "model": dict,  # the net's state_dict
@@ -54,10 +55,7 @@ def load(path: Path, layout: dict[str, type] = LAYOUT) -> dict[str, Any]:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise unreadable(path, error) from None
     if damaged is not None:
-        raise ResexpError(
-            f"{path} is damaged: {damaged} does not match the checksum stored with it; "
-            "move it away to start this run over"
-        )
+        raise ResexpError(f"{path} is damaged: {damaged} does not match the checksum stored with it; {START_OVER}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the verdict follows anyway
@@ -65,7 +63,7 @@ def load(path: Path, layout: dict[str, type] = LAYOUT) -> dict[str, Any]:
     except pickle.UnpicklingError:
         raise ResexpError(
             f"{path} is not a readable resexp checkpoint (it holds objects other than tensors and numbers, "
-            "and resexp loads checkpoints as data only, never as code); move it away to start this run over"
+            f"and resexp loads checkpoints as data only, never as code); {START_OVER}"
         ) from None
     # A file that passed its checksums but is still not a checkpoint (made so, or written by another
     # program) can fail anywhere inside torch's unpickler: an IndexError, a TypeError, ... all say
@@ -82,16 +80,12 @@ def load(path: Path, layout: dict[str, type] = LAYOUT) -> dict[str, Any]:
     for key, kind in layout.items():
         if not isinstance(state.get(key), kind):
             what = "no" if key not in state else f"a {type(state[key]).__name__} as its"
-            raise ResexpError(
-                f"{path} is not a whole resexp checkpoint: it has {what} {key!r}; move it away to start this run over"
-            )
+            raise ResexpError(f"{path} is not a whole resexp checkpoint: it has {what} {key!r}; {START_OVER}")
     return state
 
 
 def unreadable(path: Path, error: BaseException) -> ResexpError:
-    return ResexpError(
-        f"{path} is not a readable resexp checkpoint ({first_line(error)}); move it away to start this run over"
-    )
+    return ResexpError(f"{path} is not a readable resexp checkpoint ({first_line(error)}); {START_OVER}")
 
 
 # The settings that say where and how a run runs, or how often it reports, not what it trains: a run

@@ -81,9 +81,8 @@ def built(run: SavedRun, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, KeyError) as error:
-        reason = first_line(error)
         raise ResexpError(
-            f"{run.run_dir / CHECKPOINT} is damaged: its weights do not fit {run.net.name} ({reason})"
+            f"{run.run_dir / CHECKPOINT} is damaged: its weights do not fit {run.net.name} ({first_line(error)})"
         ) from None
     return model
 

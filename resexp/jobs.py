@@ -122,7 +122,7 @@ def prepare(settings: RunSettings) -> Job:
             restore(model, optimizer, data, resumed)
         except ValueError as error:
             path = settings.place.run_dir / runs.CHECKPOINT
-            raise ResexpError(f"{path} is damaged: {error}; move it away to start this run over") from None
+            raise ResexpError(f"{path} is damaged: {error}; {checkpoint.START_OVER}") from None
     loop = settings.loop
     step_options = dict(
         batch_shape=(settings.batch_size, *data.image_shape),

@@ -279,7 +279,8 @@ def train(
                     # §4.2 (ResNet-110): 0.01 "until the training error is below 80%", then back to 0.1.
                     state.warming_up = False
                     log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
-            if iteration % loop.eval_every == 0 or last:
+            evaluating = iteration % loop.eval_every == 0 or last
+            if evaluating:
                 state.train_seconds += time.perf_counter() - mark
                 check_finite(weights=True)
                 held_out = {**data.evals, **(data.final if last else {})}
@@ -300,7 +301,7 @@ def train(
             if last and board is not None:
                 board.finish(writer, {tag: value for tag, value in state.best.items() if tag in error_tags}, iteration)
             if iteration % loop.checkpoint_every == 0 or last or stops:
-                check_finite(weights=True)
+                check_finite(weights=not evaluating)  # checked before the evaluation already, and no step since
                 writer.flush()  # the curves reach disk no later than the checkpoint that covers them
                 save()
             if stops and not last:

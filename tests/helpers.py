@@ -163,6 +163,11 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
+def files_of(directory: Path) -> dict[str, bytes]:
+    """Every file below `directory`, by its path there, with its bytes: a directory to compare byte for byte."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     """Two finished runs alike: bit for bit the same weights, final and best metrics, and curves."""
     wa, wb = (checkpoint.load(d / runs.CHECKPOINT)["model"] for d in (a, b))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHRINK, assert_one_line_error, assert_same_run, resexp, start, wait_for
+from helpers import SHRINK, assert_one_line_error, assert_same_run, files_of, resexp, start, wait_for
 
 from resexp import checkpoint, lock, runs
 from resexp.data import synthetic
@@ -21,10 +21,6 @@ from resexp.logs import LogLines
 from resexp.models import build_model
 from resexp.step import make_step
 from resexp.train import Loop, Schedule, train
-
-
-def files_of(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from helpers import (
     RUN_ITERATIONS,
     SHRINK,
     assert_same_run,
+    files_of,
     resexp,
     scalars,
     start,
@@ -295,12 +296,6 @@ def test_a_session_opens_its_event_file_after_the_previous_ones_second(tmp_path)
     open_writer(tmp_path, 5).close()
     [new] = [path for path in tmp_path.glob(f"{EVENTS}*") if ".99999." not in path.name]
     assert int(new.name.removeprefix(EVENTS).split(".")[0]) > now
-
-
-def files_of(directory: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
-    }
 
 
 @pytest.mark.parametrize("change", ["seed=1", "resume=false"])
