@@ -110,6 +110,10 @@ NOT_IDENTITY = frozenset(
 )
 
 
+# Settings of a run's identity that older checkpoints did not record, with the value they all had.
+ADDED = {"sync_bn": False, "processes": 1}
+
+
 def identity(values: dict[str, Any]) -> dict[str, Any]:
     """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY."""
     return {key: value for key, value in values.items() if key not in NOT_IDENTITY}
@@ -128,7 +132,21 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A checkpoint continues only the run that wrote it: the same net, shortcut, data and recipe (the
-    identities: a run's settings but where and how it runs)."""
+    identities: a run's settings but where and how it runs). Resuming with another number of processes
+    is refused: without sync_bn, BN's statistics are over each process's share of the batch, so that the
+    number is part of the experiment (the paper's CIFAR nets: 2 GPUs of 64 images)."""
+    saved, current = {**ADDED, **saved}, {**ADDED, **current}
+    before, now = saved["processes"], current["processes"]
+    if before != now:
+        how = (
+            "without torchrun"
+            if before == 1
+            else f"with torchrun --nproc-per-node (and --nnodes) for {before} processes"
+        )
+        raise ResexpError(
+            f"{path} was trained by {before} process{'es' if before > 1 else ''}, and this command runs {now}: "
+            f"resume it {how}, or use another hydra.run.dir to start a new run"
+        )
     if found := differences(identity(saved), identity(current)):
         raise ResexpError(
             f"{path} belongs to another experiment ({'; '.join(found)}); "

@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -46,24 +47,32 @@ MODES = {"multirun": "-m", "cfg": "--cfg", "info": "--info", "shell_completion":
 
 def train_task(cfg: DictConfig) -> float | None:
     """The Hydra task of every run: settings from the config, the run prepared, then trained (or handed to
-    the shared-GPU launcher's batch). Bad input takes back what Hydra made for the run, and ends the command."""
+    the shared-GPU launcher's batch). Bad input takes back what Hydra made for the run, and ends the command.
+    Under several processes (torchrun, or submitit's tasks, which start here) rank 0 alone writes; in a
+    submitit job a stop by its preemption signal is handed on to submitit, which requeues the job."""
     from hydra.core.hydra_config import HydraConfig
 
-    from resexp import config, jobs, lock
+    from resexp import config, distributed, jobs, lock, logs
 
+    world = distributed.start()  # submitit's tasks; torchrun's processes started in `train`
     hydra_cfg = HydraConfig.get()
     place = config.place(hydra_cfg)
     handed = False  # to the shared-GPU launcher's batch, which trains it later: its lock stays held
     try:
-        lock.hold(place.run_dir)  # a sweep's run (a lone run took it before Hydra wrote: resexp/record.py)
-        with jobs.taken_back(place):
-            job = jobs.prepare(config.settings(cfg, hydra_cfg, place))
-        test_error = jobs.start(job)
+        with logs.named_lines(place.run_dir.name if place.in_sweep and not jobs.collecting else "", world):
+            if world.main:
+                lock.hold(place.run_dir)  # a sweep's run (a lone run took it before Hydra wrote: resexp/record.py)
+            with jobs.taken_back(place) if world.main else nullcontext():
+                job = jobs.prepare(config.settings(cfg, hydra_cfg, place))
+            test_error = jobs.start(job)
         handed = test_error is None
         return test_error
     except ResexpError as error:
         raise JobFailed(error) from None
     except Interrupted as stop:  # stopped while no run trained: say how to go on all the same
+        if stop.signum == distributed.preemption_signal():
+            lock.release(place.run_dir)
+            signal.raise_signal(stop.signum)  # submitit's own handler: it requeues the job, which resumes
         if stop.training:
             raise
         raise Interrupted(stop.signum, resume=config.resume_command(hydra_cfg), training=False) from None
@@ -73,7 +82,8 @@ def train_task(cfg: DictConfig) -> float | None:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    print(f"resexp: {message}", file=sys.stderr)
+    rank = os.environ.get("RANK", "0")  # under torchrun each process says it: name the others
+    print(f"resexp{f' (rank {rank})' if rank != '0' else ''}: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -230,9 +240,11 @@ def train(rest: list[str]) -> None:
     import hydra
     from hydra.core.plugins import Plugins
 
-    from resexp import config, record
+    from resexp import config, distributed, record
 
     check_modes(rest)
+    if not distributed.start().main:  # under torchrun: rank 0 writes Hydra's record of the run
+        rest = [*rest, "hydra.output_subdir=null"]
     config.register()
     # Hydra's completion script registers sys.argv[0]: the command `resexp`, whose dispatcher answers
     # the completion queries (complete).

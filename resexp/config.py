@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resexp import checkpoint, record, resolvers, schemas
+from resexp import checkpoint, distributed, record, resolvers, schemas
 from resexp.checks import check_values, one_of
 from resexp.errors import ResexpError
 from resexp.evaluate import READ, SavedRun
@@ -115,6 +115,9 @@ def flat(cfg: DictConfig) -> dict[str, Any]:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device `name` says; under several processes, this process's (distributed.device)."""
+    if (mine := distributed.device(name)) is not None:
+        return mine
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
@@ -177,7 +180,7 @@ def command(task: list[str], changes: dict[str, str], extra: list[str]) -> str:
     """`resexp train` with the overrides `task`, the keys of `changes` set to their values, and `extra`."""
     kept = [item for item in task if item.split("=", 1)[0].lstrip("+~") not in changes]
     arguments = [*kept, *(f"{key}={value}" for key, value in changes.items()), *extra]
-    return " ".join(["resexp train", *map(shlex.quote, arguments)])
+    return " ".join([distributed.command(), *map(shlex.quote, arguments)])
 
 
 def resume_command(hydra_cfg: DictConfig) -> str:
@@ -229,8 +232,11 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
     data = cfg.data
     if data.get("workers") == "auto":  # one decoding process per CPU core this process may use
         data = OmegaConf.merge(data, {"workers": cpu_cores()})
+    distributed.local_batch(cfg.schedule.batch_size)  # each process's share, or a one-line error
     identity = checkpoint.identity(values)
     identity["shortcut"] = net.shortcut  # B and projection are one run
+    # without sync_bn the BN statistics are over each process's share of the batch: another run for another N
+    identity["processes"] = distributed.WORLD.size
     loop = Loop(
         schedule=plan,
         base_lr=cfg.optim.lr,
@@ -253,6 +259,7 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
         compile=cfg.compile,
         deterministic=cfg.deterministic,
         resume=cfg.resume,
+        sync_bn=cfg.sync_bn,
         identity=identity,
         model_config=hydra_cfg.runtime.choices.get("model"),
         data_config=hydra_cfg.runtime.choices.get("data"),

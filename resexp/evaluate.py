@@ -17,6 +17,7 @@ from torch import nn
 
 from resexp import checkpoint
 from resexp.data import Data
+from resexp.distributed import all_sum
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write
 from resexp.models import NetSpec
@@ -34,7 +35,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 and top-5 error (%) and mean cross-entropy over all batches, and the views per image. A
     batch of several views per image, (B, V, 3, H, W), is scored by the mean of the views' softmax
-    (10-crop testing, §3.4)."""
+    (10-crop testing, §3.4). Under several processes each scores its shard of the batches, and the
+    counts are summed over them (resexp/distributed.py)."""
     model.eval()
     views = 1
     totals = torch.zeros(4, device=device)  # loss sum, top-1 wrong, top-5 wrong, images
@@ -50,7 +52,7 @@ def evaluate(
         totals[2] += (log_p.topk(min(5, log_p.shape[1]), 1).indices != y[:, None]).all(1).sum()
         totals[3] += len(y)  # a Python number: no host-to-device copy, no sync
     model.train()
-    loss_sum, wrong, wrong5, seen = totals.tolist()
+    loss_sum, wrong, wrong5, seen = all_sum(totals).tolist()
     return {"error": 100 * wrong / seen, "error_top5": 100 * wrong5 / seen, "loss": loss_sum / seen, "views": views}
 
 

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 import resexp
-from resexp import checkpoint, runs
-from resexp.data import Data
+from resexp import checkpoint, distributed, runs
+from resexp.data import Data, Shard
 from resexp.errors import Interrupted, ResexpError
 from resexp.group import Lockstep, make_group_step
 from resexp.logs import Board, Display, displays, log
@@ -48,16 +48,17 @@ class RunSettings:
 
     place: Place  # where it writes, and what Hydra made there for it
     net: NetSpec
-    data: Callable[..., Data]  # the data config's builder: (batch_size=, seed=, device=) -> Data
+    data: Callable[..., Data]  # the data config's builder: (batch_size=, seed=, device=, shard=) -> Data
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]  # the optim config's, given the parameters
     loop: Loop  # the schedule and the loop's intervals
-    batch_size: int
+    batch_size: int  # the global batch: of which each process trains its share under torchrun
     seed: int  # weight initialisation, data order and augmentation
     device: torch.device
     cuda_graph: bool  # capture the step as a CUDA graph (on CUDA)
     compile: bool  # torch.compile the net inside the step
     deterministic: bool  # torch's deterministic algorithms, no cuDNN autotuning: one seed, one result on a GPU too
     resume: bool  # continue a run its directory holds; False: refuse such a directory
+    sync_bn: bool  # under several processes, BN statistics over the global batch
     identity: dict[str, Any]  # what its checkpoint must match to be continued: the config less where and how it runs
     model_config: str | None  # the model and data configs' names (resnet56, cifar10), for metrics.json
     data_config: str | None
@@ -105,17 +106,24 @@ def held_already(place: Place, resume: bool, identity: dict[str, Any]) -> tuple[
 
 def prepare(settings: RunSettings) -> Job:
     """Build what the settings name, up to the first step: data, model, optimizer, and the checkpoint put back."""
-    name, net = settings.net.name, settings.net
+    name, net, world = settings.net.name, settings.net, distributed.WORLD
     finished, resumed = held_already(settings.place, settings.resume, settings.identity)
+    # every rank resumes the checkpoint that rank 0 does (the run directory is on a shared file system)
+    distributed.same_on_every_rank(
+        "finished" if finished else resumed and resumed["progress"].get("iteration"), "the run directory's state"
+    )
     if finished is not None:
         log.info("%s finished already (%s): nothing to do", name, settings.place.run_dir / runs.METRICS)
         return Job(settings, name, finished=finished)
     choose_algorithms(settings.deterministic)
     torch.manual_seed(settings.seed)  # weight initialisation; the data stream has a generator of its own
     model = net.build().to(settings.device, memory_format=torch.channels_last)  # the layout of the images
+    if settings.sync_bn and world.size > 1:
+        model = distributed.sync_batch_norm(model, settings.device)
     if not net.residual:
         log.info("%s is a plain net: shortcut=%s has no effect", name, net.shortcut)
-    data = settings.data(batch_size=settings.batch_size, seed=settings.seed, device=settings.device)
+    shard = Shard(world.rank, world.size)  # this process's share of every batch
+    data = settings.data(batch_size=settings.batch_size, seed=settings.seed, device=settings.device, shard=shard)
     optimizer = settings.optimizer(model.parameters())
     if resumed is not None:
         try:
@@ -125,7 +133,7 @@ def prepare(settings: RunSettings) -> Job:
             raise ResexpError(f"{path} is damaged: {error}; {checkpoint.START_OVER}") from None
     loop = settings.loop
     step_options = dict(
-        batch_shape=(settings.batch_size, *data.image_shape),
+        batch_shape=(settings.batch_size // world.size, *data.image_shape),
         precision=loop.precision,
         cuda_graph=settings.cuda_graph,
         compile_model=settings.compile,
@@ -138,13 +146,18 @@ def prepare(settings: RunSettings) -> Job:
     done = resumed["progress"]["iteration"] if resumed is not None else 0
     group_key = json.dumps([same, str(settings.device), step_options, done], default=str)
     params = count_parameters(model)
+    on = (
+        str(settings.device)
+        if world.size == 1
+        else f"{world.size} processes ({settings.device.type}, {world.launcher})"
+    )
     log.info(
         "%s: %s parameters, %d iterations at batch %d on %s (%s) -> %s",
         name,
         f"{params:,}",
         loop.schedule.iterations,
         settings.batch_size,
-        settings.device,
+        on,
         loop.precision,
         settings.place.run_dir,
     )
@@ -199,20 +212,22 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
         resume=job.resumed,
         remedies=settings.remedies,
     )
-    device = settings.device
-    runs.write_metrics(
-        run_dir,
-        Metrics(
-            **described,
-            precision=settings.loop.precision,
-            images_per_s=settings.loop.schedule.iterations * settings.batch_size / summary["train_time_s"],
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            torch=torch.__version__,
-            python=platform.python_version(),
-            resexp=resexp.__version__,
-            **summary,
-        ),
-    )
+    device, processes = settings.device, distributed.WORLD.size
+    if distributed.WORLD.main:
+        runs.write_metrics(
+            run_dir,
+            Metrics(
+                **described,
+                precision=settings.loop.precision,
+                images_per_s=settings.loop.schedule.iterations * settings.batch_size / summary["train_time_s"],
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                processes=processes,
+                torch=torch.__version__,
+                python=platform.python_version(),
+                resexp=resexp.__version__,
+                **summary,
+            ),
+        )
     final = summary["final"]
     log.info(
         "done: train err %.2f%%  test err %.2f%%  -> %s",

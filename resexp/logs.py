@@ -19,6 +19,8 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from resexp import distributed
+from resexp.distributed import World
 from resexp.models import NetSpec
 
 log = logging.getLogger("resexp")
@@ -42,6 +44,19 @@ def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
     while int(time.time()) <= max(opened):
         time.sleep(0.05)
     return SummaryWriter(log_dir=str(run_dir), purge_step=iteration + 1)
+
+
+class NoWriter:
+    """Where a rank other than 0 writes its curves: nowhere (rank 0 writes the run's, resexp/distributed.py)."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Display(Protocol):
@@ -88,12 +103,41 @@ def console_handler() -> logging.Handler:
 
 
 @contextmanager
+def named_lines(label: str, world: World) -> Iterator[None]:
+    """A run's log lines inside: each begins with `label` (a sweep's run, whose lines may interleave with
+    its sweep's other runs under joblib or submitit) and, on a rank other than 0, with the rank, which
+    logs its warnings to the console alone: rank 0 logs the run (resexp/distributed.py)."""
+    app, root = logging.getLogger("resexp"), logging.getLogger()
+    rank, run = f"rank {world.rank}: " if not world.main else "", f"{label}: " if label else ""
+
+    def name(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        named = run if not text.startswith(run) else ""  # a line that names its run already keeps one name
+        record.msg, record.args = f"{rank}{named}{text}", ()
+        return True
+
+    level = app.level
+    if not world.main:  # Hydra opened the run's train.log in every process
+        for handler in [handler for handler in root.handlers if isinstance(handler, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+        app.setLevel(logging.WARNING)
+    if rank or run:
+        app.addFilter(name)
+    try:
+        yield
+    finally:
+        app.removeFilter(name)
+        app.setLevel(level)
+
+
+@contextmanager
 def displays(runs: list[tuple[str, int]], console: Console | None = None) -> Iterator[list[Display]]:
     """One display per run (label, iterations): progress bars on a terminal, all in one rich Progress
     (runs of a shared-GPU sweep train at once), log lines elsewhere; both share rich's console with the
-    log handler."""
+    log handler. Under several processes rank 0 alone draws bars (the others' lines are off: named_lines)."""
     console = console or get_console()
-    if not console.is_terminal:
+    if not console.is_terminal or not distributed.WORLD.main:
         yield [LogLines(total) for _, total in runs]
         return
     columns = (

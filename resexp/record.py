@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from resexp import lock
+from resexp import distributed, lock
 from resexp.errors import Interrupted, JobFailed, ResexpError
 from resexp.runs import SWEEP_RECORD, holds_run, snapshot, take_back_sweep
 
@@ -31,15 +31,20 @@ class RunRecord(Callback):
     before it changes a byte), and notes each sweep's directory, and the files of every run directory
     that holds a run already: Hydra writes a run's saved config before its task can refuse it (another
     net, resume=false), and makes a sweep's directory before it composes the runs, so that bad input
-    would otherwise leave them changed. `recorded` and Place.take_back put them back."""
+    would otherwise leave them changed. `recorded` and Place.take_back put them back. Under several
+    processes, rank 0 alone: it alone writes there."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not distributed.WORLD.main:
+            return
         run_dir = Path(config.hydra.run.dir).absolute()
         hold_or_fail(run_dir)
         if holds_run(run_dir):
             HELD[run_dir] = snapshot(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not distributed.WORLD.main:
+            return
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
         record = sweep_dir / SWEEP_RECORD
         before = record.read_bytes() if record.is_file() else None

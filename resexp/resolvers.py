@@ -5,16 +5,21 @@ with the run. Registered before any config is composed or a saved one is read ba
     ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,RESIDUAL,DEPTH,SHORTCUT,OLD_NAME}   a sweep run's: the net and
                                                               what the sweep varies besides (resnet56-A_seed3)
     ${resexp.at:ITERATIONS,FRACTION,...}                     milestones at these fractions of the run
+    ${resexp.now:FORMAT}                                      Hydra's ${now:}, but under several processes
+                                                              rank 0's start time on every rank, so that
+                                                              they agree on one run directory
 """
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from resexp import distributed
 from resexp.errors import ResexpError
 from resexp.models.resnet import canonical_shortcut, net_name
 from resexp.runs import CHECKPOINT, METRICS, swept_keys
@@ -28,6 +33,13 @@ def register() -> None:
     OmegaConf.register_new_resolver("resexp.net", run_name, replace=True)
     OmegaConf.register_new_resolver("resexp.sweep_run", sweep_run_name, replace=True)
     OmegaConf.register_new_resolver("resexp.at", at_fractions, replace=True)
+    # cached as Hydra caches ${now:}: a sweep's runs, and submitit's jobs, which get a copy of the cache,
+    # resolve the sweep's directory as it was first resolved
+    OmegaConf.register_new_resolver("resexp.now", now, replace=True, use_cache=True)
+
+
+def now(pattern: str) -> str:
+    return (distributed.STARTED or datetime.datetime.now()).strftime(pattern)
 
 
 def run_name(residual: bool, depth: int, shortcut: str) -> str:

@@ -57,6 +57,7 @@ class Metrics:
     precision: str = MISSING  # fp32 or bf16
     images_per_s: float = MISSING  # training images per second of training time
     device: str = MISSING  # the GPU's name, or cpu
+    processes: int = 1  # that trained it together (torchrun), each on such a device; 1 before resexp 0.3
     torch: str = MISSING  # versions it ran with
     python: str = MISSING
     resexp: str = MISSING

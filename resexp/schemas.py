@@ -95,6 +95,7 @@ class TrainSchema:  # conf/train.yaml
     checkpoint_every: int = MISSING
     resume: bool = MISSING
     on_nonfinite: str = MISSING
+    sync_bn: bool = MISSING
 
 
 @dataclass

@@ -11,6 +11,7 @@ updating) the same step function runs eagerly.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -19,8 +20,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from resexp import distributed
+
+log = logging.getLogger("resexp")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EAGER_STEPS_BEFORE_CAPTURE = 3  # warm-up before capture (torch.cuda.graphs docs: a few iterations on a side stream)
+# under DDP: "at least 11 DDP-enabled eager iterations" (torch.cuda.graphs docs, "Usage with DistributedDataParallel")
+EAGER_STEPS_BEFORE_CAPTURE_DDP = 11
 
 # What a step returns, on the device: (summed loss, wrong predictions, images) of its batch, to add up
 # between log points without a host sync.
@@ -81,13 +87,14 @@ def step_function(
 ) -> Callable[[torch.Tensor, torch.Tensor], Stats]:
     """The training step as a function of one batch. Gradients must be None (zero_grad(set_to_none=True))
     when it starts: backward then writes them instead of adding to them. With `skip_nonfinite`, a
-    non-finite loss leaves the weights alone (a host sync per step, so never captured)."""
+    non-finite loss leaves the weights alone (a host sync per step, so never captured); under several
+    processes, a non-finite loss on any of them (all skip together: DDP's backward waits for every rank)."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> Stats:
         with autocast(x.device, precision):
             out = forward(x)  # (B, num_classes)
         loss = nn.functional.cross_entropy(at_least_fp32(out), y)
-        if not skip_nonfinite or torch.isfinite(loss):
+        if not skip_nonfinite or not distributed.any_rank(not torch.isfinite(loss), loss.device):
             loss.backward()
             optimizer.step()
         wrong = (out.argmax(1) != y).sum().to(loss.dtype)
@@ -116,15 +123,21 @@ class GraphedStep:
     GPU during a capture (a shared-GPU sweep builds its runs' steps one after another)."""
 
     def __init__(
-        self, eager: EagerStep, optimizers: Sequence[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor
+        self,
+        eager: EagerStep,
+        optimizers: Sequence[torch.optim.Optimizer],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        warm_up: int = EAGER_STEPS_BEFORE_CAPTURE,
     ) -> None:
         self.eager = eager
         # A few eager steps first, on a side stream (torch.cuda.graphs docs): cuDNN picks its kernels, the
-        # optimizer makes its momentum buffers. They are undone. The capture itself computes nothing.
+        # optimizer makes its momentum buffers (DDP its buckets). They are undone. The capture itself
+        # computes nothing.
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side), undone(eager.model, *optimizers):
-            for _ in range(EAGER_STEPS_BEFORE_CAPTURE):
+            for _ in range(warm_up):
                 eager(x, y)
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.x, self.y = x.clone(), y.clone()  # the graph's inputs, fixed in memory from now on
@@ -172,11 +185,26 @@ def make_step(
     skip_nonfinite: bool = False,
 ) -> Step:
     """The fastest step that can run here: a CUDA graph on CUDA when asked for and possible, else eager.
-    `batch_shape` (B, C, H, W) sizes the graph's inputs. `compile_model` puts torch.compile's fused
-    kernels (BN, ReLU and the addition in one) inside the step. Build it after restoring a checkpoint."""
-    forward = torch.compile(model) if compile_model else model
+    `batch_shape` (B, C, H, W) sizes the graph's inputs: this process's share of the batch. Under several
+    processes the forward pass is DDP's (resexp/distributed.py), built on the stream that a capture then
+    follows, and a capture that fails is logged and the step runs eagerly. `compile_model` puts
+    torch.compile's fused kernels (BN, ReLU and the addition in one) inside the step. Build it after
+    restoring a checkpoint."""
+    graph = cuda_graph and not skip_nonfinite and next(model.parameters()).is_cuda
+    side = torch.cuda.Stream() if graph and torch.distributed.is_initialized() else None
+    with on_stream(side):  # "DDP must be constructed in a side-stream context" for a capture (torch.cuda.graphs docs)
+        forward = distributed.parallel(model)
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
+    forward = torch.compile(forward) if compile_model else forward
     eager = EagerStep(step_function(forward, optimizer, precision, skip_nonfinite), model)
-    return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), cuda_graph and not skip_nonfinite)
+    if side is None:
+        return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), graph)
+    try:
+        return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), graph, EAGER_STEPS_BEFORE_CAPTURE_DDP)
+    except RuntimeError as error:  # torch or NCCL too old to capture DDP's allreduce: correct, only slower
+        log.warning("the CUDA graph of the DDP step could not be captured (%s); training eagerly", error)
+        return eager
 
 
 def fastest(
@@ -185,6 +213,7 @@ def fastest(
     x_shape: tuple[int, ...],
     y_shape: tuple[int, ...],
     cuda_graph: bool,
+    warm_up: int = EAGER_STEPS_BEFORE_CAPTURE,
 ) -> Step:
     """`eager` captured as a CUDA graph when asked for and on CUDA, else itself; the optimizers read
     their rates from device tensors either way (use_lr_tensors)."""
@@ -196,7 +225,7 @@ def fastest(
     # Any batch will do for warming up and capturing (undone): zeros, not the data stream's next.
     x = torch.zeros(x_shape, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.zeros(y_shape, dtype=torch.int64, device=device)
-    return GraphedStep(eager, optimizers, x, y)
+    return GraphedStep(eager, optimizers, x, y, warm_up)
 
 
 def new_stream(device: torch.device) -> torch.cuda.Stream | None:

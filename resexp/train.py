@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from resexp import checkpoint
+from resexp import checkpoint, distributed
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError, first_line
 from resexp.evaluate import evaluate
-from resexp.logs import Board, Display, log, open_writer
+from resexp.logs import Board, Display, NoWriter, log, open_writer
 from resexp.runs import CHECKPOINT
 from resexp.step import Step, set_lr, to_device
 
@@ -93,19 +93,29 @@ def nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
+ECHO_S = 1.0  # a signal repeated this soon is one stop request (stop_requests)
+
+
 @contextmanager
 def stop_requests() -> Iterator[list[int]]:
-    """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) are noted instead of killing the process, so the
-    loop can finish its step and save a checkpoint. A second signal stops at once (Interrupted, raised
-    in the main thread)."""
+    """SIGTERM (cluster preemption) and SIGINT (Ctrl-C), and in a submitit job its warning of a time
+    limit or preemption (distributed.preemption_signal), are noted instead of killing the process, so
+    the loop can finish its step and save a checkpoint. A second signal stops at once (Interrupted,
+    raised in the main thread), unless it is the first one again within ECHO_S: under torchrun a
+    terminal's Ctrl-C reaches each process twice, from the terminal and forwarded by torchrun."""
     received: list[int] = []
+    first = 0.0
 
     def note(signum: int, frame: Any) -> None:
-        if received:
+        nonlocal first
+        if not received:
+            received.append(signum)
+            first = time.monotonic()
+        elif signum != received[0] or time.monotonic() - first > ECHO_S:
             raise Interrupted(signum)
-        received.append(signum)
 
-    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
+    signums = {signal.SIGTERM, signal.SIGINT, distributed.preemption_signal()} - {None}
+    previous = {signum: signal.signal(signum, note) for signum in signums}
     try:
         yield received
     finally:
@@ -164,7 +174,12 @@ def train(
     `restore` put back, whose loop state this continues. `stops` receives the signals that ask the run
     to checkpoint and stop (see stop_requests). `board`: the run's HPARAMS row and comparison charts.
     `remedies`: what the error that stops a run gone non-finite advises. No checkpoint holds non-finite
-    weights, and no evaluation, the last included, is of such weights: the run stops first."""
+    weights, and no evaluation, the last included, is of such weights: the run stops first.
+
+    Under several processes (resexp/distributed.py) every rank runs this loop in step: the sums of a log
+    point are summed over the ranks, a stop request is agreed at a log point, so that every rank stops
+    after the same step, and rank 0 alone writes the curves and the checkpoints."""
+    world = distributed.WORLD
     schedule, on_nonfinite = loop.schedule, loop.on_nonfinite
     device = next(model.parameters()).device
     path = run_dir / CHECKPOINT
@@ -173,13 +188,20 @@ def train(
     first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss, 0: none
     if resume is not None:
         state = Progress(**resume["progress"])
-        totals.copy_(resume["totals"])
+        if world.main:  # the sums of every rank, added to again by each: on one rank only
+            totals.copy_(resume["totals"])
         log.info("resuming %s at iteration %d", path, state.iteration)
     saved_at = state.iteration if resume is not None else None  # the iteration of the checkpoint on disk
 
     def save() -> None:
         nonlocal saved_at
         state.wall_seconds = wall_before + time.perf_counter() - started
+        summed = distributed.all_sum(totals.clone())  # every rank's sums since the last log point
+        if world.main:  # rank 0 writes the checkpoint of every rank: their weights are the same
+            write(summed)
+        saved_at = state.iteration
+
+    def write(summed: torch.Tensor) -> None:
         checkpoint.save(
             path,
             {
@@ -191,14 +213,13 @@ def train(
                 "data": data.train.state_dict(),
                 "rng": rng_states(),
                 "progress": vars(state),
-                "totals": totals.cpu(),
+                "totals": summed.cpu(),
             },
         )
-        saved_at = state.iteration
 
     def check_finite(weights: bool) -> None:
         """Stop on a non-finite loss (on_nonfinite=stop) and, with `weights`, on non-finite weights."""
-        bad = int(first_bad) if on_nonfinite == "stop" else 0
+        bad = int(distributed.first_over_ranks(first_bad.clone())) if on_nonfinite == "stop" else 0
         broken = nonfinite(model, optimizer) if weights or bad else []
         if not bad and not broken:
             return
@@ -212,7 +233,8 @@ def train(
             f"the training loss became non-finite at iteration {bad}; {kept}; {remedies.skip}; or {remedies.lower_rate}"
         )
 
-    writer = open_writer(run_dir, state.iteration)
+    writer = open_writer(run_dir, state.iteration) if world.main else NoWriter()
+    board = board if world.main else None
     error_tags = ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})]
     if resume is None and board is not None:
         board.describe(writer, error_tags)
@@ -257,8 +279,10 @@ def train(
             screen.advance(iteration)
             last = iteration == schedule.iterations
 
-            if iteration % loop.log_every == 0 or last:
-                loss_sum, wrong, seen = totals.tolist()  # the one host sync per interval
+            logging_now = iteration % loop.log_every == 0 or last
+            if logging_now:
+                # the one host sync per interval; under several processes, also where they agree to stop
+                loss_sum, wrong, seen = distributed.all_sum(totals.clone()).tolist()
                 check_finite(weights=False)
                 totals.zero_()
                 now = time.perf_counter()
@@ -282,6 +306,7 @@ def train(
             evaluating = iteration % loop.eval_every == 0 or last
             if evaluating:
                 state.train_seconds += time.perf_counter() - mark
+                distributed.same_buffers(model)
                 check_finite(weights=True)
                 held_out = {**data.evals, **(data.final if last else {})}
                 for name, batches in held_out.items():
@@ -300,12 +325,16 @@ def train(
                 mark = time.perf_counter()  # evaluation time is not training time
             if last and board is not None:
                 board.finish(writer, {tag: value for tag, value in state.best.items() if tag in error_tags}, iteration)
-            if iteration % loop.checkpoint_every == 0 or last or stops:
-                check_finite(weights=not evaluating)  # checked before the evaluation already, and no step since
+            # alone, a stop request is acted on at once; several processes agree on one at log points
+            stopping = bool(stops) if world.size == 1 else logging_now and distributed.any_rank(bool(stops), device)
+            if iteration % loop.checkpoint_every == 0 or last or stopping:
+                if not evaluating:  # checked before the evaluation already, and no step since
+                    distributed.same_buffers(model)
+                    check_finite(weights=True)
                 writer.flush()  # the curves reach disk no later than the checkpoint that covers them
                 save()
-            if stops and not last:
-                raise Interrupted(stops[0], iteration)
+            if stopping and not last:
+                raise Interrupted(stops[0] if stops else signal.SIGTERM, iteration)
     finally:
         writer.close()
     state.wall_seconds = wall_before + time.perf_counter() - started

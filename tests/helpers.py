@@ -13,7 +13,8 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import yaml
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from resexp import checkpoint, cli, config, runs
+from resexp import checkpoint, cli, config, distributed, runs
 from resexp.models import build_model
 from resexp.models.resnet import net_name
 from resexp.step import Step, make_step
@@ -86,6 +87,27 @@ def batches(count: int, seed: int, size: int = 8, pixels: int = 32, device: str 
     xs = [torch.randn(size, 3, pixels, pixels, generator=generator, dtype=torch.float64) for _ in range(count)]
     ys = [torch.randint(0, 10, (size,), generator=generator) for _ in range(count)]
     return [x.to(device, memory_format=torch.channels_last) for x in xs], [y.to(device) for y in ys]
+
+
+@contextmanager
+def process_group_of_one(backend: str) -> Iterator[None]:
+    """A torch.distributed process group of this process alone, so that DDP's path runs without others
+    (gloo on the CPU, NCCL on one GPU)."""
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def ddp_step(model, optimizer, shape, monkeypatch, **options) -> Step:
+    """make_step's step for `model` in a process group (process_group_of_one), checked to be DDP's."""
+    built = []
+    parallel = distributed.parallel
+    monkeypatch.setattr(distributed, "parallel", lambda net: built.append(parallel(net)) or built[-1])
+    step = make_step(model, optimizer, shape, **options)
+    assert [type(forward).__name__ for forward in built] == ["DistributedDataParallel"]
+    return step
 
 
 # In float64 each op rounds at 1e-16 on any CPU; a few steps of a net amplify that to 1e-14, and to

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import CLOSE, SHRINK, alone, assert_same, batches, nets, resexp
+from helpers import CLOSE, SHRINK, alone, assert_same, batches, ddp_step, nets, process_group_of_one, resexp
 
 from resexp import checkpoint, jobs, runs
 from resexp.group import make_group_step
@@ -45,6 +45,22 @@ def test_the_bf16_cuda_graph_step_trains_as_the_eager_one():
         torch.testing.assert_close(graphed(x, y).clone(), eager(x, y), rtol=2e-2, atol=2e-2)
     for name, tensor in pairs[0][0].state_dict().items():
         torch.testing.assert_close(tensor, pairs[1][0].state_dict()[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_the_ddp_step_captures_nccls_allreduce_in_a_cuda_graph_or_says_why_not(monkeypatch, caplog):
+    """The DDP step of a torchrun run on GPUs, on one GPU (a single rank's NCCL group): captured as a
+    graph where torch can capture DDP's allreduce, else eager with a logged reason; the eager step's
+    numbers either way."""
+    [(model, sgd)], [(twin, twin_sgd, eager)] = nets(1, "cuda"), alone(nets(1, "cuda"), SHAPE)
+    with process_group_of_one("nccl"):
+        step = ddp_step(model, sgd, SHAPE, monkeypatch, precision="fp32", cuda_graph=True)
+        assert isinstance(step, GraphedStep) or "could not be captured" in caplog.text
+        for iteration, lr in enumerate(RATES):
+            set_lr(sgd, lr)
+            set_lr(twin_sgd, lr)
+            (x,), (y,) = batches(1, iteration, device="cuda")
+            torch.testing.assert_close(step(x, y).clone(), eager(x, y), **CLOSE)
+    assert_same(model, twin, sgd, twin_sgd)
 
 
 def test_a_group_captured_as_a_cuda_graph_trains_each_copy_as_its_run_alone():

@@ -54,10 +54,18 @@ class SharedGPULauncher(Launcher):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from resexp import jobs  # torch and the app: only now that a sweep starts
+        from resexp import distributed, jobs  # torch and the app: only now that a sweep starts
         from resexp.checks import positive_int
 
         positive_int("hydra.launcher.max_runs", self.max_runs)
+        what = (
+            "hydra.launcher.group_runs=true"
+            if self.group_runs
+            else "the shared_gpu launcher (resexp train -m's default)"
+        )
+        distributed.refuse(
+            what, "add hydra/launcher=basic to train the sweep's runs one after another, each over every process"
+        )
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)

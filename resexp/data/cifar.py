@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resexp.data.loaders import Data, tensor_data
+from resexp.data.loaders import WHOLE, Data, Shard, tensor_data
 from resexp.errors import ResexpError
 
 FOLDER = "cifar-10-batches-py"  # the python version's folder (torchvision's CIFAR10.base_folder)
@@ -101,6 +101,7 @@ def cifar10(
     batch_size: int,
     seed: int,
     device: torch.device,
+    shard: Shard = WHOLE,
 ) -> Data:
     if num_classes != 10:
         raise ResexpError(f"data.num_classes={num_classes}, but CIFAR-10 has 10 classes")
@@ -116,4 +117,5 @@ def cifar10(
         eval_batch_size=eval_batch_size,
         seed=seed,
         device=device,
+        shard=shard,
     )

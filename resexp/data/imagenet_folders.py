@@ -20,13 +20,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from resexp.data.loaders import Data, normalize
+from resexp.data.loaders import WHOLE, Data, Shard, normalize
 from resexp.errors import ResexpError
 
 try:  # deprecated in torchvision 0.29 in favour of TorchCodec; without it PIL decodes everything
@@ -47,10 +47,11 @@ def scaled_components(device: torch.device) -> torch.Tensor:
     return torch.tensor(EIGENVECTORS, device=device) * torch.tensor(EIGENVALUES, device=device)
 
 
-def lighting(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+def lighting(x: torch.Tensor, std: float, generator: torch.Generator, shard: Shard = WHOLE) -> torch.Tensor:
     """Add to every pixel of each image the same random mix of the principal components, weighted by
-    their eigenvalues and one N(0, std) draw per component and image."""
-    alpha = torch.randn((len(x), 3), generator=generator, device=x.device) * std
+    their eigenvalues and one N(0, std) draw per component and image (x: a `shard` of the global batch,
+    whose draws are all made)."""
+    alpha = shard.of(torch.randn((len(x) * shard.count, 3), generator=generator, device=x.device)) * std
     return x + (alpha @ scaled_components(x.device).T)[:, :, None, None]
 
 
@@ -76,26 +77,36 @@ class FolderImages(Dataset):
 
 
 class EpochOrder(Sampler):
-    """One epoch of (index, seed) pairs from `start` on: a permutation (sampling without replacement)
-    and one seed per image, both fixed by the run's seed and the epoch."""
+    """One epoch of (index, seed) pairs from `start` on, in whole global batches of `batch_size`: a
+    permutation (sampling without replacement) and one seed per image, both fixed by the run's seed and
+    the epoch; of each global batch, the `shard`'s slice."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+    def __init__(self, size: int, seed: int, batch_size: int, shard: Shard = WHOLE) -> None:
+        self.size, self.seed, self.batch_size, self.shard = size, seed, batch_size, shard
+        self.epoch, self.start = 0, 0
+
+    def positions(self) -> torch.Tensor:
+        """The places in the epoch's order that this shard serves from `start` on."""
+        batches = (self.size - self.start) // self.batch_size
+        places = torch.arange(self.start, self.start + batches * self.batch_size).view(batches, self.batch_size)
+        return self.shard.of(places.T).T.flatten()
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(self.positions())
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # one seed per (seed, epoch), distinct for any epoch count a run reaches
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
         seeds = torch.randint(2**62, (self.size,), generator=generator)
-        return zip(order[self.start :].tolist(), seeds[self.start :].tolist())
+        places = self.positions()
+        return zip(order[places].tolist(), seeds[places].tolist())
 
 
 class ImageBatches:
     """Endless augmented training batches from image files; a last batch smaller than `batch_size` is
-    dropped, as for CIFAR. The state is the epoch, the images served in it and the colour generator."""
+    dropped, as for CIFAR. `batch_size` is the global batch, of which a `shard` is served. The state is
+    the epoch, the images served in it and the colour generator."""
 
     def __init__(
         self,
@@ -106,11 +117,12 @@ class ImageBatches:
         lighting_std: float,
         mean: torch.Tensor,
         device: torch.device,
+        shard: Shard = WHOLE,
     ) -> None:
-        self.order = EpochOrder(len(images), seed)
+        self.order, self.batch_size, self.shard = EpochOrder(len(images), seed, batch_size, shard), batch_size, shard
         self.loader = DataLoader(
             images,
-            batch_size=batch_size,
+            batch_size=batch_size // shard.count,
             sampler=self.order,
             drop_last=True,
             num_workers=workers,
@@ -133,10 +145,10 @@ class ImageBatches:
             self.order.epoch, self.order.start = self.order.epoch + 1, 0
             self.batches = iter(self.loader)
             images, labels = next_batch(self.batches)
-        self.order.start += len(labels)
+        self.order.start += self.batch_size  # the global batch: every shard served its part
         x = normalize(images.to(self.device, non_blocking=True), self.mean)
         if self.lighting_std:
-            x = lighting(x, self.lighting_std, self.generator)
+            x = lighting(x, self.lighting_std, self.generator, self.shard)
         return x, labels.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
@@ -150,12 +162,20 @@ class ImageBatches:
 
 class FolderEval:
     """A held-out set in fixed views, normalized on the device: batches of (B, 3, H, W), or of
-    (B, 10, 3, H, W) for ten crops."""
+    (B, 10, 3, H, W) for ten crops; with a `shard`, every `count`-th image from the `rank`-th, whose
+    counts resexp.evaluate sums over the processes."""
 
     def __init__(
-        self, images: FolderImages, batch_size: int, workers: int, mean: torch.Tensor, device: torch.device
+        self,
+        images: FolderImages,
+        batch_size: int,
+        workers: int,
+        mean: torch.Tensor,
+        device: torch.device,
+        shard: Shard = WHOLE,
     ) -> None:
-        self.loader = DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+        part = images if shard.count == 1 else Subset(images, range(shard.rank, len(images), shard.count))
+        self.loader = DataLoader(part, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
         self.mean, self.device = mean, device
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -231,8 +251,9 @@ def imagenet(
     batch_size: int,
     seed: int,
     device: torch.device,
+    shard: Shard = WHOLE,
 ) -> Data:
-    """The ImageNet data of `root`. The values are checked at the config edge (resexp/config.py): what is
+    """The ImageNet data of `root`, or a `shard` of it. The values are checked at the config edge (resexp/config.py): what is
     checked here is what only the folders can tell."""
     base = Path(root).expanduser().absolute()  # absolute: the messages say where it looked
     train, val = class_folder(base / "train", "training"), class_folder(base / "val", "validation")
@@ -262,11 +283,18 @@ def imagenet(
 
     def held_out(views: Callable[..., torch.Tensor]) -> FolderEval:
         return FolderEval(
-            FolderImages(val, partial(views, size=test_size, crop=crop)), eval_batch_size, workers, mean_tensor, device
+            FolderImages(val, partial(views, size=test_size, crop=crop)),
+            eval_batch_size,
+            workers,
+            mean_tensor,
+            device,
+            shard,
         )
 
     return Data(
-        train=ImageBatches(FolderImages(train, augment), batch_size, seed, workers, lighting_std, mean_tensor, device),
+        train=ImageBatches(
+            FolderImages(train, augment), batch_size, seed, workers, lighting_std, mean_tensor, device, shard
+        ),
         evals={"val": held_out(centre_crop)},  # centre crops during training: the bold curves of Fig. 4
         final={"test": held_out(ten_crops)},  # ten crops once at the end: the numbers of Tables 2 and 3
         num_train=len(train),

@@ -22,23 +22,44 @@ PAD = 4  # §4.2: "4 pixels are padded on each side"
 
 
 def per_pixel_mean(images: torch.Tensor) -> torch.Tensor:
-    """The mean image (3, H, W) in [0, 1] of the training images in use (§4.2)."""
-    return (images.sum(0, dtype=torch.float64) / (255 * len(images))).float()
+    """The mean image (3, H, W) in [0, 1] of the training images in use (§4.2), in torch's default
+    float type (float32, unless a float64 reference computation asks for more)."""
+    return (images.sum(0, dtype=torch.float64) / (255 * len(images))).to(torch.get_default_dtype())
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) to floats in [0, 1] with the per-pixel mean subtracted."""
-    return images.float().div_(255).sub_(mean)
+    """uint8 (B, 3, H, W) to floats (of the default type) in [0, 1] with the per-pixel mean subtracted."""
+    return images.to(torch.get_default_dtype()).div_(255).sub_(mean)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+@dataclass(frozen=True)
+class Shard:
+    """Which part of every global batch a process takes (resexp/distributed.py): the `rank`-th of
+    `count` equal slices. Every process draws the whole batch's order and augmentation from the same
+    generator and keeps its slice, so that the union over processes is the single-process batch."""
+
+    rank: int = 0
+    count: int = 1
+
+    def of(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a global batch's rows."""
+        size = len(batch) // self.count
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+
+WHOLE = Shard()  # a process alone: every batch whole
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, shard: Shard = WHOLE) -> torch.Tensor:
     """§4.2: pad 4 pixels on each side, crop a random window of the original size from the padded
     image or its horizontal flip; one independent draw per image. x: (B, C, H, W), mean-subtracted,
-    so the zero padding is the mean image's value."""
+    so the zero padding is the mean image's value; with a `shard`, x is its slice of the global batch,
+    whose draws are all made."""
     batch, channels, height, width = x.shape
     padded = F.pad(x, (PAD, PAD, PAD, PAD))  # (B, C, H + 8, W + 8)
-    dy, dx = torch.randint(0, 2 * PAD + 1, (2, batch), generator=generator, device=x.device)
-    flip = torch.randint(0, 2, (batch,), generator=generator, device=x.device).bool()
+    drawn = batch * shard.count
+    dy, dx = shard.of(torch.randint(0, 2 * PAD + 1, (2, drawn), generator=generator, device=x.device).T).T
+    flip = shard.of(torch.randint(0, 2, (drawn,), generator=generator, device=x.device).bool())
     rows = dy[:, None] + torch.arange(height, device=x.device)  # (B, H)
     cols = dx[:, None] + torch.arange(width, device=x.device)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # read the window right to left
@@ -50,12 +71,19 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class TrainBatches:
     """Endless augmented training batches. Each epoch is a fresh permutation of the training images
     (sampling without replacement); a last batch smaller than `batch_size` is dropped, so every step
-    sees a full batch, as the paper's iteration counts assume."""
+    sees a full batch, as the paper's iteration counts assume. `batch_size` is the global batch, of
+    which a `shard` is served."""
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, batch_size: int, seed: int
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        shard: Shard = WHOLE,
     ) -> None:
-        self.images, self.labels, self.mean, self.batch_size = images, labels, mean, batch_size
+        self.images, self.labels, self.mean, self.batch_size, self.shard = images, labels, mean, batch_size, shard
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
         self.order = torch.empty(0, dtype=torch.int64, device=images.device)  # this epoch's permutation
         self.position = 0  # images of `order` already served
@@ -68,9 +96,9 @@ class TrainBatches:
         if self.position + self.batch_size > len(self.order):
             self.order = torch.randperm(len(self.labels), generator=self.generator, device=self.images.device)
             self.position, self.epoch = 0, self.epoch + 1
-        index = self.order[self.position : self.position + self.batch_size]
+        index = self.shard.of(self.order[self.position : self.position + self.batch_size])
         self.position += self.batch_size
-        return augment(normalize(self.images[index], self.mean), self.generator), self.labels[index]
+        return augment(normalize(self.images[index], self.mean), self.generator, self.shard), self.labels[index]
 
     def state_dict(self) -> dict:
         return {
@@ -88,15 +116,19 @@ class TrainBatches:
 
 @dataclass
 class EvalSet:
-    """A held-out set, seen once per evaluation in its single original view."""
+    """A held-out set, seen once per evaluation in its single original view; with a `shard`, the
+    process's part of it (every `count`-th batch from its `rank`-th), whose counts resexp.evaluate sums
+    over the processes."""
 
     images: torch.Tensor  # uint8 (N, 3, H, W) on the device
     labels: torch.Tensor  # int64 (N,)
     mean: torch.Tensor  # the training images' mean: test images are centred like the training ones
     batch_size: int
+    shard: Shard = WHOLE
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.labels), self.batch_size):
+        step = self.batch_size * self.shard.count
+        for start in range(self.shard.rank * self.batch_size, len(self.labels), step):
             end = start + self.batch_size
             yield normalize(self.images[start:end], self.mean), self.labels[start:end]
 
@@ -132,9 +164,11 @@ def tensor_data(
     eval_batch_size: int,
     seed: int,
     device: torch.device,
+    shard: Shard = WHOLE,
 ) -> Data:
-    """Training and evaluation batches over uint8 images; `val_size` training images are held out. The
-    sizes are checked at the config edge (resexp/config.py), but for how many images there are."""
+    """Training and evaluation batches over uint8 images; `val_size` training images are held out; a
+    `shard` of each global batch of `batch_size`, and of each evaluation. The sizes are checked at the
+    config edge (resexp/config.py), but for how many images there are."""
     if not 0 <= val_size < len(train_labels):
         raise ResexpError(f"data.val_size={val_size} must be between 0 and {len(train_labels) - 1}")
     if batch_size > len(train_labels) - val_size:
@@ -148,8 +182,10 @@ def tensor_data(
     train_images, train_labels = train_images.to(device), train_labels.to(device)
     mean = per_pixel_mean(train_images)
     return Data(
-        train=TrainBatches(train_images, train_labels, mean, batch_size, seed),
-        evals={name: EvalSet(x.to(device), y.to(device), mean, eval_batch_size) for name, (x, y) in sets.items()},
+        train=TrainBatches(train_images, train_labels, mean, batch_size, seed, shard),
+        evals={
+            name: EvalSet(x.to(device), y.to(device), mean, eval_batch_size, shard) for name, (x, y) in sets.items()
+        },
         num_train=len(train_labels),
         image_shape=tuple(train_images.shape[1:]),
     )

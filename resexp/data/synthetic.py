@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from resexp.data.loaders import Data, tensor_data
+from resexp.data.loaders import WHOLE, Data, Shard, tensor_data
 
 
 def synthetic(
@@ -17,6 +17,7 @@ def synthetic(
     batch_size: int,
     seed: int,
     device: torch.device,
+    shard: Shard = WHOLE,
 ) -> Data:
     # Fixed content whatever the run's seed, so that runs differ only in what the seed controls.
     generator = torch.Generator().manual_seed(0)
@@ -32,4 +33,5 @@ def synthetic(
         eval_batch_size=eval_batch_size,
         seed=seed,
         device=device,
+        shard=shard,
     )
