@@ -31,6 +31,7 @@ COMMANDS = {
     "report": "the runs under some directories as the paper's tables and figures (`resexp report --help`)",
     "eval": "the test error of trained runs from their checkpoints, single view and 10-crop (`resexp eval --help`)",
     "export": "a trained run's weights alone, and torchvision's keys where the net is torchvision's (`resexp export --help`)",
+    "analyze": "why residual learning works, on trained runs: layer responses, gradients, lesions, loss slices (`resexp analyze --help`)",
 }
 USAGE = (
     "usage: resexp {"
@@ -203,6 +204,37 @@ def export(rest: list[str]) -> None:
         fail(f"error: cannot write {error.filename or args.out} ({error.strerror or error}); choose another --out")
 
 
+def analyze(rest: list[str]) -> None:
+    from resexp import analyze, config
+
+    parser = argparse.ArgumentParser(prog="resexp analyze", description=COMMANDS["analyze"].split(" (")[0])
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="where the figures and tables go (default: the first RUN_DIR)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument("--images", type=int, default=10000, help="test images for the responses and lesions (10000)")
+    parser.add_argument(
+        "--train-batches", type=int, default=4, help="training batches for the gradients and the loss slice (4)"
+    )
+    parser.add_argument("--draws", type=int, default=5, help="random draws per number of deleted blocks (5)")
+    parser.add_argument("--points", type=int, default=21, help="points of the 1-D loss slice (21)")
+    out = None
+    try:
+        args, saved = trained_runs(parser, rest)
+        for name in ("images", "train_batches", "draws", "points"):
+            if getattr(args, name) < 1:
+                raise ResexpError(f"--{name.replace('_', '-')}={getattr(args, name)} must be 1 or more")
+        budget = analyze.Budget(args.images, args.train_batches, args.draws, args.points)
+        out = args.out or args.dirs[0]
+        results = analyze.analyze(saved, out, config.pick_device(args.device), budget)
+    except ResexpError as error:
+        fail(f"error: {error}")
+    except OSError as error:
+        fail(f"error: cannot write {error.filename or out} ({error.strerror or error}); choose another --out")
+    print(analyze.markdown(results))
+    print(f"figures and tables: {out}")
+
+
 def complete(argv: list[str]) -> None:
     """Hydra's bash completion, which calls `resexp -sc query=bash` back with the line typed so far
     (COMP_LINE): the commands while the first word is typed, then for `resexp train` Hydra's own
@@ -316,4 +348,6 @@ def dispatch(argv: list[str]) -> None:
         return evaluate(rest)
     if command == "export":
         return export(rest)
+    if command == "analyze":
+        return analyze(rest)
     train(rest)

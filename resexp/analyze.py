@@ -1,0 +1,165 @@
+"""`resexp analyze RUN_DIR...`: why residual learning works, measured on the user's own runs (finished
+or interrupted: each run's latest checkpoint), plain against residual. For every run: its layer
+responses (paper Fig. 7), its gradient norms by layer at initialisation and now, a lesion study, and a
+1-D slice of its training loss (resexp/probes.py says how each is measured). Writes analysis.json,
+analysis.md and one figure per measurement (PNG, with an SVG beside each)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headless machines
+
+from resexp import probes
+from resexp.evaluate import SavedRun, built, weights
+from resexp.files import atomic_write, atomic_write_text
+
+POOLING = "std per channel over images and positions, averaged over channels; eval mode, test images"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each measurement looks at (the command's options)."""
+
+    images: int  # held-out images for the responses and the lesions
+    train_batches: int  # training batches (the run's own stream, augmented) for gradients and the loss slice
+    draws: int  # random lesion draws per number of deleted blocks
+    points: int  # points of the loss slice, from -1 to 1 times the direction
+
+
+def held_out(data, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `images` images of the run's test set (its first held-out set where it has no test set)."""
+    sets = data.evals
+    batches, seen = [], 0
+    for x, y in sets.get("test", next(iter(sets.values()))):
+        batches.append((x[: images - seen], y[: images - seen]))
+        seen += len(batches[-1][1])
+        if seen >= images:
+            break
+    return batches
+
+
+def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str, Any]:
+    """Every measurement of one run, as plain numbers."""
+    state, iteration = weights(run)
+    trained = built(run, state).to(device)
+    torch.manual_seed(run.seed)  # the run's own initial weights (resexp/jobs.py builds them so)
+    initial = run.net.build().to(device)
+    data = run.data(batch_size=run.batch_size, seed=run.seed, device=device)
+    test = held_out(data, budget.images)
+    train = [next(data.train) for _ in range(budget.train_batches)]
+    alphas = [-1 + 2 * i / (budget.points - 1) for i in range(budget.points)] if budget.points > 1 else [0.0]
+    return {
+        "run": str(run.run_dir),
+        "net": run.net.name,
+        "residual": run.net.residual,
+        "depth": run.net.depth,
+        "iteration": iteration,
+        "responses": probes.layer_responses(trained, test, device),
+        "gradients": {
+            "initial": probes.gradient_norms(initial, train, device),
+            "trained": probes.gradient_norms(trained, train, device),
+        },
+        "lesion": probes.lesion_study(trained, test, device, budget.draws, run.seed),
+        "landscape": {"alpha": alphas, "loss": probes.loss_slice(trained, train, device, alphas, run.seed)},
+    }
+
+
+def ratio(norms: list[float]) -> float:
+    """The first 3x3 layer's gradient norm over the last one's."""
+    return norms[0] / norms[-1] if norms and norms[-1] > 0 else math.nan
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| net | iteration | mean response std | grad first/last, initial | grad first/last, trained | "
+        "test err % | worst single lesion err % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        single = [value for value in r["lesion"]["single"] if not math.isnan(value)]
+        lines.append(
+            f"| {r['net']} | {r['iteration']} | {sum(r['responses']) / len(r['responses']):.3f} | "
+            f"{ratio(r['gradients']['initial']):.1f} | {ratio(r['gradients']['trained']):.1f} | "
+            f"{r['lesion']['error']:.2f} | {max(single) if single else math.nan:.2f} |"
+        )
+    return "\n".join([*lines, "", f"Responses: {POOLING}.", ""])
+
+
+def label(r: dict[str, Any]) -> str:
+    return f"{r['net']} ({Path(r['run']).name})"
+
+
+def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
+    """responses.png (Fig. 7: by layer index, and sorted by magnitude), gradients.png, lesions.png and
+    landscape.png; plain nets dashed, residual nets solid, one colour per run."""
+    drawn = []
+
+    def save(figure: Figure, stem: str) -> None:
+        figure.tight_layout()
+        for suffix in (".png", ".svg"):
+            atomic_write(out / f"{stem}{suffix}", lambda file, s=suffix: figure.savefig(file, format=s[1:], dpi=120))
+        drawn.append(out / f"{stem}.png")
+
+    def style(index: int, r: dict[str, Any]) -> dict[str, Any]:
+        return {"color": f"C{index % 10}", "linestyle": "-" if r["residual"] else "--", "label": label(r)}
+
+    figure = Figure(figsize=(11, 4))
+    by_index, by_size = figure.subplots(1, 2)
+    for index, r in enumerate(results):
+        layers = range(1, len(r["responses"]) + 1)
+        by_index.plot(layers, r["responses"], **style(index, r))
+        by_size.plot(layers, sorted(r["responses"], reverse=True), **style(index, r))
+    by_index.set(xlabel="layer index (original)", ylabel="std", title="Layer responses (paper Fig. 7, top)")
+    by_size.set(xlabel="layer index (sorted by magnitude)", ylabel="std", title="sorted (Fig. 7, bottom)")
+    by_index.legend(fontsize=7)
+    figure.text(0.5, 0.01, POOLING, ha="center", fontsize=7)
+    save(figure, "responses")
+
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    for index, r in enumerate(results):
+        kind = style(index, r)
+        for when, marker in (("initial", "."), ("trained", "")):
+            norms = r["gradients"][when]
+            axes.plot(range(1, len(norms) + 1), norms, marker=marker, **{**kind, "label": f"{label(r)}, {when}"})
+    axes.set(xlabel="3x3 layer (input side first)", ylabel="gradient norm", yscale="log", title="Gradient flow")
+    axes.legend(fontsize=6)
+    save(figure, "gradients")
+
+    figure = Figure(figsize=(11, 4))
+    single, random = figure.subplots(1, 2)
+    for index, r in enumerate(results):
+        lesion = r["lesion"]
+        single.plot(range(1, len(lesion["single"]) + 1), lesion["single"], marker=".", **style(index, r))
+        random.plot(range(1, len(lesion["random"]) + 1), lesion["random"], marker=".", **style(index, r))
+        single.axhline(lesion["error"], color=f"C{index % 10}", linewidth=0.5)
+    single.set(xlabel="block deleted", ylabel="test error %", title="One block deleted (thin: none)")
+    random.set(xlabel="blocks deleted at random", ylabel="test error %", title="k blocks deleted (Veit et al. 2016)")
+    single.legend(fontsize=7)
+    save(figure, "lesions")
+
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    for index, r in enumerate(results):
+        axes.plot(r["landscape"]["alpha"], r["landscape"]["loss"], **style(index, r))
+    axes.set(xlabel="step along a filter-normalised direction", ylabel="training loss", yscale="log")
+    axes.set_title("Loss landscape, 1-D (Li et al. 2018)")
+    axes.legend(fontsize=7)
+    save(figure, "landscape")
+    return drawn
+
+
+def analyze(runs: list[SavedRun], out: Path, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
+    """Measure every run, write analysis.json, analysis.md and the figures into `out`."""
+    results = [analyze_run(run, device, budget) for run in runs]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "analysis.json", json.dumps({"pooling": POOLING, "runs": results}, indent=2) + "\n")
+    atomic_write_text(out / "analysis.md", markdown(results))
+    figures(results, out)
+    return results

@@ -1,0 +1,144 @@
+"""`resexp analyze` and its measurements (resexp/probes.py): what each captures, checked against the net
+computed by hand in float64, and the command's files from short synthetic runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from helpers import CLOSE, SHRINK, batches, resexp
+from torch.nn import functional as F
+
+from resexp import probes
+from resexp.evaluate import evaluate
+from resexp.models import build_model
+from resexp.models.resnet import BasicBlock
+
+CPU = torch.device("cpu")
+
+
+def net(depth: int, residual: bool, block: str = "basic", stem: str = "cifar") -> torch.nn.Module:
+    torch.manual_seed(0)
+    shortcut = "identity" if block == "basic" else "projection"
+    return build_model(depth, residual, block, stem, shortcut, 10).double()
+
+
+# 3x3 layers: CIFAR's 6n+2 nets have all but the classifier (the stem and two per block); ImageNet's
+# basic nets two per block (their stem is 7x7), the bottleneck ones one per block.
+@pytest.mark.parametrize(
+    ("depth", "block", "stem", "layers"),
+    [
+        (20, "basic", "cifar", 19),
+        (56, "basic", "cifar", 55),
+        (18, "basic", "imagenet", 16),
+        (34, "basic", "imagenet", 32),
+        (50, "bottleneck", "imagenet", 16),
+    ],
+)
+@pytest.mark.parametrize("residual", [False, True])
+def test_one_response_per_3x3_layer_of_each_preset(depth, block, stem, layers, residual):
+    model = net(depth, residual, block, stem)
+    found = probes.response_layers(model)
+    assert len(found) == layers
+    assert all(conv.kernel_size == (3, 3) and bn.num_features == conv.out_channels for conv, bn in found)
+
+
+def by_hand(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The BN outputs of every 3x3 layer of a CIFAR basic-block net, computed step by step."""
+    conv, bn, _ = model.stem
+    outputs = [bn(conv(x))]
+    x = F.relu(outputs[-1])
+    for block in model.stages.modules():
+        if isinstance(block, BasicBlock):
+            first = block.bn1(block.conv1(x))
+            second = block.bn2(block.conv2(F.relu(first)))
+            outputs += [first, second]
+            x = F.relu(second + block.shortcut(x) if block.shortcut is not None else second)
+    return outputs
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_responses_are_the_std_per_channel_of_each_3x3_layers_bn_output(residual):
+    model = net(8, residual)
+    model.train()
+    model(batches(1, 5)[0][0])  # running statistics that are not BN's initial ones
+    (x,), (y,) = batches(1, 1, size=6)
+    found = probes.layer_responses(model, [(x[:4], y[:4]), (x[4:], y[4:])], CPU)
+    assert model.training, "left in train mode, as found"
+    model.eval()
+    with torch.no_grad():
+        expected = [out.transpose(0, 1).flatten(1).std(1, unbiased=False).mean().item() for out in by_hand(model, x)]
+    torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), **CLOSE)
+
+
+def test_deleting_a_block_is_the_net_with_that_blocks_residual_branch_zeroed():
+    model = net(20, True)
+    (x,), _ = batches(1, 2)
+    model.eval()
+    for index in (0, 3, 6):  # the first block, the first of stage 2 (it downsamples: option A's zero padding)
+        zeroed = copy.deepcopy(model)
+        branch_end = probes.blocks(zeroed)[index].bn2
+        torch.nn.init.zeros_(branch_end.weight)
+        torch.nn.init.zeros_(branch_end.bias)
+        with torch.no_grad(), probes.lesioned(model, [index]):
+            torch.testing.assert_close(model(x), zeroed(x), **CLOSE)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), zeroed(x)), "the lesion is undone on leaving"
+
+
+def test_a_plain_net_can_lose_only_blocks_whose_input_and_output_have_one_shape():
+    plain = probes.blocks(net(20, False))
+    assert [probes.deletable(block) for block in plain] == [True] * 3 + [False, True, True] * 2
+    with pytest.raises(ValueError, match="cannot be deleted"):
+        with probes.lesioned(net(20, False), [3]):
+            pass
+
+
+def test_the_loss_slice_at_zero_is_the_trained_loss_and_the_weights_are_left_as_they_were():
+    model = net(8, True)
+    data = list(zip(*batches(2, 3)))
+    before = copy.deepcopy(model.state_dict())
+    losses = probes.loss_slice(model, data, CPU, [-0.5, 0.0, 0.5], seed=1)
+    assert losses[1] == evaluate(model, data, CPU)["loss"]
+    assert losses[0] != losses[1] != losses[2]
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_the_gradient_norms_are_those_of_each_3x3_layers_weights():
+    model = net(8, False)
+    data = list(zip(*batches(2, 4)))
+    found = probes.gradient_norms(model, data, CPU)
+    loss = sum(F.cross_entropy(model(x), y) for x, y in data) / 2
+    weights = [conv.weight for conv, _ in probes.response_layers(model)]
+    expected = [grad.norm().item() for grad in torch.autograd.grad(loss, weights)]
+    torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), **CLOSE)
+    assert all(param.grad is None for param in model.parameters())
+
+
+def test_analyze_writes_every_figure_and_table_from_short_runs(tmp_path):
+    for model in ("plain20", "resnet20"):
+        result = resexp(
+            "train", *SHRINK, f"model={model}", "model.depth=8", f"hydra.run.dir={tmp_path / model}", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr
+    out = tmp_path / "analysis"
+    args = ["--images", "32", "--train-batches", "1", "--draws", "1", "--points", "3", "--out", str(out)]
+    result = resexp("analyze", str(tmp_path / "plain20"), str(tmp_path / "resnet20"), *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for stem in ("responses", "gradients", "lesions", "landscape"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.svg").stat().st_size > 0
+    written = json.loads((out / "analysis.json").read_text())["runs"]
+    assert [(run["net"], len(run["responses"]), len(run["lesion"]["single"])) for run in written] == [
+        ("plain8", 7, 3),
+        ("resnet8-A", 7, 3),
+    ]
+    assert "| resnet8-A |" in (out / "analysis.md").read_text()
+
+
+def test_analyze_refuses_a_budget_below_one_in_one_line(tmp_path):
+    result = resexp("train", *SHRINK, "model.depth=8", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = resexp("analyze", str(tmp_path / "run"), "--draws", "0", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().endswith("--draws=0 must be 1 or more")
