@@ -105,6 +105,7 @@ NOT_IDENTITY = frozenset(
         "checkpoint_every",
         "on_nonfinite",
         "log_every",
+        "grad_norms_every",
         "eval_points",
     }
 )

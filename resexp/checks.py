@@ -71,6 +71,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "on_nonfinite": one_of("stop", "skip"),
     "eval_points": positive_int,
     "log_every": positive_int,
+    "grad_norms_every": non_negative_int,
     "checkpoint_every": positive_int,
     "optim._partial_": is_true,
     "optim.lr": positive,

@@ -245,6 +245,7 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
         checkpoint_every=cfg.checkpoint_every,
         on_nonfinite=cfg.on_nonfinite,
         precision=pick_precision(cfg.precision, device),
+        grad_norms_every=cfg.grad_norms_every,
     )
     return RunSettings(
         place=where,

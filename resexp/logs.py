@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -44,6 +45,31 @@ def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
     while int(time.time()) <= max(opened):
         time.sleep(0.05)
     return SummaryWriter(log_dir=str(run_dir), purge_step=iteration + 1)
+
+
+def write_gradient_norms(writer: SummaryWriter, norms: list[float], stages: list[str], iteration: int) -> None:
+    """One step's gradient norms of the 3x3 layers (resexp/probes.py): per stage the norm over its
+    layers (SCALARS), the first layer's over the last one's, and a histogram whose buckets are the
+    layers, input side first, and whose heights are their norms: HISTOGRAMS draws norm against depth at
+    every point logged. A step with a non-finite gradient writes nothing."""
+    if not all(math.isfinite(norm) for norm in norms):
+        return
+    for stage in dict.fromkeys(stages):
+        total = math.sqrt(sum(norm * norm for norm, where in zip(norms, stages) if where == stage))
+        writer.add_scalar(f"gradient norm/{stage}", total, iteration)
+    writer.add_scalar("gradient norm/first over last", norms[0] / norms[-1] if norms[-1] else math.nan, iteration)
+    layers = range(1, len(norms) + 1)
+    writer.add_histogram_raw(
+        "gradient norm/by layer",
+        min=1,
+        max=len(norms),
+        num=sum(norms),
+        sum=sum(layer * norm for layer, norm in zip(layers, norms)),
+        sum_squares=sum(layer * layer * norm for layer, norm in zip(layers, norms)),
+        bucket_limits=list(layers),
+        bucket_counts=norms,
+        global_step=iteration,
+    )
 
 
 class NoWriter:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from resexp.evaluate import evaluate
 from resexp.models.resnet import BasicBlock, Bottleneck
@@ -35,7 +36,7 @@ def response_layers(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
     for module in model.modules():  # registration order: conv1, bn1, conv2, bn2, then the shortcut
         if isinstance(module, nn.Conv2d):
             conv = module
-        elif isinstance(module, nn.BatchNorm2d) and conv is not None:
+        elif isinstance(module, _BatchNorm) and conv is not None:  # SyncBatchNorm under sync_bn too
             if conv.kernel_size == (3, 3):
                 layers.append((conv, module))
             conv = None
@@ -86,6 +87,24 @@ def gradient_norms(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     norms = [conv.weight.grad.double().norm().item() for conv, _ in response_layers(model)]
     model.zero_grad(set_to_none=True)
     return norms
+
+
+def stage_names(model: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[str]:
+    """The part of the net each layer is in: stem, stage1, stage2, ... (the paper's conv1, conv2_x, ...)."""
+    where = {module: "stem" for module in model.stem.modules()}
+    for index, stage in enumerate(model.stages):
+        where.update({module: f"stage{index + 1}" for module in stage.modules()})
+    return [where[conv] for conv, _ in layers]
+
+
+def step_gradient_norms(layers: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> torch.Tensor | None:
+    """The norms of the gradients that the last training step left in each layer's weights, on the
+    device (a CUDA graph's replay leaves them in its own buffers, which stay the weights' .grad); None
+    where the step left none (a skipped step, or weights that another module differentiates)."""
+    grads = [conv.weight.grad for conv, _ in layers]
+    if not grads or any(grad is None for grad in grads):
+        return None
+    return torch.stack(torch._foreach_norm(grads)).float()
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:

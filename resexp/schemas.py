@@ -92,6 +92,7 @@ class TrainSchema:  # conf/train.yaml
     deterministic: bool = MISSING
     eval_points: int = MISSING
     log_every: int = MISSING
+    grad_norms_every: int = MISSING
     checkpoint_every: int = MISSING
     resume: bool = MISSING
     on_nonfinite: str = MISSING

@@ -19,7 +19,8 @@ from resexp import checkpoint, distributed
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError, first_line
 from resexp.evaluate import evaluate
-from resexp.logs import Board, Display, NoWriter, log, open_writer
+from resexp.logs import Board, Display, NoWriter, log, open_writer, write_gradient_norms
+from resexp.probes import response_layers, stage_names, step_gradient_norms
 from resexp.runs import CHECKPOINT
 from resexp.step import Step, set_lr, to_device
 
@@ -47,6 +48,7 @@ class Loop:
     checkpoint_every: int  # iterations between checkpoints; once more at the end, and on a stop request
     on_nonfinite: str  # a NaN/inf training loss: "stop" the run, or "skip" the step
     precision: str  # fp32 or bf16 autocast, for evaluation as for training
+    grad_norms_every: int = 0  # iterations between the 3x3 layers' gradient norms in TensorBoard; 0: never
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,8 @@ def train(
         0,
         math.nan,
     )
+    layers = response_layers(model)  # whose gradient norms are logged (grad_norms_every)
+    stages = stage_names(model, layers)
     try:
         model.train()
         while state.iteration < schedule.iterations:
@@ -276,6 +280,9 @@ def train(
                 first_bad.copy_(torch.where((first_bad == 0) & ~torch.isfinite(stats[0]), iteration, first_bad))
                 totals += stats
             state.iteration = iteration
+            if loop.grad_norms_every and iteration % loop.grad_norms_every == 0 and world.main:
+                if (norms := step_gradient_norms(layers)) is not None:  # what the step just left
+                    write_gradient_norms(writer, norms.tolist(), stages, iteration)
             screen.advance(iteration)
             last = iteration == schedule.iterations
 

@@ -43,6 +43,7 @@ from resexp.config import compose, pick_precision
 from resexp.data import synthetic
 from resexp.group import Lockstep, make_group_step
 from resexp.models import build_model
+from resexp.probes import response_layers, step_gradient_norms
 from resexp.step import make_step, new_stream, on_stream, to_device
 
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)  # CIFAR-10's channel statistics
@@ -126,8 +127,14 @@ def common_ms(net: str, args: argparse.Namespace, device: torch.device) -> float
     return timed(run_steps, args.steps, args.warmup, device)
 
 
-def steps_of(step: Callable, seed: int, args: argparse.Namespace, device: torch.device) -> Callable[[int], None]:
-    """resexp's training loop minus logging: batch from a device-resident stream, step, running totals."""
+def steps_of(
+    step: Callable, seed: int, args: argparse.Namespace, device: torch.device, model: torch.nn.Module | None = None
+) -> Callable[[int], None]:
+    """resexp's training loop minus logging: batch from a device-resident stream, step, running totals;
+    with `model`, its 3x3 layers' gradient norms read to the host every args.grad_norms_every steps, as
+    the loop reads them for TensorBoard (grad_norms_every)."""
+    layers = response_layers(model) if model is not None else []
+    done = 0
     stream = synthetic(
         num_classes=10,
         train_size=args.batch_size * 8,
@@ -141,20 +148,25 @@ def steps_of(step: Callable, seed: int, args: argparse.Namespace, device: torch.
     totals = torch.zeros(3, device=device)
 
     def run_steps(n: int) -> None:
-        nonlocal totals
+        nonlocal totals, done
         for _ in range(n):
             totals += step(*to_device(*next(stream), device))
+            done += 1
+            if layers and done % args.grad_norms_every == 0:
+                step_gradient_norms(layers).tolist()
 
     return run_steps
 
 
-def fast_steps(net: str, args: argparse.Namespace, device: torch.device, compile_model: bool) -> Callable[[int], None]:
+def fast_steps(
+    net: str, args: argparse.Namespace, device: torch.device, compile_model: bool, gradients: bool = False
+) -> Callable[[int], None]:
     model = make_net(net, device, channels_last=True)
     shape = (args.batch_size, 3, 32, 32)
     step = make_step(
         model, sgd(model), shape, precision=pick_precision("auto", device), cuda_graph=True, compile_model=compile_model
     )
-    return steps_of(step, 0, args, device)
+    return steps_of(step, 0, args, device, model if gradients else None)
 
 
 def in_threads(runs: list[Callable[[int], None]], streams: list[torch.cuda.Stream | None]) -> Callable[[int], None]:
@@ -234,6 +246,13 @@ def main() -> None:
         action="store_true",
         help="also time each net grouped with its plain/residual twin (group_runs), and the nets at once so",
     )
+    parser.add_argument(
+        "--grad-norms-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time resexp's step with the gradient norms read every K steps (the grad_norms_every key)",
+    )
     parser.add_argument("--no-common", action="store_true", help="skip the common recipe (resexp's paths only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", help="also write the results here")
@@ -245,6 +264,9 @@ def main() -> None:
     for net in args.nets:
         row = {"net": net, "common_ms": math.nan if args.no_common else common_ms(net, args, device)}
         row["resexp_ms"] = timed(fast_steps(net, args, device, False), args.steps, args.warmup, device)
+        if args.grad_norms_every:  # the cost of grad_norms_every: the same step, the norms read now and then
+            row["grad_norms_ms"] = timed(fast_steps(net, args, device, False, True), args.steps, args.warmup, device)
+            row["grad_norms_overhead_pct"] = 100 * (row["grad_norms_ms"] / row["resexp_ms"] - 1)
         if args.compile:
             row["resexp_compile_ms"] = timed(fast_steps(net, args, device, True), args.steps, args.warmup, device)
         if args.group:  # per run: the group's step time over its runs
@@ -276,6 +298,7 @@ def main() -> None:
         "resexp",
         *(["resexp + compile"] if args.compile else []),
         *grouped,
+        *([f"gradient norms every {args.grad_norms_every} (+%)"] if args.grad_norms_every else []),
         "speed-up",
         "images/s (resexp)",
     ):
@@ -290,6 +313,7 @@ def main() -> None:
             f"{row['resexp_ms']:.2f}",
             *compiled,
             *grouped,
+            *([f"{row['grad_norms_overhead_pct']:+.2f}"] if args.grad_norms_every else []),
             f"{row['speedup']:.1f}x",
             f"{1000 * args.batch_size / best:,.0f}",
         )

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import CLOSE, SHRINK, batches, resexp
+from helpers import CLOSE, SHRINK, batches, resexp, scalars
 from torch.nn import functional as F
 
 from resexp import probes
@@ -142,3 +142,24 @@ def test_analyze_refuses_a_budget_below_one_in_one_line(tmp_path):
     assert result.returncode == 0, result.stderr
     result = resexp("analyze", str(tmp_path / "run"), "--draws", "0", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().endswith("--draws=0 must be 1 or more")
+
+
+def test_training_writes_the_gradient_norms_of_each_stage_and_a_histogram_over_depth(tmp_path):
+    run_dir = tmp_path / "run"
+    result = resexp("train", *SHRINK, "model.depth=8", "grad_norms_every=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    curves = scalars(run_dir)
+    stages = ["stem", "stage1", "stage2", "stage3"]
+    assert all([step for step, _ in curves[f"gradient norm/{stage}"]] == [2, 4] for stage in stages)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})  # 0: every point
+    events.Reload()
+    histograms = events.Histograms("gradient norm/by layer")
+    assert [h.step for h in histograms] == [2, 4]
+    norms = list(histograms[-1].histogram_value.bucket)
+    assert len(norms) == 7 and all(norm > 0 for norm in norms)  # one bucket per 3x3 layer, input side first
+    # the stem is the first layer alone, stage 1 the next two
+    assert curves["gradient norm/stem"][-1][1] == pytest.approx(norms[0], rel=1e-6)
+    assert curves["gradient norm/stage1"][-1][1] == pytest.approx((norms[1] ** 2 + norms[2] ** 2) ** 0.5, rel=1e-6)
+    assert curves["gradient norm/first over last"][-1][1] == pytest.approx(norms[0] / norms[-1], rel=1e-6)

@@ -187,6 +187,8 @@ def test_benchmark_script_runs(tmp_path):
             "--group",
             "2",
             "--twins",
+            "--grad-norms-every",
+            "1",
             "--json",
             str(out),
         ],
@@ -198,7 +200,11 @@ def test_benchmark_script_runs(tmp_path):
     result = json.loads(out.read_text())
     assert [row["net"] for row in result["rows"]] == ["plain8", "resnet8"]
     assert all(
-        row["common_ms"] > 0 and row["resexp_ms"] > 0 and row["grouped_ms_per_run"] > 0 and row["twins_ms_per_run"] > 0
+        row["common_ms"] > 0
+        and row["resexp_ms"] > 0
+        and row["grouped_ms_per_run"] > 0
+        and row["twins_ms_per_run"] > 0
+        and row["grad_norms_ms"] > 0
         for row in result["rows"]
     )
     assert result["together"]["ms"] > 0 and result["together"]["twins_grouped_ms"] > 0
