@@ -44,6 +44,20 @@ def held_out(data, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
+def logged_gradients(run_dir: Path) -> list[dict[str, Any]]:
+    """The gradient norms by layer that the run logged while it trained (grad_norms_every), oldest first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})  # 0: every point
+    events.Reload()
+    if "gradient norm/by layer" not in events.Tags()["histograms"]:
+        return []
+    return [
+        {"iteration": event.step, "norms": list(event.histogram_value.bucket)}
+        for event in events.Histograms("gradient norm/by layer")
+    ]
+
+
 def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str, Any]:
     """Every measurement of one run, as plain numbers."""
     state, iteration = weights(run)
@@ -64,6 +78,7 @@ def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str
         "gradients": {
             "initial": probes.gradient_norms(initial, train, device),
             "trained": probes.gradient_norms(trained, train, device),
+            "logged": logged_gradients(run.run_dir),  # one step's batch each, while it trained
         },
         "lesion": probes.lesion_study(trained, test, device, budget.draws, run.seed),
         "landscape": {"alpha": alphas, "loss": probes.loss_slice(trained, train, device, alphas, run.seed)},
@@ -128,7 +143,12 @@ def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
         for when, marker in (("initial", "."), ("trained", "")):
             norms = r["gradients"][when]
             axes.plot(range(1, len(norms) + 1), norms, marker=marker, **{**kind, "label": f"{label(r)}, {when}"})
-    axes.set(xlabel="3x3 layer (input side first)", ylabel="gradient norm", yscale="log", title="Gradient flow")
+        logged = r["gradients"]["logged"]
+        for point in logged[:: max(1, len(logged) // 4)]:  # a few of the points logged, thin
+            norms = point["norms"]
+            axes.plot(range(1, len(norms) + 1), norms, linewidth=0.5, alpha=0.5, color=kind["color"])
+    axes.set(xlabel="3x3 layer (input side first)", ylabel="gradient norm", yscale="log")
+    axes.set_title("Gradient flow (thin: points logged in training, grad_norms_every)")
     axes.legend(fontsize=6)
     save(figure, "gradients")
 

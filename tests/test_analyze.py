@@ -12,6 +12,7 @@ from helpers import CLOSE, SHRINK, batches, resexp, scalars
 from torch.nn import functional as F
 
 from resexp import probes
+from resexp.analyze import logged_gradients
 from resexp.evaluate import evaluate
 from resexp.models import build_model
 from resexp.models.resnet import BasicBlock
@@ -135,6 +136,8 @@ def test_analyze_writes_every_figure_and_table_from_short_runs(tmp_path):
         ("resnet8-A", 7, 3),
     ]
     assert "| resnet8-A |" in (out / "analysis.md").read_text()
+    # SHRINK's 4 iterations, logged at the default grad_norms_every (100) at none of them
+    assert all(run["gradients"]["logged"] == [] for run in written)
 
 
 def test_analyze_refuses_a_budget_below_one_in_one_line(tmp_path):
@@ -163,3 +166,5 @@ def test_training_writes_the_gradient_norms_of_each_stage_and_a_histogram_over_d
     assert curves["gradient norm/stem"][-1][1] == pytest.approx(norms[0], rel=1e-6)
     assert curves["gradient norm/stage1"][-1][1] == pytest.approx((norms[1] ** 2 + norms[2] ** 2) ** 0.5, rel=1e-6)
     assert curves["gradient norm/first over last"][-1][1] == pytest.approx(norms[0] / norms[-1], rel=1e-6)
+    assert [point["iteration"] for point in logged_gradients(run_dir)] == [2, 4]
+    assert logged_gradients(run_dir)[-1]["norms"] == norms
