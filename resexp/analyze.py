@@ -17,7 +17,8 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headl
 
 from resexp import probes
 from resexp.evaluate import SavedRun, built, weights
-from resexp.files import atomic_write, atomic_write_text
+from resexp.files import atomic_write_text
+from resexp.plots import save_figure
 
 POOLING = "std per channel over images and positions, averaged over channels; eval mode, test images"
 
@@ -117,9 +118,7 @@ def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
 
     def save(figure: Figure, stem: str) -> None:
         figure.tight_layout()
-        for suffix in (".png", ".svg"):
-            atomic_write(out / f"{stem}{suffix}", lambda file, s=suffix: figure.savefig(file, format=s[1:], dpi=120))
-        drawn.append(out / f"{stem}.png")
+        drawn.append(save_figure(figure, out / f"{stem}.png", dpi=120))
 
     def style(index: int, r: dict[str, Any]) -> dict[str, Any]:
         return {"color": f"C{index % 10}", "linestyle": "-" if r["residual"] else "--", "label": label(r)}

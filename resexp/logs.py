@@ -21,7 +21,6 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from resexp import distributed
-from resexp.distributed import World
 from resexp.models import NetSpec
 
 log = logging.getLogger("resexp")
@@ -129,7 +128,7 @@ def console_handler() -> logging.Handler:
 
 
 @contextmanager
-def named_lines(label: str, world: World) -> Iterator[None]:
+def named_lines(label: str, world: distributed.World) -> Iterator[None]:
     """A run's log lines inside: each begins with `label` (a sweep's run, whose lines may interleave with
     its sweep's other runs under joblib or submitit) and, on a rank other than 0, with the rank, which
     logs its warnings to the console alone: rank 0 logs the run (resexp/distributed.py)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headless machines
 
+from resexp.files import atomic_write
 from resexp.paper import DATA_NAMES, recipe_differences
 from resexp.runs import Run
 
@@ -107,8 +108,12 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
         ):  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise
             ax.set_ylim(0, 20 if max(finals) < 19 else min(100, highest * 1.05 + 1))
         figure.suptitle(title(data, members))
-        path = out / f"{stem}{'' if data in FIGURES else '_' + data}.png"
-        figure.savefig(path, dpi=150)
-        figure.savefig(path.with_suffix(".svg"))
-        written.append(path)
+        written.append(save_figure(figure, out / f"{stem}{'' if data in FIGURES else '_' + data}.png"))
     return written
+
+
+def save_figure(figure: Figure, path: Path, dpi: int = 150) -> Path:
+    """`figure` as the PNG `path` and an SVG beside it, each replaced whole (a kill leaves the old one)."""
+    for target in (path, path.with_suffix(".svg")):
+        atomic_write(target, lambda file, kind=target.suffix[1:]: figure.savefig(file, format=kind, dpi=dpi))
+    return path

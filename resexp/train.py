@@ -200,24 +200,21 @@ def train(
         state.wall_seconds = wall_before + time.perf_counter() - started
         summed = distributed.all_sum(totals.clone())  # every rank's sums since the last log point
         if world.main:  # rank 0 writes the checkpoint of every rank: their weights are the same
-            write(summed)
+            checkpoint.save(
+                path,
+                {
+                    "identity": identity,
+                    # clones: a grouped run's tensors are views into its group's (resexp/group.py), and
+                    # torch.save would write the whole group's storage for each run
+                    "model": {name: tensor.clone() for name, tensor in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "data": data.train.state_dict(),
+                    "rng": rng_states(),
+                    "progress": vars(state),
+                    "totals": summed.cpu(),
+                },
+            )
         saved_at = state.iteration
-
-    def write(summed: torch.Tensor) -> None:
-        checkpoint.save(
-            path,
-            {
-                "identity": identity,
-                # clones: a grouped run's tensors are views into its group's (resexp/group.py), and
-                # torch.save would write the whole group's storage for each run
-                "model": {name: tensor.clone() for name, tensor in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "data": data.train.state_dict(),
-                "rng": rng_states(),
-                "progress": vars(state),
-                "totals": summed.cpu(),
-            },
-        )
 
     def check_finite(weights: bool) -> None:
         """Stop on a non-finite loss (on_nonfinite=stop) and, with `weights`, on non-finite weights."""
