@@ -1,7 +1,7 @@
 """`resexp analyze RUN_DIR...`: why residual learning works, measured on the user's own runs (finished
 or interrupted: each run's latest checkpoint), plain against residual. For every run: its layer
 responses (paper Fig. 7), its gradient norms by layer at initialisation and now, a lesion study, and a
-1-D slice of its training loss (resexp/probes.py says how each is measured). Writes analysis.json,
+1-D slice of its training loss (and, with --plane, a 2-D surface) (resexp/probes.py says how each is measured). Writes analysis.json,
 analysis.md and one figure per measurement (PNG, with an SVG beside each)."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Budget:
     train_batches: int  # training batches (the run's own stream, augmented) for gradients and the loss slice
     draws: int  # random lesion draws per number of deleted blocks
     points: int  # points of the loss slice, from -1 to 1 times the direction
+    plane: int = 0  # points per side of the 2-D loss surface over two directions, -1 to 1 each (0: none)
 
 
 def held_out(data, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -68,7 +69,6 @@ def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str
     data = run.data(batch_size=run.batch_size, seed=run.seed, device=device)
     test = held_out(data, budget.images)
     train = [next(data.train) for _ in range(budget.train_batches)]
-    alphas = [-1 + 2 * i / (budget.points - 1) for i in range(budget.points)] if budget.points > 1 else [0.0]
     return {
         "run": str(run.run_dir),
         "net": run.net.name,
@@ -82,8 +82,28 @@ def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str
             "logged": logged_gradients(run.run_dir),  # one step's batch each, while it trained
         },
         "lesion": probes.lesion_study(trained, test, device, budget.draws, run.seed),
-        "landscape": {"alpha": alphas, "loss": probes.loss_slice(trained, train, device, alphas, run.seed)},
+        "landscape": landscape(trained, train, device, budget, run.seed),
     }
+
+
+def span(points: int) -> list[float]:
+    """`points` steps from -1 to 1, evenly spaced (0 alone for one point)."""
+    return [-1 + 2 * i / (points - 1) for i in range(points)] if points > 1 else [0.0]
+
+
+def landscape(model, train, device: torch.device, budget: Budget, seed: int) -> dict[str, Any]:
+    """The loss along the first direction, and where `budget.plane` asks, over the plane of the first two
+    (rows: the second direction's steps), the same seed's directions in both."""
+    alphas = span(budget.points)
+    found = {"alpha": alphas, "loss": probes.loss_surface(model, train, device, [(a,) for a in alphas], seed)}
+    if budget.plane:
+        grid = span(budget.plane)
+        flat = probes.loss_surface(model, train, device, [(a, b) for b in grid for a in grid], seed)
+        found["plane"] = {
+            "step": grid,
+            "loss": [flat[row * len(grid) : (row + 1) * len(grid)] for row in range(len(grid))],
+        }
+    return found
 
 
 def ratio(norms: list[float]) -> float:
@@ -108,7 +128,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def label(r: dict[str, Any]) -> str:
-    return f"{r['net']} ({Path(r['run']).name})"
+    """The net, and the run's directory where it says more (a sweep's resnet56-A_seed3)."""
+    name = Path(r["run"]).name
+    return r["net"] if name == r["net"] else f"{r['net']} ({name})"
 
 
 def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -171,6 +193,22 @@ def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
     axes.set_title("Loss landscape, 1-D (Li et al. 2018)")
     axes.legend(fontsize=7)
     save(figure, "landscape")
+
+    planes = [r for r in results if "plane" in r["landscape"]]
+    if planes:
+        figure = Figure(figsize=(3.6 * len(planes) + 1, 3.6), layout="constrained")  # room for the colour bar
+        logs = [math.log10(max(loss, 1e-12)) for r in planes for row in r["landscape"]["plane"]["loss"] for loss in row]
+        levels = [min(logs) + (max(logs) - min(logs)) * i / 20 for i in range(21)] if max(logs) > min(logs) else 20
+        for axes, r in zip(figure.subplots(1, len(planes), squeeze=False)[0], planes):
+            plane = r["landscape"]["plane"]
+            loss = [[math.log10(max(value, 1e-12)) for value in row] for row in plane["loss"]]
+            filled = axes.contourf(plane["step"], plane["step"], loss, levels=levels, cmap="viridis")
+            axes.contour(plane["step"], plane["step"], loss, levels=levels, colors="white", linewidths=0.3)
+            axes.plot([0], [0], "r+")  # the trained weights
+            axes.set(title=label(r), xlabel="direction 1", ylabel="direction 2", aspect="equal")
+        figure.colorbar(filled, ax=figure.axes, label="log10 training loss (one scale for all)")
+        figure.suptitle("Loss landscape, 2-D (Li et al. 2018)", fontsize=9)
+        drawn.append(save_figure(figure, out / "landscape-2d.png", dpi=120))
     return drawn
 
 

@@ -31,7 +31,7 @@ COMMANDS = {
     "report": "the runs under some directories as the paper's tables and figures (`resexp report --help`)",
     "eval": "the test error of trained runs from their checkpoints, single view and 10-crop (`resexp eval --help`)",
     "export": "a trained run's weights alone, and torchvision's keys where the net is torchvision's (`resexp export --help`)",
-    "analyze": "why residual learning works, on trained runs: layer responses, gradients, lesions, loss slices (`resexp analyze --help`)",
+    "analyze": "why residual learning works, on trained runs: layer responses, gradients, lesions, loss landscapes (`resexp analyze --help`)",
 }
 USAGE = (
     "usage: resexp {"
@@ -218,13 +218,18 @@ def analyze(rest: list[str]) -> None:
     )
     parser.add_argument("--draws", type=int, default=5, help="random draws per number of deleted blocks (5)")
     parser.add_argument("--points", type=int, default=21, help="points of the 1-D loss slice (21)")
+    parser.add_argument(
+        "--plane", type=int, default=0, help="points per side of a 2-D loss surface, N*N losses (0: none; 11 takes 121)"
+    )
     out = None
     try:
         args, saved = trained_runs(parser, rest)
         for name in ("images", "train_batches", "draws", "points"):
             if getattr(args, name) < 1:
                 raise ResexpError(f"--{name.replace('_', '-')}={getattr(args, name)} must be 1 or more")
-        budget = analyze.Budget(args.images, args.train_batches, args.draws, args.points)
+        if args.plane < 0 or args.plane == 1:
+            raise ResexpError(f"--plane={args.plane} must be 0 (no surface) or 2 or more")
+        budget = analyze.Budget(args.images, args.train_batches, args.draws, args.points, args.plane)
         out = args.out or args.dirs[0]
         results = analyze.analyze(saved, out, config.pick_device(args.device), budget)
     except ResexpError as error:

@@ -8,7 +8,8 @@ a model and batches:
   propagated gradients exhibit healthy norms with BN");
 - lesions (Veit et al. 2016): a block deleted, its residual branch gone and its shortcut kept; in a
   plain net, a block whose input and output have one shape, replaced by the identity;
-- the loss along a filter-normalised random direction around the weights (Li et al. 2018).
+- the loss along one filter-normalised random direction around the weights, or over the plane of two
+  (Li et al. 2018).
 """
 
 from __future__ import annotations
@@ -179,24 +180,29 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator) ->
 
 
 @torch.no_grad()
-def loss_slice(
+def loss_surface(
     model: nn.Module,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    alphas: Sequence[float],
+    points: Sequence[Sequence[float]],
     seed: int,
 ) -> list[float]:
-    """The mean training loss over `batches` at weights + alpha * d for each alpha, d a filter-normalised
-    random direction; the model in eval mode (BN's running statistics: one net at every point) and its
-    weights as they were afterwards."""
-    direction = filter_normalized_direction(model, torch.Generator().manual_seed(seed))
+    """The mean training loss over `batches` at weights + sum_i c_i * d_i for each point c, the d_i
+    filter-normalised random directions, as many as a point has coordinates, drawn in turn from one
+    generator of `seed` (so a 1-D slice runs along the first direction of the 2-D surface of the same
+    seed); the model in eval mode (BN's running statistics: one net at every point) and its weights as
+    they were afterwards."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = [filter_normalized_direction(model, generator) for _ in range(max(map(len, points), default=0))]
     params = list(model.parameters())
     start = [param.detach().clone() for param in params]
     losses = []
     try:
-        for alpha in alphas:
-            for param, origin, d in zip(params, start, direction):
-                param.copy_(origin + alpha * d)
+        for point in points:
+            for index, (param, origin) in enumerate(zip(params, start)):
+                param.copy_(origin)
+                for c, direction in zip(point, directions):
+                    param.add_(direction[index], alpha=c)
             losses.append(evaluate(model, batches, device)["loss"])
     finally:
         for param, origin in zip(params, start):

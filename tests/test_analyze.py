@@ -101,10 +101,20 @@ def test_the_loss_slice_at_zero_is_the_trained_loss_and_the_weights_are_left_as_
     model = net(8, True)
     data = list(zip(*batches(2, 3)))
     before = copy.deepcopy(model.state_dict())
-    losses = probes.loss_slice(model, data, CPU, [-0.5, 0.0, 0.5], seed=1)
+    losses = probes.loss_surface(model, data, CPU, [(-0.5,), (0.0,), (0.5,)], seed=1)
     assert losses[1] == evaluate(model, data, CPU)["loss"]
     assert losses[0] != losses[1] != losses[2]
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_the_loss_surface_runs_along_the_slices_direction_first_and_moves_off_it_second():
+    model = net(8, True)
+    data = list(zip(*batches(2, 3)))
+    line = probes.loss_surface(model, data, CPU, [(-0.5,), (0.0,), (0.5,)], seed=1)
+    plane = probes.loss_surface(model, data, CPU, [(a, b) for b in (0.0, 0.5) for a in (-0.5, 0.0, 0.5)], seed=1)
+    assert plane[:3] == line  # the second direction at zero: the slice itself
+    assert plane[4] != line[1]  # (0, 0.5): off the slice
+    assert probes.loss_surface(model, data, CPU, [(0.0, 0.0)], seed=1) == [line[1]]
 
 
 def test_the_gradient_norms_are_those_of_each_3x3_layers_weights():
@@ -125,16 +135,33 @@ def test_analyze_writes_every_figure_and_table_from_short_runs(tmp_path):
         )
         assert result.returncode == 0, result.stderr
     out = tmp_path / "analysis"
-    args = ["--images", "32", "--train-batches", "1", "--draws", "1", "--points", "3", "--out", str(out)]
+    args = [
+        "--images",
+        "32",
+        "--train-batches",
+        "1",
+        "--draws",
+        "1",
+        "--points",
+        "3",
+        "--plane",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = resexp("analyze", str(tmp_path / "plain20"), str(tmp_path / "resnet20"), *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for stem in ("responses", "gradients", "lesions", "landscape"):
+    for stem in ("responses", "gradients", "lesions", "landscape", "landscape-2d"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.svg").stat().st_size > 0
     written = json.loads((out / "analysis.json").read_text())["runs"]
     assert [(run["net"], len(run["responses"]), len(run["lesion"]["single"])) for run in written] == [
         ("plain8", 7, 3),
         ("resnet8-A", 7, 3),
     ]
+    assert [run["landscape"]["plane"]["step"] for run in written] == [[-1.0, 1.0]] * 2
+    assert all(
+        len(run["landscape"]["plane"]["loss"]) == 2 == len(run["landscape"]["plane"]["loss"][1]) for run in written
+    )
     assert "| resnet8-A |" in (out / "analysis.md").read_text()
     # SHRINK's 4 iterations, logged at the default grad_norms_every (100) at none of them
     assert all(run["gradients"]["logged"] == [] for run in written)
@@ -145,6 +172,8 @@ def test_analyze_refuses_a_budget_below_one_in_one_line(tmp_path):
     assert result.returncode == 0, result.stderr
     result = resexp("analyze", str(tmp_path / "run"), "--draws", "0", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().endswith("--draws=0 must be 1 or more")
+    result = resexp("analyze", str(tmp_path / "run"), "--plane", "1", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().endswith("--plane=1 must be 0 (no surface) or 2 or more")
 
 
 def test_training_writes_the_gradient_norms_of_each_stage_and_a_histogram_over_depth(tmp_path):
