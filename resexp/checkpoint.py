@@ -111,13 +111,16 @@ NOT_IDENTITY = frozenset(
 )
 
 
-# Settings of a run's identity that older checkpoints did not record, with the value they all had.
-ADDED = {"sync_bn": False, "processes": 1}
+# Settings of a run's identity that older checkpoints did not record, with the value they all had
+# (before 0.4.0 every bottleneck strode in its 3x3 conv).
+ADDED = {"sync_bn": False, "processes": 1, "model.bottleneck_stride": "3x3"}
 
 
 def identity(values: dict[str, Any]) -> dict[str, Any]:
-    """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY."""
-    return {key: value for key, value in values.items() if key not in NOT_IDENTITY}
+    """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY, and less the bottleneck's
+    stride in a net of basic blocks, where it changes nothing."""
+    unused = set() if values.get("model.block") == "bottleneck" else {"model.bottleneck_stride"}
+    return {key: value for key, value in values.items() if key not in NOT_IDENTITY | unused}
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

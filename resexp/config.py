@@ -13,6 +13,7 @@ run's net and data again from its directory, for `resexp eval` and `resexp expor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import math
 import os
@@ -142,7 +143,9 @@ def net_spec(cfg: DictConfig) -> NetSpec:
     """The net the config names, with its shortcut option as a name (B -> projection)."""
     model = cfg.model
     shortcut = canonical_shortcut(cfg.shortcut)
-    return NetSpec(model.depth, model.residual, model.block, model.stem, shortcut, cfg.data.num_classes)
+    return NetSpec(
+        model.depth, model.residual, model.block, model.stem, shortcut, cfg.data.num_classes, model.bottleneck_stride
+    )
 
 
 def schedule(cfg: DictConfig) -> Schedule:
@@ -298,8 +301,10 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
                 f"{overrides_path} names _target_={target!r}; resexp builds only {', '.join(sorted(TARGETS))}"
             )
     check_values(flat(cfg))
-    net = net_spec(cfg)
     recorded = checkpoint.load(checkpoint_path, layout=READ)["identity"]
+    # the stride its bottlenecks were trained with (its conf/ may predate the key, or give another default)
+    stride = {**checkpoint.ADDED, **recorded}["model.bottleneck_stride"]
+    net = dataclasses.replace(net_spec(cfg), bottleneck_stride=stride)
     now = {
         "model.depth": net.depth,
         "model.residual": net.residual,

@@ -1,9 +1,11 @@
 """The config's own functions (OmegaConf resolvers in conf/): run names, and milestones that scale
 with the run. Registered before any config is composed or a saved one is read back.
 
-    ${resexp.net:RESIDUAL,DEPTH,SHORTCUT}                    a lone run's directory: resnet56-A, plain56
-    ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,RESIDUAL,DEPTH,SHORTCUT,OLD_NAME}   a sweep run's: the net and
-                                                              what the sweep varies besides (resnet56-A_seed3)
+    ${resexp.net:RESIDUAL,DEPTH,SHORTCUT,BLOCK,STRIDE}       a lone run's directory: resnet56-A, plain56,
+                                                              resnet50-B-v1.5 (STRIDE: model.bottleneck_stride)
+    ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,RESIDUAL,DEPTH,SHORTCUT,BLOCK,STRIDE,OLD_NAME}   a sweep run's:
+                                                              the net and what the sweep varies besides
+                                                              (resnet56-A_seed3)
     ${resexp.at:ITERATIONS,FRACTION,...}                     milestones at these fractions of the run
     ${resexp.now:FORMAT}                                      Hydra's ${now:}, but under several processes
                                                               rank 0's start time on every rank, so that
@@ -24,8 +26,9 @@ from resexp.errors import ResexpError
 from resexp.models.resnet import canonical_shortcut, net_name
 from resexp.runs import CHECKPOINT, METRICS, swept_keys
 
-# The keys a net's name already says (its depth, plain or residual; the shortcut, for a residual net).
-NAMED_BY_NET = {"model", "model.depth", "model.residual"}
+# The keys a net's name already says (its depth, plain or residual, its bottleneck's stride; the
+# shortcut, for a residual net).
+NAMED_BY_NET = {"model", "model.depth", "model.residual", "model.bottleneck_stride"}
 SHORTCUT_KEYS = {"shortcut", "model.shortcut"}
 
 
@@ -42,17 +45,24 @@ def now(pattern: str) -> str:
     return (distributed.STARTED or datetime.datetime.now()).strftime(pattern)
 
 
-def run_name(residual: bool, depth: int, shortcut: str) -> str:
-    """The net's name (resnet56-A, plain56). A shortcut that is no option is named as typed: the config
-    check refuses it, and the directory is taken back."""
+def run_name(residual: bool, depth: int, shortcut: str, block: str = "basic", bottleneck_stride: str = "1x1") -> str:
+    """The net's name (resnet56-A, plain56, resnet50-B-v1.5). A shortcut that is no option is named as
+    typed: the config check refuses it, and the directory is taken back."""
     try:
-        return net_name(residual, depth, canonical_shortcut(shortcut))
+        return net_name(residual, depth, canonical_shortcut(shortcut), block, bottleneck_stride)
     except ResexpError:
         return f"resnet{depth}-{shortcut}"
 
 
 def sweep_run_name(
-    sweep_dir: str, overrides: Sequence[str], residual: bool, depth: int, shortcut: str, old_name: str = ""
+    sweep_dir: str,
+    overrides: Sequence[str],
+    residual: bool,
+    depth: int,
+    shortcut: str,
+    block: str = "basic",
+    bottleneck_stride: str = "1x1",
+    old_name: str = "",
 ) -> str:
     """A sweep run's directory: the net's name, then `_<key><value>` for each other key the sweep varies
     (`resnet56-A_seed3`, `plain20_lr0.01`), so that TensorBoard's run list shows each name whole and
@@ -71,7 +81,7 @@ def sweep_run_name(
     said = NAMED_BY_NET | (SHORTCUT_KEYS if residual else set())
     rest = [key for key in varies if key not in said]
     leaves = [key.rsplit(".", 1)[-1] for key in rest]
-    parts = [run_name(residual, depth, shortcut)]
+    parts = [run_name(residual, depth, shortcut, block, bottleneck_stride)]
     for key, leaf in zip(rest, leaves):
         name = leaf if leaves.count(leaf) == 1 else key  # lr, unless two varied keys end in lr
         value = re.sub(r"[^A-Za-z0-9.+-]", "", given[key].replace(",", "-")) or "none"

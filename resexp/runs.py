@@ -154,7 +154,16 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 # What a report reads of an unfinished run's saved config.
-READ_BACK = ("model.depth", "model.residual", "shortcut", "seed", "schedule.iterations", "schedule.batch_size")
+READ_BACK = (
+    "model.depth",
+    "model.residual",
+    "model.block",
+    "model.bottleneck_stride",
+    "shortcut",
+    "seed",
+    "schedule.iterations",
+    "schedule.batch_size",
+)
 
 
 def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -182,7 +191,10 @@ def read_run(run_dir: Path) -> Run:
         shortcut = canonical_shortcut(config.get("shortcut")) if residual else None
     except ResexpError:  # a config resexp did not write: the run is named without it
         shortcut = None
-    net = net_name(residual, depth, shortcut) if depth is not None and (shortcut or not residual) else "?"
+    # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
+    block, stride = config.get("model.block") or "basic", config.get("model.bottleneck_stride") or "3x3"
+    named = depth is not None and (shortcut or not residual)
+    net = net_name(residual, depth, shortcut, block, stride) if named else "?"
     run = Run(
         run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
     )

@@ -22,6 +22,7 @@ class ModelSchema:  # conf/model/
     block: str = MISSING
     stem: str = MISSING
     shortcut: str = MISSING
+    bottleneck_stride: str = "1x1"  # where a downsampling bottleneck strides: 1x1 (the paper's, Table 1) or 3x3 (torchvision's v1.5); no effect on basic blocks
 
 
 @dataclass

@@ -99,30 +99,59 @@ def saved_imagenet_run(run_dir, spec: NetSpec, overrides: list[str]):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     identity = {"model.depth": spec.depth, "model.residual": spec.residual, "model.block": spec.block,
-                "model.stem": spec.stem, "shortcut": spec.shortcut, "data.num_classes": spec.num_classes}  # fmt: skip
+                "model.bottleneck_stride": spec.bottleneck_stride, "model.stem": spec.stem,
+                "shortcut": spec.shortcut, "data.num_classes": spec.num_classes}  # fmt: skip
     checkpoint.save(
         run_dir / runs.CHECKPOINT, {"identity": identity, "model": model.state_dict(), "progress": {"iteration": 7}}
     )
     return model
 
 
-@pytest.mark.parametrize(("model", "block"), [("resnet18", "basic"), ("resnet50", "bottleneck")])
-def test_export_loads_into_torchvision_and_computes_the_same(tmp_path, model, block):
+@pytest.mark.parametrize(
+    ("model", "block", "name"), [("resnet18", "basic", "resnet18-B"), ("resnet50", "bottleneck", "resnet50-B-v1.5")]
+)
+def test_export_loads_into_torchvision_and_computes_the_same(tmp_path, model, block, name):
     torchvision = pytest.importorskip("torchvision")
-    spec = NetSpec(int(model[6:]), True, block, "imagenet", "projection", 1000)
-    ours = saved_imagenet_run(tmp_path / "run", spec, [f"model={model}", "shortcut=B"])
+    spec = NetSpec(int(model[6:]), True, block, "imagenet", "projection", 1000, "3x3")  # torchvision's v1.5
+    ours = saved_imagenet_run(tmp_path / "run", spec, [f"model={model}", "shortcut=B", "model.bottleneck_stride=3x3"])
     result = resexp("export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"{model}-B-torchvision.pt", f"{model}-B.pt"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"{name}-torchvision.pt", f"{name}.pt"]
     theirs = getattr(torchvision.models, model)()
-    theirs.load_state_dict(torch.load(tmp_path / "out" / f"{model}-B-torchvision.pt", weights_only=True))  # strict
-    weights = torch.load(tmp_path / "out" / f"{model}-B.pt", weights_only=True)
+    theirs.load_state_dict(torch.load(tmp_path / "out" / f"{name}-torchvision.pt", weights_only=True))  # strict
+    weights = torch.load(tmp_path / "out" / f"{name}.pt", weights_only=True)
     again = NetSpec(**weights["spec"]).build()
     again.load_state_dict(weights["state_dict"])
-    assert weights["net"] == f"{model}-B" and weights["iteration"] == 7
+    assert weights["net"] == name and weights["iteration"] == 7
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     outputs = [net.double().eval()(x) for net in (ours, theirs, again)]
     assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-10) and torch.equal(outputs[0], outputs[2])
+
+
+def test_a_bottleneck_run_of_an_older_resexp_is_read_as_the_v1_5_block_it_trained(tmp_path):
+    """Before 0.4.0 every bottleneck strode in its 3x3 and its checkpoint recorded no bottleneck_stride;
+    the paper's block is now the default, and must not take those weights (they fit it, shape for shape)."""
+    spec = NetSpec(50, True, "bottleneck", "imagenet", "projection", 1000, "3x3")
+    ours = saved_imagenet_run(tmp_path / "run", spec, ["model=resnet50"])
+    saved = torch.load(tmp_path / "run" / runs.CHECKPOINT, weights_only=True)
+    del saved["identity"]["model.bottleneck_stride"]
+    checkpoint.save(tmp_path / "run" / runs.CHECKPOINT, saved)
+    result = resexp("export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    weights = torch.load(tmp_path / "out" / "resnet50-B-v1.5.pt", weights_only=True)
+    assert weights["spec"]["bottleneck_stride"] == "3x3"
+    again = NetSpec(**weights["spec"]).build()
+    again.load_state_dict(weights["state_dict"])
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert torch.equal(ours.double().eval()(x), again.double().eval()(x))
+
+
+def test_the_papers_bottleneck_exports_its_weights_only_as_torchvision_has_no_such_net(tmp_path):
+    spec = NetSpec(50, True, "bottleneck", "imagenet", "projection", 1000)
+    saved_imagenet_run(tmp_path / "run", spec, ["model=resnet50"])
+    result = resexp("export", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "run" / "resnet50-B.pt")]
 
 
 def test_nets_torchvision_does_not_build_export_their_weights_only(tmp_path):

@@ -3,6 +3,7 @@ checkpoints and metrics, non-finite weights, and the settings that may change on
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -367,3 +368,12 @@ def test_a_checkpoint_that_recorded_cadence_in_its_identity_still_resumes():
     checkpoint.check_same_run(Path("checkpoint.pt"), saved, {"seed": 0, "optim.lr": 0.1})
     with pytest.raises(ResexpError, match="optim.lr: 0.1 there, 0.2 now"):
         checkpoint.check_same_run(Path("checkpoint.pt"), saved, {"seed": 0, "optim.lr": 0.2})
+
+
+def test_an_older_checkpoint_without_the_bottlenecks_stride_resumes_as_the_3x3_block_it_trained():
+    cifar = {"model.block": "basic", "seed": 0}  # basic blocks: the stride changes nothing, any value resumes
+    checkpoint.check_same_run(Path("checkpoint.pt"), cifar, {**cifar, "model.bottleneck_stride": "1x1"})
+    imagenet = {"model.block": "bottleneck", "seed": 0}
+    checkpoint.check_same_run(Path("checkpoint.pt"), imagenet, {**imagenet, "model.bottleneck_stride": "3x3"})
+    with pytest.raises(ResexpError, match=re.escape("model.bottleneck_stride: '3x3' there, '1x1' now")):
+        checkpoint.check_same_run(Path("checkpoint.pt"), imagenet, {**imagenet, "model.bottleneck_stride": "1x1"})

@@ -16,9 +16,9 @@ def cifar(depth, residual=True, shortcut="identity"):
     return build_model(depth, residual, "basic", "cifar", shortcut, 10)
 
 
-def imagenet(depth, residual=True, shortcut="projection"):
+def imagenet(depth, residual=True, shortcut="projection", bottleneck_stride="1x1"):
     block = "basic" if depth in (18, 34) else "bottleneck"
-    return build_model(depth, residual, block, "imagenet", shortcut, 1000)
+    return build_model(depth, residual, block, "imagenet", shortcut, 1000, bottleneck_stride)
 
 
 def projections(model):
@@ -57,6 +57,37 @@ def test_option_b_imagenet_nets_equal_torchvision(depth, expected):
         ours = count_parameters(imagenet(depth))
         assert ours == expected
         assert ours == count_parameters(getattr(torchvision.models, f"resnet{depth}")(weights=None))
+
+
+# Table 1's FLOPs row, which counts multiply-adds: 1.8, 3.6, 3.8, 7.6, 11.3 x 10^9 at 224x224.
+TABLE_1_MULTIPLY_ADDS = {18: 1.8e9, 34: 3.6e9, 50: 3.8e9, 101: 7.6e9, 152: 11.3e9}
+
+
+def multiply_adds(model, size=224):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:  # shapes only: no arithmetic done
+        model(torch.empty(1, 3, size, size))
+    return counter.get_total_flops() / 2  # the counter's FLOPs are two per multiply-add
+
+
+@pytest.mark.parametrize("depth", TABLE_1_MULTIPLY_ADDS)
+def test_the_imagenet_nets_cost_table_1s_multiply_adds_within_2_percent(depth):
+    with torch.device("meta"):
+        model = imagenet(depth)
+    assert multiply_adds(model) == pytest.approx(TABLE_1_MULTIPLY_ADDS[depth], rel=0.02)
+
+
+@pytest.mark.parametrize("depth", [50, 101, 152])
+def test_torchvisions_v1_5_bottleneck_strides_in_its_3x3_and_costs_more_than_the_papers(depth):
+    with torch.device("meta"):
+        paper, v1_5 = imagenet(depth), imagenet(depth, bottleneck_stride="3x3")
+        theirs = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    first = [stage[0] for stage in paper.stages[1:]]  # the downsampling blocks
+    assert [(b.conv1.stride, b.conv2.stride) for b in first] == [((2, 2), (1, 1))] * 3
+    assert [(b.conv1.stride, b.conv2.stride) for b in (stage[0] for stage in v1_5.stages[1:])] == [((1, 1), (2, 2))] * 3
+    assert count_parameters(paper) == count_parameters(v1_5)  # one set of weights, strided elsewhere
+    assert multiply_adds(v1_5) == multiply_adds(theirs) > multiply_adds(paper) + 0.2e9  # 0.23 G more
 
 
 def test_option_a_adds_no_parameters_and_has_no_projections():
@@ -140,6 +171,9 @@ def test_net_names():
     assert net_name(True, 56, "identity") == "resnet56-A"
     assert net_name(True, 34, "projection") == "resnet34-B"
     assert net_name(False, 56, None) == "plain56"
+    assert net_name(True, 50, "projection", "bottleneck", "3x3") == "resnet50-B-v1.5"  # torchvision's block
+    assert net_name(True, 50, "projection", "bottleneck", "1x1") == "resnet50-B"  # the paper's: Table 3's name
+    assert net_name(True, 34, "projection", "basic", "3x3") == "resnet34-B"  # no bottleneck to stride
 
 
 @pytest.mark.parametrize(
@@ -155,6 +189,10 @@ def test_net_names():
             "model.depth=26 is not an ImageNet depth; choose one of 18, 34, 50, 101, 152",
         ),
         ((50, True, "basic", "imagenet", "A", 10), "model.depth=50 uses bottleneck blocks"),
+        (
+            (50, True, "bottleneck", "imagenet", "B", 10, "2x2"),
+            "model.bottleneck_stride='2x2' is not an option; choose 1x1 (the paper's, Table 1) or 3x3 (torchvision's v1.5)",
+        ),
         (
             (20, True, "basic", "cifar", "X", 10),
             "shortcut='X' is not an option; choose identity (A), projection (B) or full (C)",

@@ -72,8 +72,8 @@ def test_a_presets_sweep_and_a_missing_record_still_give_distinct_names(tmp_path
     # A sweep that an older resexp named by every override keeps its runs' directories, so it resumes.
     (tmp_path / "shortcut=B").mkdir()
     (tmp_path / "shortcut=B" / "checkpoint.pt").write_bytes(b"")
-    assert sweep_run_name(str(tmp_path), ["shortcut=B"], True, 20, "B", "shortcut=B") == "shortcut=B"
-    assert sweep_run_name(str(tmp_path), ["shortcut=A"], True, 20, "A", "shortcut=A") == "resnet20-A"
+    assert sweep_run_name(str(tmp_path), ["shortcut=B"], True, 20, "B", old_name="shortcut=B") == "shortcut=B"
+    assert sweep_run_name(str(tmp_path), ["shortcut=A"], True, 20, "A", old_name="shortcut=A") == "resnet20-A"
 
 
 def test_a_directory_two_runs_would_share_is_refused(tmp_path):

@@ -21,6 +21,10 @@ from resexp.errors import ResexpError
 # The shortcut options of §3.3 / Table 3, by name and by the paper's letter.
 SHORTCUTS = {"identity": "A", "projection": "B", "full": "C"}
 BLOCKS = ("basic", "bottleneck")
+# Where a downsampling bottleneck block strides: in its first 1x1 conv, as the paper's ResNet-50/101/152
+# do (Table 1's 3.8/7.6/11.3 G multiply-adds), or in its 3x3 conv, torchvision's "ResNet v1.5", whose
+# weights and published accuracies are of that block (4.1/7.8/11.5 G).
+BOTTLENECK_STRIDES = {"1x1": "the paper's, Table 1", "3x3": "torchvision's v1.5"}
 STEMS = ("cifar", "imagenet")
 
 # Table 1: blocks per stage of the ImageNet nets, and the block each depth uses.
@@ -43,10 +47,13 @@ def canonical_shortcut(option: str) -> str:
     return name
 
 
-def net_name(residual: bool, depth: int, shortcut: str | None) -> str:
+def net_name(
+    residual: bool, depth: int, shortcut: str | None, block: str = "basic", bottleneck_stride: str = "1x1"
+) -> str:
     """How runs are named in logs, directories and reports: `plain56`, `resnet56-A` (shortcut: a
-    canonical_shortcut name; a plain net has none)."""
-    return f"resnet{depth}-{SHORTCUTS[shortcut]}" if residual else f"plain{depth}"
+    canonical_shortcut name; a plain net has none), `resnet50-B-v1.5` for torchvision's bottleneck."""
+    name = f"resnet{depth}-{SHORTCUTS[shortcut]}" if residual else f"plain{depth}"
+    return name + ("-v1.5" if block == "bottleneck" and bottleneck_stride == "3x3" else "")
 
 
 def stage_layers(stem: str, block: str, depth: int) -> list[int]:
@@ -136,14 +143,17 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 restore to 4x the width (Fig. 5 right); the 3x3 strides, as in torchvision."""
+    """1x1 reduce, 3x3, 1x1 restore to 4x the width (Fig. 5 right). A downsampling block strides in its
+    first 1x1 (the paper's) or in its 3x3 (torchvision's v1.5): BOTTLENECK_STRIDES."""
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, stride_at: str = "1x1"
+    ) -> None:
         super().__init__()
-        self.conv1, self.bn1 = conv_bn(in_channels, planes, 1)
-        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride)
+        self.conv1, self.bn1 = conv_bn(in_channels, planes, 1, stride if stride_at == "1x1" else 1)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride if stride_at == "3x3" else 1)
         self.conv3, self.bn3 = conv_bn(planes, planes * self.expansion, 1)
         self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
 
@@ -168,10 +178,12 @@ class ResNet(nn.Module):
         residual: bool = True,
         shortcut: str = "identity",
         num_classes: int = 10,
+        bottleneck_stride: str = "1x1",
     ) -> None:
         super().__init__()
         widths = STEM_WIDTHS[stem]
         block_class = BasicBlock if block == "basic" else Bottleneck
+        options = {} if block == "basic" else {"stride_at": bottleneck_stride}
         if stem == "cifar":
             self.stem = nn.Sequential(*conv_bn(3, widths[0], 3), nn.ReLU(inplace=True))
         else:
@@ -183,7 +195,7 @@ class ResNet(nn.Module):
             blocks = []
             for position in range(count):
                 stride = 2 if index > 0 and position == 0 else 1
-                blocks.append(block_class(channels, planes, stride, residual, shortcut))
+                blocks.append(block_class(channels, planes, stride, residual, shortcut, **options))
                 channels = planes * block_class.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -214,24 +226,32 @@ class NetSpec:
     stem: str  # cifar or imagenet
     shortcut: str  # identity, projection or full (canonical_shortcut); no effect on a plain net
     num_classes: int
+    bottleneck_stride: str = "1x1"  # BOTTLENECK_STRIDES; no effect on basic blocks
 
     def __post_init__(self) -> None:
         stage_layers(self.stem, self.block, self.depth)
         if self.shortcut not in SHORTCUTS:  # letters are canonical_shortcut's to translate, before this
             raise ResexpError(f"shortcut={self.shortcut!r} is not an option; choose {', '.join(SHORTCUTS)}")
+        if self.bottleneck_stride not in BOTTLENECK_STRIDES:
+            choices = " or ".join(f"{name} ({what})" for name, what in BOTTLENECK_STRIDES.items())
+            raise ResexpError(f"model.bottleneck_stride={self.bottleneck_stride!r} is not an option; choose {choices}")
 
     @property
     def name(self) -> str:
-        return net_name(self.residual, self.depth, self.shortcut)
+        return net_name(self.residual, self.depth, self.shortcut, self.block, self.bottleneck_stride)
 
     def build(self) -> ResNet:
         layers = stage_layers(self.stem, self.block, self.depth)
-        return ResNet(layers, self.block, self.stem, self.residual, self.shortcut, self.num_classes)
+        return ResNet(
+            layers, self.block, self.stem, self.residual, self.shortcut, self.num_classes, self.bottleneck_stride
+        )
 
 
-def build_model(depth: int, residual: bool, block: str, stem: str, shortcut: str, num_classes: int) -> ResNet:
+def build_model(
+    depth: int, residual: bool, block: str, stem: str, shortcut: str, num_classes: int, bottleneck_stride: str = "1x1"
+) -> ResNet:
     """The net these values name (the shortcut also by the paper's letter), checked against the paper's choices."""
-    return NetSpec(depth, residual, block, stem, canonical_shortcut(shortcut), num_classes).build()
+    return NetSpec(depth, residual, block, stem, canonical_shortcut(shortcut), num_classes, bottleneck_stride).build()
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -241,9 +261,12 @@ def count_parameters(model: nn.Module) -> int:
 def torchvision_keys(spec: NetSpec) -> Callable[[str], str] | None:
     """How this net's state-dict keys read in torchvision's ResNet, where it computes torchvision's
     function: an ImageNet ResNet with option B (projections only where dimensions change; torchvision's
-    `downsample`), whose bottleneck strides in its 3x3 conv as torchvision's does. None for any other
-    net (plain, option A or C, CIFAR). stem.0/1 -> conv1/bn1, stages.i -> layer{i+1}, shortcut -> downsample."""
+    `downsample`), with basic blocks or torchvision's v1.5 bottleneck (bottleneck_stride=3x3). None for
+    any other net (plain, option A or C, CIFAR, the paper's bottleneck). stem.0/1 -> conv1/bn1,
+    stages.i -> layer{i+1}, shortcut -> downsample."""
     if not (spec.residual and spec.stem == "imagenet" and spec.shortcut == "projection"):
+        return None
+    if spec.block == "bottleneck" and spec.bottleneck_stride != "3x3":
         return None
 
     def rename(key: str) -> str:
