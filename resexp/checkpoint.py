@@ -112,8 +112,8 @@ NOT_IDENTITY = frozenset(
 
 
 # Settings of a run's identity that older checkpoints did not record, with the value they all had
-# (before 0.4.0 every bottleneck strode in its 3x3 conv).
-ADDED = {"sync_bn": False, "processes": 1, "model.bottleneck_stride": "3x3"}
+# (before 0.4.0 every bottleneck strode in its 3x3 conv, and every unit was the paper's).
+ADDED = {"sync_bn": False, "processes": 1, "model.bottleneck_stride": "3x3", "model.preactivation": False}
 
 
 def identity(values: dict[str, Any]) -> dict[str, Any]:

@@ -144,7 +144,14 @@ def net_spec(cfg: DictConfig) -> NetSpec:
     model = cfg.model
     shortcut = canonical_shortcut(cfg.shortcut)
     return NetSpec(
-        model.depth, model.residual, model.block, model.stem, shortcut, cfg.data.num_classes, model.bottleneck_stride
+        model.depth,
+        model.residual,
+        model.block,
+        model.stem,
+        shortcut,
+        cfg.data.num_classes,
+        model.bottleneck_stride,
+        model.preactivation,
     )
 
 
@@ -310,10 +317,11 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
         "model.residual": net.residual,
         "model.block": net.block,
         "model.stem": net.stem,
+        "model.preactivation": net.preactivation,
         "shortcut": net.shortcut,
         "data.num_classes": net.num_classes,
     }
-    if found := checkpoint.differences({key: recorded.get(key) for key in now}, now):
+    if found := checkpoint.differences({key: {**checkpoint.ADDED, **recorded}.get(key) for key in now}, now):
         raise ResexpError(
             f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(found)})"
         )

@@ -29,6 +29,13 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
     ("cifar10", "resnet110-A"): PaperResult(6.43, "Table 6 (best of 5 runs)", mean=6.61, std=0.16),
     ("cifar10", "resnet1202-A"): PaperResult(7.93, "Table 6"),
     **{("cifar10", f"plain{depth}"): PaperResult(None, FIG6_ONLY) for depth in (20, 32, 44, 56, 110)},
+    # He et al. 2016, "Identity Mappings in Deep Residual Networks" (arXiv:1603.05027): pre-activation
+    # units against the 2015 ones, with the same CIFAR-10 recipe (model=resnet110-preact, ...).
+    ("cifar10", "resnet110-A-preact"): PaperResult(6.37, "He et al. 2016, Table 3"),
+    ("cifar10", "resnet164-B-preact"): PaperResult(5.46, "He et al. 2016, Table 3"),
+    ("cifar10", "resnet1001-B-preact"): PaperResult(4.92, "He et al. 2016, Table 3"),
+    ("cifar10", "resnet164-B"): PaperResult(5.93, "He et al. 2016, Table 3 (2015 units)"),
+    ("cifar10", "resnet1001-B"): PaperResult(7.61, "He et al. 2016, Table 3 (2015 units)"),
     ("imagenet", "plain18"): PaperResult(27.94, "Table 2"),
     ("imagenet", "plain34"): PaperResult(28.54, "Table 2"),
     ("imagenet", "resnet18-A"): PaperResult(27.88, "Table 2"),

@@ -24,15 +24,18 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resexp.evaluate import evaluate
-from resexp.models.resnet import BasicBlock, Bottleneck
+from resexp.models.resnet import BasicBlock, Bottleneck, PreActBasicBlock
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def response_layers(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    """Each 3x3 convolution and the BN right after it, in forward order (the stem's on CIFAR; in a
-    block, each 3x3 one): the layers of Fig. 7. Shortcut projections (1x1) and ImageNet's 7x7 stem are
-    no 3x3 layer."""
+def response_layers(model: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
+    """Each 3x3 convolution and the module whose output is its response, in forward order (the stem's
+    on CIFAR; in a block, each 3x3 one): the layers of Fig. 7. In the paper's units that is the BN right
+    after the conv; a pre-activation unit (He et al. 2016) has none, and its 3x3 conv's own output is
+    what it adds or hands on. Shortcut projections (1x1) and ImageNet's 7x7 stem are no 3x3 layer."""
+    if any(isinstance(module, PreActBasicBlock) for module in model.modules()):
+        return [(m, m) for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     layers, conv = [], None
     for module in model.modules():  # registration order: conv1, bn1, conv2, bn2, then the shortcut
         if isinstance(module, nn.Conv2d):
@@ -46,10 +49,11 @@ def response_layers(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
 
 @torch.inference_mode()
 def layer_responses(model: nn.Module, batches: Batches, device: torch.device) -> list[float]:
-    """The std of each 3x3 layer's BN output over `batches`, per channel then averaged over channels,
-    accumulated in float64; the model in eval mode (BN's running statistics), as at test time."""
-    layers = [bn for _, bn in response_layers(model)]
-    sums = [torch.zeros(3, bn.num_features, dtype=torch.float64, device=device) for bn in layers]
+    """The std of each 3x3 layer's response (response_layers) over `batches`, per channel then averaged
+    over channels, accumulated in float64; the model in eval mode (BN's running statistics), as at test
+    time."""
+    layers = [probe for _, probe in response_layers(model)]
+    sums = [torch.zeros(3, conv.out_channels, dtype=torch.float64, device=device) for conv, _ in response_layers(model)]
 
     def keep(index: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor], out: torch.Tensor) -> None:
@@ -60,7 +64,7 @@ def layer_responses(model: nn.Module, batches: Batches, device: torch.device) ->
 
         return hook
 
-    handles = [bn.register_forward_hook(keep(index)) for index, bn in enumerate(layers)]
+    handles = [probe.register_forward_hook(keep(index)) for index, probe in enumerate(layers)]
     was_training = model.training
     model.eval()
     try:
@@ -90,7 +94,7 @@ def gradient_norms(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     return norms
 
 
-def stage_names(model: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[str]:
+def stage_names(model: nn.Module, layers: list[tuple[nn.Conv2d, nn.Module]]) -> list[str]:
     """The part of the net each layer is in: stem, stage1, stage2, ... (the paper's conv1, conv2_x, ...)."""
     where = {module: "stem" for module in model.stem.modules()}
     for index, stage in enumerate(model.stages):
@@ -98,7 +102,7 @@ def stage_names(model: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d]]
     return [where[conv] for conv, _ in layers]
 
 
-def step_gradient_norms(layers: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> torch.Tensor | None:
+def step_gradient_norms(layers: list[tuple[nn.Conv2d, nn.Module]]) -> torch.Tensor | None:
     """The norms of the gradients that the last training step left in each layer's weights, on the
     device (a CUDA graph's replay leaves them in its own buffers, which stay the weights' .grad); None
     where the step left none (a skipped step, or weights that another module differentiates)."""
@@ -109,7 +113,7 @@ def step_gradient_norms(layers: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> torch
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if isinstance(module, (BasicBlock, Bottleneck))]
+    return [module for module in model.modules() if isinstance(module, (BasicBlock, Bottleneck, PreActBasicBlock))]
 
 
 def deletable(block: nn.Module) -> bool:
@@ -123,13 +127,14 @@ def deletable(block: nn.Module) -> bool:
 
 @contextmanager
 def lesioned(model: nn.Module, indices: Iterable[int]) -> Iterator[None]:
-    """The model with the blocks at `indices` (of `blocks`) deleted: a residual block computes
-    relu(shortcut(x)), what it computes with its residual branch at zero; a plain block passes x on."""
+    """The model with the blocks at `indices` (of `blocks`) deleted: a residual block computes what it
+    computes with its residual branch at zero (its `skip`: relu(shortcut(x)) in the paper's units, the
+    shortcut alone in a pre-activation unit); a plain block passes x on."""
     chosen = [blocks(model)[index] for index in indices]
     for block in chosen:
         if not deletable(block):
             raise ValueError(f"block {block} cannot be deleted: its output is not of its input's shape")
-        block.forward = (lambda x, b=block: F.relu(b.shortcut(x))) if block.shortcut is not None else (lambda x: x)
+        block.forward = block.skip if block.shortcut is not None else (lambda x: x)
     try:
         yield
     finally:

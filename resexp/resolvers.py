@@ -1,11 +1,10 @@
 """The config's own functions (OmegaConf resolvers in conf/): run names, and milestones that scale
 with the run. Registered before any config is composed or a saved one is read back.
 
-    ${resexp.net:RESIDUAL,DEPTH,SHORTCUT,BLOCK,STRIDE}       a lone run's directory: resnet56-A, plain56,
-                                                              resnet50-B-v1.5 (STRIDE: model.bottleneck_stride)
-    ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,RESIDUAL,DEPTH,SHORTCUT,BLOCK,STRIDE,OLD_NAME}   a sweep run's:
-                                                              the net and what the sweep varies besides
-                                                              (resnet56-A_seed3)
+    ${resexp.net:MODEL,SHORTCUT}                             a lone run's directory: resnet56-A, plain56,
+                                                              resnet50-B-v1.5 (MODEL: the model node)
+    ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,MODEL,SHORTCUT,OLD_NAME}   a sweep run's: the net and what
+                                                              the sweep varies besides (resnet56-A_seed3)
     ${resexp.at:ITERATIONS,FRACTION,...}                     milestones at these fractions of the run
     ${resexp.now:FORMAT}                                      Hydra's ${now:}, but under several processes
                                                               rank 0's start time on every rank, so that
@@ -16,8 +15,9 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -26,9 +26,9 @@ from resexp.errors import ResexpError
 from resexp.models.resnet import canonical_shortcut, net_name
 from resexp.runs import CHECKPOINT, METRICS, swept_keys
 
-# The keys a net's name already says (its depth, plain or residual, its bottleneck's stride; the
-# shortcut, for a residual net).
-NAMED_BY_NET = {"model", "model.depth", "model.residual", "model.bottleneck_stride"}
+# The keys a net's name already says (its depth, plain or residual, its bottleneck's stride, its units;
+# the shortcut, for a residual net).
+NAMED_BY_NET = {"model", "model.depth", "model.residual", "model.bottleneck_stride", "model.preactivation"}
 SHORTCUT_KEYS = {"shortcut", "model.shortcut"}
 
 
@@ -45,24 +45,26 @@ def now(pattern: str) -> str:
     return (distributed.STARTED or datetime.datetime.now()).strftime(pattern)
 
 
-def run_name(residual: bool, depth: int, shortcut: str, block: str = "basic", bottleneck_stride: str = "1x1") -> str:
-    """The net's name (resnet56-A, plain56, resnet50-B-v1.5). A shortcut that is no option is named as
-    typed: the config check refuses it, and the directory is taken back."""
+def run_name(model: Mapping[str, Any], shortcut: str) -> str:
+    """The name of the net `model` (the config's model node) makes: resnet56-A, plain56, resnet50-B-v1.5.
+    A shortcut that is no option is named as typed: the config check refuses it, and the directory is
+    taken back."""
+    depth = model["depth"]
     try:
-        return net_name(residual, depth, canonical_shortcut(shortcut), block, bottleneck_stride)
+        return net_name(
+            model["residual"],
+            depth,
+            canonical_shortcut(shortcut),
+            model.get("block", "basic"),
+            model.get("bottleneck_stride", "1x1"),
+            model.get("preactivation", False),
+        )
     except ResexpError:
         return f"resnet{depth}-{shortcut}"
 
 
 def sweep_run_name(
-    sweep_dir: str,
-    overrides: Sequence[str],
-    residual: bool,
-    depth: int,
-    shortcut: str,
-    block: str = "basic",
-    bottleneck_stride: str = "1x1",
-    old_name: str = "",
+    sweep_dir: str, overrides: Sequence[str], model: Mapping[str, Any], shortcut: str, old_name: str = ""
 ) -> str:
     """A sweep run's directory: the net's name, then `_<key><value>` for each other key the sweep varies
     (`resnet56-A_seed3`, `plain20_lr0.01`), so that TensorBoard's run list shows each name whole and
@@ -78,10 +80,10 @@ def sweep_run_name(
         given[key.lstrip("+~")] = value
     varies = swept_keys(Path(sweep_dir))
     varies = [key for key in (varies if varies is not None else given) if key in given]
-    said = NAMED_BY_NET | (SHORTCUT_KEYS if residual else set())
+    said = NAMED_BY_NET | (SHORTCUT_KEYS if model["residual"] else set())
     rest = [key for key in varies if key not in said]
     leaves = [key.rsplit(".", 1)[-1] for key in rest]
-    parts = [run_name(residual, depth, shortcut, block, bottleneck_stride)]
+    parts = [run_name(model, shortcut)]
     for key, leaf in zip(rest, leaves):
         name = leaf if leaves.count(leaf) == 1 else key  # lr, unless two varied keys end in lr
         value = re.sub(r"[^A-Za-z0-9.+-]", "", given[key].replace(",", "-")) or "none"

@@ -159,6 +159,7 @@ READ_BACK = (
     "model.residual",
     "model.block",
     "model.bottleneck_stride",
+    "model.preactivation",
     "shortcut",
     "seed",
     "schedule.iterations",
@@ -194,7 +195,7 @@ def read_run(run_dir: Path) -> Run:
     # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
     block, stride = config.get("model.block") or "basic", config.get("model.bottleneck_stride") or "3x3"
     named = depth is not None and (shortcut or not residual)
-    net = net_name(residual, depth, shortcut, block, stride) if named else "?"
+    net = net_name(residual, depth, shortcut, block, stride, bool(config.get("model.preactivation"))) if named else "?"
     run = Run(
         run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
     )

@@ -23,6 +23,9 @@ class ModelSchema:  # conf/model/
     stem: str = MISSING
     shortcut: str = MISSING
     bottleneck_stride: str = "1x1"  # where a downsampling bottleneck strides: 1x1 (the paper's, Table 1) or 3x3 (torchvision's v1.5); no effect on basic blocks
+    preactivation: bool = (
+        False  # true: He et al. 2016's pre-activation units (BN and ReLU before each conv, nothing after the addition)
+    )
 
 
 @dataclass

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -248,12 +249,14 @@ def fake_run(
     batch_size: int | None = None,
     finished: bool = True,
     points: int = 32,
+    model_keys: dict[str, Any] | None = None,
 ) -> Path:
     """A run directory as resexp writes it (Hydra's config, TensorBoard curves, metrics.json through
     resexp.runs) with made-up numbers: curves that fall from 90% towards the final errors, with the
     paper's drops at 50% and 75%. `batch_size`: the paper's for the data unless given."""
     (run_dir / runs.HYDRA).mkdir(parents=True)
     model = {"depth": depth, "residual": residual, "block": "basic", "stem": "cifar", "shortcut": "identity"}
+    model.update(model_keys or {})  # e.g. block, bottleneck_stride, preactivation
     saved = {"model": model, "shortcut": shortcut, "seed": seed, "schedule": {"iterations": iterations}}
     (run_dir / runs.HYDRA / "config.yaml").write_text(yaml.safe_dump(saved))
     choices = {"hydra": {"runtime": {"choices": {"data": data}}}}
@@ -274,7 +277,8 @@ def fake_run(
         if final_top5 is not None:  # ImageNet runs log the top-5 error too
             final["error_top5/test"] = final_top5
         metrics = runs.Metrics(
-            net=net_name(residual, depth, shortcut), model=None, data=data, depth=depth, residual=residual,
+            net=net_name(residual, depth, shortcut, model["block"], model.get("bottleneck_stride", "3x3"),
+                         model.get("preactivation", False)), model=None, data=data, depth=depth, residual=residual,
             shortcut=shortcut if residual else None, params=1000 * depth, iterations=iterations,
             batch_size=batch_size or (256 if data == "imagenet" else 128),
             lr=0.1, seed=seed, precision="fp32", images_per_s=1.0, device="cpu", torch="-", python="-",

@@ -20,30 +20,36 @@ from resexp.models.resnet import BasicBlock
 CPU = torch.device("cpu")
 
 
-def net(depth: int, residual: bool, block: str = "basic", stem: str = "cifar") -> torch.nn.Module:
+def net(depth: int, residual: bool, block: str = "basic", stem: str = "cifar", preact: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     shortcut = "identity" if block == "basic" else "projection"
-    return build_model(depth, residual, block, stem, shortcut, 10).double()
+    return build_model(depth, residual, block, stem, shortcut, 10, preactivation=preact).double()
 
 
-# 3x3 layers: CIFAR's 6n+2 nets have all but the classifier (the stem and two per block); ImageNet's
-# basic nets two per block (their stem is 7x7), the bottleneck ones one per block.
+# 3x3 layers: CIFAR's 6n+2 nets have all but the classifier (the stem and two per block), its 9n+2
+# bottleneck nets the stem and one per block; ImageNet's basic nets two per block (their stem is 7x7),
+# the bottleneck ones one per block.
 @pytest.mark.parametrize(
     ("depth", "block", "stem", "layers"),
     [
         (20, "basic", "cifar", 19),
         (56, "basic", "cifar", 55),
+        (164, "bottleneck", "cifar", 55),
         (18, "basic", "imagenet", 16),
         (34, "basic", "imagenet", 32),
         (50, "bottleneck", "imagenet", 16),
     ],
 )
 @pytest.mark.parametrize("residual", [False, True])
-def test_one_response_per_3x3_layer_of_each_preset(depth, block, stem, layers, residual):
-    model = net(depth, residual, block, stem)
+@pytest.mark.parametrize("preact", [False, True])
+def test_one_response_per_3x3_layer_of_each_preset(depth, block, stem, layers, residual, preact):
+    model = net(depth, residual, block, stem, preact)
     found = probes.response_layers(model)
-    assert len(found) == layers
-    assert all(conv.kernel_size == (3, 3) and bn.num_features == conv.out_channels for conv, bn in found)
+    assert len(found) == layers and all(conv.kernel_size == (3, 3) for conv, _ in found)
+    if preact:  # no BN after a conv: the response is the conv's own output
+        assert all(probe is conv for conv, probe in found)
+    else:  # the BN right after the conv
+        assert all(isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == conv.out_channels for conv, bn in found)
 
 
 def by_hand(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -87,6 +93,19 @@ def test_deleting_a_block_is_the_net_with_that_blocks_residual_branch_zeroed():
             torch.testing.assert_close(model(x), zeroed(x), **CLOSE)
     with torch.no_grad():
         assert not torch.allclose(model(x), zeroed(x)), "the lesion is undone on leaving"
+
+
+@pytest.mark.parametrize(("depth", "block", "indices"), [(20, "basic", (0, 3, 6)), (20, "bottleneck", (0, 1, 2, 4))])
+def test_deleting_a_pre_activation_block_is_the_net_with_that_blocks_last_conv_zeroed(depth, block, indices):
+    model = net(depth, True, block, preact=True)  # basic: option A; bottleneck: B, every stage's first block projects
+    (x,), _ = batches(1, 2)
+    model.eval()
+    for index in indices:
+        zeroed = copy.deepcopy(model)
+        deleted = probes.blocks(zeroed)[index]
+        torch.nn.init.zeros_((deleted.conv3 if block == "bottleneck" else deleted.conv2).weight)  # the branch's end
+        with torch.no_grad(), probes.lesioned(model, [index]):
+            torch.testing.assert_close(model(x), zeroed(x), **CLOSE)
 
 
 def test_a_plain_net_can_lose_only_blocks_whose_input_and_output_have_one_shape():

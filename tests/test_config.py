@@ -18,11 +18,13 @@ def make_model(cfg):
 
 IMAGENET = {"plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
 TABLE3 = {"resnet34-B", "resnet34-C"}  # ResNet-34 with the other shortcut options
+PREACT = {"resnet110-preact", "resnet164-preact", "resnet1001-preact"}  # He et al. 2016, Table 3 ...
+BOTTLENECK_CIFAR = {"resnet164", "resnet1001"}  # ... and its 2015-unit bottleneck nets
 
 
 def test_the_presets_are_the_papers_nets():
     cifar = {f"{kind}{depth}" for kind in ("plain", "resnet") for depth in (20, 32, 44, 56, 110)} | {"resnet1202"}
-    assert set(MODELS) == cifar | IMAGENET | TABLE3
+    assert set(MODELS) == cifar | IMAGENET | TABLE3 | PREACT | BOTTLENECK_CIFAR
     assert set(DATASETS) >= {"cifar10", "imagenet", "synthetic"}
 
 
@@ -51,10 +53,12 @@ def test_every_model_composes_with_every_dataset(model, data):
 def test_default_shortcut_follows_the_paper(model):
     cfg = compose_config(f"model={model}")
     bottleneck = cfg.model.block == "bottleneck"
-    # Table 2 / §4.2: option A for the CIFAR nets and ImageNet 18/34; Table 3 / §4.1: B for 50/101/152.
+    # Table 2 / §4.2: option A for the CIFAR nets and ImageNet 18/34; Table 3 / §4.1: B for 50/101/152
+    # and for the bottlenecks of He et al. 2016's 164 and 1001.
     expected = {"resnet34-B": "projection", "resnet34-C": "full"}.get(model, "projection" if bottleneck else "identity")
     assert cfg.shortcut == expected
-    assert bottleneck == (cfg.model.depth in (50, 101, 152))
+    assert bottleneck == (cfg.model.depth in (50, 101, 152, 164, 1001))
+    assert cfg.model.preactivation == (model in PREACT)
 
 
 def test_root_shortcut_overrides_the_models_default():

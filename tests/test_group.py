@@ -27,6 +27,8 @@ from resexp.step import set_lr
         ({"residual": [False, True, False]}, 3),  # Fig. 6's twins: plain copies beside a residual one
         ({"residual": [True, False, True], "depth": 18, "stem": "imagenet"}, 1),  # Table 2's, as ResNet-50 below
         ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1),
+        ({"residual": [False, True, False], "preactivation": True}, 3),  # He et al. 2016's units, gated
+        ({"depth": 11, "block": "bottleneck", "shortcut": "projection", "preactivation": True}, 3),
     ],
     ids=[
         "option-A",
@@ -35,6 +37,8 @@ from resexp.step import set_lr
         "plain-beside-residual",
         "plain-beside-residual-imagenet",
         "bottleneck-imagenet-stem",
+        "preact-plain-beside-residual",
+        "preact-bottleneck-cifar",
     ],
 )
 def test_each_copy_of_a_group_trains_as_its_run_alone(net, steps):

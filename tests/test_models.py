@@ -179,9 +179,12 @@ def test_net_names():
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((21, True, "basic", "cifar", "A", 10), "model.depth=21 is not a CIFAR depth; it must be 6n+2"),
-        ((2, True, "basic", "cifar", "A", 10), "model.depth=2 is not a CIFAR depth"),
-        ((20, True, "bottleneck", "cifar", "A", 10), "model.block=bottleneck is not a CIFAR net"),
+        ((21, True, "basic", "cifar", "A", 10), "model.depth=21 is not a CIFAR depth of basic blocks; it must be 6n+2"),
+        ((2, True, "basic", "cifar", "A", 10), "model.depth=2 is not a CIFAR depth of basic blocks"),
+        (
+            (21, True, "bottleneck", "cifar", "A", 10),
+            "model.depth=21 is not a CIFAR depth of bottleneck blocks; it must be 9n+2",
+        ),
         ((20, True, "wide", "cifar", "A", 10), "model.block='wide' is not an option; choose one of basic, bottleneck"),
         ((20, True, "basic", "tiny", "A", 10), "model.stem='tiny' is not an option; choose one of cifar, imagenet"),
         (
@@ -202,3 +205,47 @@ def test_net_names():
 def test_bad_model_values_name_the_value_and_the_choices(args, message):
     with pytest.raises(ResexpError, match=re.escape(message)):
         build_model(*args)
+
+
+# He et al. 2016, Table 3: pre-activation ResNet-164 1.7M parameters, ResNet-1001 10.2M. Given to two or
+# three digits: resexp's counts are 1,704,154 and 10,328,602 (BN's scales and shifts included; the
+# convolutions' and the classifier's weights alone are 1,679,024 and 10,178,480).
+@pytest.mark.parametrize(("depth", "reported"), [(164, 1.7e6), (1001, 10.2e6)])
+def test_pre_activation_bottleneck_nets_have_the_reported_parameter_counts(depth, reported):
+    with torch.device("meta"):
+        residual = build_model(depth, True, "bottleneck", "cifar", "B", 10, preactivation=True)
+        plain = build_model(depth, False, "bottleneck", "cifar", "B", 10, preactivation=True)
+    assert count_parameters(residual) == pytest.approx(reported, rel=0.015)
+    projections = sum(c_in * c_out + 2 * c_out for c_in, c_out in [(16, 64), (64, 128), (128, 256)])
+    assert count_parameters(residual) - count_parameters(plain) == projections  # the twins differ in shortcuts alone
+
+
+def test_a_pre_activation_nets_identity_path_carries_the_stems_output_through_unchanged():
+    torch.manual_seed(0)
+    model = build_model(20, True, "basic", "cifar", "A", 10, preactivation=True).double().eval()
+    original = build_model(20, True, "basic", "cifar", "A", 10).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for net, last in ((model, "conv2"), (original, "bn2")):
+        for block in net.stages[0]:
+            nn.init.zeros_(getattr(block, last).weight)  # every residual branch of the first stage outputs zero
+    with torch.no_grad():
+        stem = model.stem(x)
+        assert stem.min() < 0  # no ReLU after the stem: its BN and ReLU begin the first block
+        assert torch.equal(model.stages[0](stem), stem)  # nothing after an addition: x + 0 = x, negatives too
+        stem = original.stem(x)
+        assert torch.equal(original.stages[0](stem), stem)  # relu(x + 0) = x, the stem's output is a ReLU's
+    names = [
+        net_name(True, 164, "projection", "bottleneck", "1x1", True),
+        net_name(False, 110, None, preactivation=True),
+    ]
+    assert names == ["resnet164-B-preact", "plain110-preact"]
+
+
+def test_a_pre_activation_net_ends_with_bn_and_relu_before_the_pooling():
+    torch.manual_seed(0)
+    model = build_model(20, True, "basic", "cifar", "A", 10, preactivation=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.stages(model.stem(x))
+        expected = model.fc(torch.relu(model.final[0](features)).mean((2, 3)))
+        assert torch.equal(model(x), expected)

@@ -146,6 +146,8 @@ def paper_rows(data: str, table: int) -> set[str]:
     return {net for (dataset, net), result in RESULTS.items() if dataset == data and cites.match(result.source)}
 
 
+# He et al. 2016's Table 3: each net with the 2015 units and with pre-activation.
+HE_2016 = {net for (_, net), result in RESULTS.items() if result.source.startswith("He et al. 2016")}
 # Fig. 6 (left and middle): plain and residual 20, 32, 44 and 56 layers, and ResNet-110 (its right panel,
 # ResNet-1202, is Table 6's).
 FIG6 = {f"plain{depth}" for depth in (20, 32, 44, 56)} | {f"resnet{depth}-A" for depth in (20, 32, 44, 56, 110)}
@@ -158,6 +160,7 @@ FIG6 = {f"plain{depth}" for depth in (20, 32, 44, 56)} | {f"resnet{depth}-A" for
         ("cifar10_table6", paper_rows("cifar10", 6), "cifar10", 64_000),
         ("imagenet_table2", paper_rows("imagenet", 2), "imagenet", 600_000),
         ("imagenet_table3", paper_rows("imagenet", 3), "imagenet", 600_000),
+        ("cifar10_preact", HE_2016 | {"resnet110-A"}, "cifar10", 64_000),  # 110's 2015 units: Table 6's
     ],
 )
 def test_experiment_presets_sweep_the_papers_nets(experiment, nets, data, iterations):
@@ -215,3 +218,19 @@ def test_figure_titles_say_what_the_runs_are(tmp_path):
     assert title("cifar10", [read_run(paper)]) == "CIFAR-10 (paper Fig. 6)"
     assert title("cifar10", [read_run(short)]) == "CIFAR-10, like paper Fig. 6 but 2,000 iterations (paper 64,000)"
     assert title("synthetic", [read_run(random)]) == "random images (data=synthetic)"
+
+
+def test_pre_activation_runs_are_compared_with_he_et_al_2016_and_their_2015_twins_too(tmp_path):
+    bottleneck = {"block": "bottleneck", "bottleneck_stride": "1x1"}
+    for name, keys, test in (
+        ("pre", {**bottleneck, "preactivation": True}, 5.5),
+        ("orig", {**bottleneck, "preactivation": False}, 6.0),
+        ("old", {"block": "bottleneck"}, 6.1),  # before 0.4.0: no stride, no units recorded
+    ):
+        fake_run(tmp_path / name, depth=164, residual=True, shortcut="projection", final_train=1.0,
+                 final_test=test, model_keys=keys)  # fmt: skip
+    rows = rows_by_net(report([tmp_path]))
+    assert sorted(rows) == ["resnet164-B", "resnet164-B-preact", "resnet164-B-v1.5"]
+    assert rows["resnet164-B-preact"].paper.error == 5.46 and "2016" in rows["resnet164-B-preact"].paper.source
+    assert rows["resnet164-B"].difference == pytest.approx(6.0 - 5.93)
+    assert rows["resnet164-B-v1.5"].paper is None  # torchvision's block: no paper trained it

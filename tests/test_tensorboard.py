@@ -61,19 +61,27 @@ def test_a_presets_sweep_and_a_missing_record_still_give_distinct_names(tmp_path
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n  overrides:\n    task: []\n  sweeper:\n    params:\n      model: a,b\n"
     )
-    args = (["model=plain56", "data=synthetic"], False, 56, "identity")
+    args = (["model=plain56", "data=synthetic"], {"residual": False, "depth": 56}, "identity")
     assert sweep_run_name(str(tmp_path), *args) == "plain56"  # the preset's sweep: the net says it all
     # Without the sweep's record every override of the run names it.
     assert sweep_run_name(str(tmp_path / "none"), *args) == "plain56_data-synthetic"
     # A plain net has no shortcut, so a swept shortcut must be named.
     (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides:\n    task: ['shortcut=A,B']\n")
-    assert sweep_run_name(str(tmp_path), ["shortcut=B"], False, 20, "B") == "plain20_shortcut-B"
-    assert sweep_run_name(str(tmp_path), ["shortcut=B"], True, 20, "B") == "resnet20-B"  # a ResNet's name says it
+    assert sweep_run_name(str(tmp_path), ["shortcut=B"], {"residual": False, "depth": 20}, "B") == "plain20_shortcut-B"
+    assert (
+        sweep_run_name(str(tmp_path), ["shortcut=B"], {"residual": True, "depth": 20}, "B") == "resnet20-B"
+    )  # a ResNet's name says it
     # A sweep that an older resexp named by every override keeps its runs' directories, so it resumes.
     (tmp_path / "shortcut=B").mkdir()
     (tmp_path / "shortcut=B" / "checkpoint.pt").write_bytes(b"")
-    assert sweep_run_name(str(tmp_path), ["shortcut=B"], True, 20, "B", old_name="shortcut=B") == "shortcut=B"
-    assert sweep_run_name(str(tmp_path), ["shortcut=A"], True, 20, "A", old_name="shortcut=A") == "resnet20-A"
+    assert (
+        sweep_run_name(str(tmp_path), ["shortcut=B"], {"residual": True, "depth": 20}, "B", old_name="shortcut=B")
+        == "shortcut=B"
+    )
+    assert (
+        sweep_run_name(str(tmp_path), ["shortcut=A"], {"residual": True, "depth": 20}, "A", old_name="shortcut=A")
+        == "resnet20-A"
+    )
 
 
 def test_a_directory_two_runs_would_share_is_refused(tmp_path):

@@ -13,10 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from resexp.errors import ResexpError
+from resexp.models.blocks import (
+    BasicBlock,
+    Bottleneck,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ZeroPadShortcut,
+    conv,
+    conv_bn,
+)
+
+__all__ = ["BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "ZeroPadShortcut"]  # for group, probes
 
 # The shortcut options of §3.3 / Table 3, by name and by the paper's letter.
 SHORTCUTS = {"identity": "A", "projection": "B", "full": "C"}
@@ -48,12 +58,19 @@ def canonical_shortcut(option: str) -> str:
 
 
 def net_name(
-    residual: bool, depth: int, shortcut: str | None, block: str = "basic", bottleneck_stride: str = "1x1"
+    residual: bool,
+    depth: int,
+    shortcut: str | None,
+    block: str = "basic",
+    bottleneck_stride: str = "1x1",
+    preactivation: bool = False,
 ) -> str:
     """How runs are named in logs, directories and reports: `plain56`, `resnet56-A` (shortcut: a
-    canonical_shortcut name; a plain net has none), `resnet50-B-v1.5` for torchvision's bottleneck."""
+    canonical_shortcut name; a plain net has none), `resnet50-B-v1.5` for torchvision's bottleneck,
+    `resnet164-B-preact` for He et al. 2016's units."""
     name = f"resnet{depth}-{SHORTCUTS[shortcut]}" if residual else f"plain{depth}"
-    return name + ("-v1.5" if block == "bottleneck" and bottleneck_stride == "3x3" else "")
+    name += "-v1.5" if block == "bottleneck" and bottleneck_stride == "3x3" else ""
+    return name + ("-preact" if preactivation else "")
 
 
 def stage_layers(stem: str, block: str, depth: int) -> list[int]:
@@ -63,15 +80,16 @@ def stage_layers(stem: str, block: str, depth: int) -> list[int]:
     if block not in BLOCKS:
         raise ResexpError(f"model.block={block!r} is not an option; choose one of {', '.join(BLOCKS)}")
     if stem == "cifar":
-        # §4.2: 6n layers of 3x3 convs in three stages plus the stem conv and the fc layer.
-        if block != "basic":
-            raise ResexpError("model.block=bottleneck is not a CIFAR net of the paper; use block=basic")
-        if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        # §4.2: 6n layers of 3x3 convs in three stages plus the stem conv and the fc layer; with
+        # bottlenecks, 9n (He et al. 2016: ResNet-164 and -1001).
+        per_block = {"basic": 2, "bottleneck": 3}[block]
+        if not isinstance(depth, int) or depth < 3 * per_block + 2 or (depth - 2) % (3 * per_block):
+            form, examples = {"basic": ("6n+2", "8, 14, 20, 26, ...: the paper's are 20, 32, 44, 56, 110, 1202"),
+                              "bottleneck": ("9n+2", "11, 20, 29, ...: He et al. 2016's are 164 and 1001")}[block]  # fmt: skip
             raise ResexpError(
-                f"model.depth={depth!r} is not a CIFAR depth; it must be 6n+2 (8, 14, 20, 26, ...): "
-                "the paper's are 20, 32, 44, 56, 110, 1202"
+                f"model.depth={depth!r} is not a CIFAR depth of {block} blocks; it must be {form} ({examples})"
             )
-        return [(depth - 2) // 6] * 3
+        return [(depth - 2) // (3 * per_block)] * 3
     if depth not in IMAGENET_LAYERS:
         raise ResexpError(
             f"model.depth={depth!r} is not an ImageNet depth; choose one of {', '.join(map(str, IMAGENET_LAYERS))}"
@@ -83,87 +101,6 @@ def stage_layers(stem: str, block: str, depth: int) -> list[int]:
             f"add model.block={paper_block} or start from model=resnet{depth}"
         )
     return layers
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option A (§3.3): identity, subsampled by `stride` and zero-padded to `out_channels`; no parameters."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.extra_channels = out_channels - in_channels
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
-
-
-def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    """Options B and C (§3.3, Eq. 2): y = F(x) + W_s x with W_s a strided 1x1 conv, followed by BN."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
-    )
-
-
-def make_shortcut(residual: bool, option: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
-    """The one place where the shortcut of a block is decided (None: a plain block has none)."""
-    if not residual:
-        return None
-    changes = stride != 1 or in_channels != out_channels
-    if option == "full" or (option == "projection" and changes):
-        return projection(in_channels, out_channels, stride)
-    if changes:
-        return ZeroPadShortcut(in_channels, out_channels, stride)
-    return nn.Identity()
-
-
-def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-    # §3.4: BN right after each convolution and before activation; the conv needs no bias then.
-    conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
-    return conv, nn.BatchNorm2d(out_channels)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (Fig. 2 / Fig. 5 left); the first one strides when the stage downsamples."""
-
-    expansion = 1
-
-    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = conv_bn(in_channels, planes, 3, stride)
-        self.conv2, self.bn2 = conv_bn(planes, planes, 3)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.shortcut is not None:
-            out = out + self.shortcut(x)  # y = F(x) + x, then the second nonlinearity (Eq. 1)
-        return F.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 restore to 4x the width (Fig. 5 right). A downsampling block strides in its
-    first 1x1 (the paper's) or in its 3x3 (torchvision's v1.5): BOTTLENECK_STRIDES."""
-
-    expansion = 4
-
-    def __init__(
-        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, stride_at: str = "1x1"
-    ) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = conv_bn(in_channels, planes, 1, stride if stride_at == "1x1" else 1)
-        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride if stride_at == "3x3" else 1)
-        self.conv3, self.bn3 = conv_bn(planes, planes * self.expansion, 1)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.shortcut is not None:
-            out = out + self.shortcut(x)
-        return F.relu(out)
 
 
 class ResNet(nn.Module):
@@ -179,12 +116,20 @@ class ResNet(nn.Module):
         shortcut: str = "identity",
         num_classes: int = 10,
         bottleneck_stride: str = "1x1",
+        preactivation: bool = False,
     ) -> None:
         super().__init__()
         widths = STEM_WIDTHS[stem]
-        block_class = BasicBlock if block == "basic" else Bottleneck
+        block_class = {
+            (False, "basic"): BasicBlock,
+            (False, "bottleneck"): Bottleneck,
+            (True, "basic"): PreActBasicBlock,
+            (True, "bottleneck"): PreActBottleneck,
+        }[preactivation, block]
         options = {} if block == "basic" else {"stride_at": bottleneck_stride}
-        if stem == "cifar":
+        if stem == "cifar" and preactivation:  # the first block's BN and ReLU follow the stem's conv
+            self.stem = nn.Sequential(conv(3, widths[0], 3))
+        elif stem == "cifar":
             self.stem = nn.Sequential(*conv_bn(3, widths[0], 3), nn.ReLU(inplace=True))
         else:
             self.stem = nn.Sequential(
@@ -199,6 +144,8 @@ class ResNet(nn.Module):
                 channels = planes * block_class.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
+        # pre-activation: the last block's sum is normalised and rectified before the pooling (He et al. 2016)
+        self.final = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if preactivation else nn.Identity()
         self.fc = nn.Linear(channels, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -210,7 +157,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, 16, 32, 32) on CIFAR; (B, 64, 56, 56) on 224x224 ImageNet
-        x = self.stages(x)  # (B, 64, 8, 8) on CIFAR; (B, 512 or 2048, 7, 7) on ImageNet
+        x = self.final(self.stages(x))  # (B, 64 or 256, 8, 8) on CIFAR; (B, 512 or 2048, 7, 7) on ImageNet
         # Global average pooling (§3.4) as a mean: its gradient is deterministic on CUDA, that of
         # AdaptiveAvgPool2d is not (deterministic=true).
         return self.fc(x.mean((2, 3)))
@@ -227,6 +174,7 @@ class NetSpec:
     shortcut: str  # identity, projection or full (canonical_shortcut); no effect on a plain net
     num_classes: int
     bottleneck_stride: str = "1x1"  # BOTTLENECK_STRIDES; no effect on basic blocks
+    preactivation: bool = False  # True: He et al. 2016's units, BN and ReLU before each conv
 
     def __post_init__(self) -> None:
         stage_layers(self.stem, self.block, self.depth)
@@ -238,20 +186,37 @@ class NetSpec:
 
     @property
     def name(self) -> str:
-        return net_name(self.residual, self.depth, self.shortcut, self.block, self.bottleneck_stride)
+        return net_name(
+            self.residual, self.depth, self.shortcut, self.block, self.bottleneck_stride, self.preactivation
+        )
 
     def build(self) -> ResNet:
         layers = stage_layers(self.stem, self.block, self.depth)
         return ResNet(
-            layers, self.block, self.stem, self.residual, self.shortcut, self.num_classes, self.bottleneck_stride
+            layers,
+            self.block,
+            self.stem,
+            self.residual,
+            self.shortcut,
+            self.num_classes,
+            self.bottleneck_stride,
+            self.preactivation,
         )
 
 
 def build_model(
-    depth: int, residual: bool, block: str, stem: str, shortcut: str, num_classes: int, bottleneck_stride: str = "1x1"
+    depth: int,
+    residual: bool,
+    block: str,
+    stem: str,
+    shortcut: str,
+    num_classes: int,
+    bottleneck_stride: str = "1x1",
+    preactivation: bool = False,
 ) -> ResNet:
     """The net these values name (the shortcut also by the paper's letter), checked against the paper's choices."""
-    return NetSpec(depth, residual, block, stem, canonical_shortcut(shortcut), num_classes, bottleneck_stride).build()
+    shortcut = canonical_shortcut(shortcut)
+    return NetSpec(depth, residual, block, stem, shortcut, num_classes, bottleneck_stride, preactivation).build()
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -266,7 +231,7 @@ def torchvision_keys(spec: NetSpec) -> Callable[[str], str] | None:
     stages.i -> layer{i+1}, shortcut -> downsample."""
     if not (spec.residual and spec.stem == "imagenet" and spec.shortcut == "projection"):
         return None
-    if spec.block == "bottleneck" and spec.bottleneck_stride != "3x3":
+    if (spec.block == "bottleneck" and spec.bottleneck_stride != "3x3") or spec.preactivation:
         return None
 
     def rename(key: str) -> str:

@@ -1,0 +1,155 @@
+"""The blocks of resexp's nets: the paper's (He et al. 2015, §3.3, Fig. 2 and 5), BN after each
+convolution and a ReLU after the addition, and the pre-activation units of He et al. 2016 ("Identity
+Mappings in Deep Residual Networks", arXiv:1603.05027, Fig. 1b and 4e), BN and ReLU before each
+convolution and nothing after the addition, so that the identity path runs clean from block to block.
+Each computes its plain twin with residual=False (no shortcut, the same layers), and `skip`, what it
+computes with its residual branch at zero: the block deleted, for a lesion study (resexp/probes.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A (§3.3): identity, subsampled by `stride` and zero-padded to `out_channels`; no parameters."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """Options B and C (§3.3, Eq. 2): y = F(x) + W_s x with W_s a strided 1x1 conv, followed by BN."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+    )
+
+
+def make_shortcut(residual: bool, option: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+    """The one place where the shortcut of a block is decided (None: a plain block has none)."""
+    if not residual:
+        return None
+    changes = stride != 1 or in_channels != out_channels
+    if option == "full" or (option == "projection" and changes):
+        return projection(in_channels, out_channels, stride)
+    if changes:
+        return ZeroPadShortcut(in_channels, out_channels, stride)
+    return nn.Identity()
+
+
+def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    # BN comes right before or after each convolution (§3.4): the conv needs no bias.
+    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """A convolution and the BN right after it, before the activation (§3.4)."""
+    return conv(in_channels, out_channels, kernel, stride), nn.BatchNorm2d(out_channels)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (Fig. 2 / Fig. 5 left); the first one strides when the stage downsamples."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_channels, planes, 3, stride)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)  # y = F(x) + x, then the second nonlinearity (Eq. 1)
+        return F.relu(out)
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 restore to 4x the width (Fig. 5 right). A downsampling block strides in its
+    first 1x1 (the paper's) or in its 3x3 (torchvision's v1.5): BOTTLENECK_STRIDES."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, stride_at: str = "1x1"
+    ) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_channels, planes, 1, stride if stride_at == "1x1" else 1)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride if stride_at == "3x3" else 1)
+        self.conv3, self.bn3 = conv_bn(planes, planes * self.expansion, 1)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+    skip = BasicBlock.skip
+
+
+class PreActBasicBlock(nn.Module):
+    """BN, ReLU, 3x3 conv, twice, then the addition alone (He et al. 2016, Fig. 4e). Where the
+    dimensions change, the shortcut (a projection or option A's subsampling) reads the pre-activated
+    input, which the residual branch reads too; elsewhere it reads the block's input itself, so that
+    the identity path carries it unchanged."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, planes, 3, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(planes), conv(planes, planes, 3)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
+        self.changes = stride != 1 or in_channels != planes  # decided here: grouping wraps the shortcut (group.py)
+
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.bn2(self.conv1(pre))))
+
+    def skip(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.changes:
+            return self.shortcut(x)  # the identity (or option C's projection) of the block's own input
+        return self.shortcut(F.relu(self.bn1(x)) if pre is None else pre)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))
+        out = self.branch(pre)
+        return out if self.shortcut is None else out + self.skip(x, pre)
+
+
+class PreActBottleneck(PreActBasicBlock):
+    """BN, ReLU and a conv before each of 1x1 reduce, 3x3, 1x1 restore to 4x the width (He et al. 2016,
+    Fig. 1b with a bottleneck); strided as the paper's bottleneck is (`stride_at`)."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, stride_at: str = "1x1"
+    ) -> None:
+        nn.Module.__init__(self)
+        self.bn1, self.conv1 = (
+            nn.BatchNorm2d(in_channels),
+            conv(in_channels, planes, 1, stride if stride_at == "1x1" else 1),
+        )
+        self.bn2, self.conv2 = nn.BatchNorm2d(planes), conv(planes, planes, 3, stride if stride_at == "3x3" else 1)
+        self.bn3, self.conv3 = nn.BatchNorm2d(planes), conv(planes, planes * self.expansion, 1)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
+        self.changes = stride != 1 or in_channels != planes * self.expansion
+
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn2(self.conv1(pre)))
+        return self.conv3(F.relu(self.bn3(self.conv2(out))))
