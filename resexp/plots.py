@@ -8,6 +8,7 @@ in the residual ones read at a glance. Several seeds of a net are averaged.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from resexp.runs import Run
 # Per dataset: the file's name, the paper's figure of these curves, the held-out curve it draws bold.
 FIGURES = {"cifar10": ("figure6", "Fig. 6", "error/test"), "imagenet": ("figure4", "Fig. 4", "error/val")}
 OTHER = ("figure", None, "error/test")
+
+
+def variant(net: str) -> str:
+    """What a net's name says beyond its kind, depth and shortcut: -preact, -v1.5, or nothing."""
+    return re.sub(r"^(plain|resnet)\d+(-[ABC])?", "", net)
 
 
 def title(data: str, runs: list[Run]) -> str:
@@ -55,7 +61,8 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
         by_net: dict[str, list[Run]] = defaultdict(list)
         for run in members:
             by_net[run.net].append(run)
-        depths = sorted({run.depth for run in members if run.depth is not None})
+        # one colour per depth, and per unit where a depth comes in several (resnet164-B, resnet164-B-preact)
+        depths = sorted({(run.depth, variant(run.net)) for run in members if run.depth is not None})
         colours = {depth: f"C{index % 10}" for index, depth in enumerate(depths)}
         families = [("plain", False), ("ResNet", True)]  # the paper's panel names
         families = [
@@ -72,9 +79,10 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                 key=lambda n: by_net[n][0].depth or 0,
             )
             for net in nets:
-                group, colour = by_net[net], colours.get(by_net[net][0].depth, "k")
+                group, colour = by_net[net], colours.get((by_net[net][0].depth, variant(net)), "k")
                 several_options = len({by_net[n][0].letter for n in nets}) > 1  # Table 3's A/B/C side by side
                 name = f"{label}-{group[0].depth}" + (f" ({group[0].letter})" if several_options else "")
+                name += variant(net).replace("-preact", " pre-act").replace("-v1.5", " v1.5")
                 for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
                     curves = [run.curves[tag] for run in group if run.curves.get(tag)]
                     if not curves:

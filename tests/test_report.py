@@ -234,3 +234,13 @@ def test_pre_activation_runs_are_compared_with_he_et_al_2016_and_their_2015_twin
     assert rows["resnet164-B-preact"].paper.error == 5.46 and "2016" in rows["resnet164-B-preact"].paper.source
     assert rows["resnet164-B"].difference == pytest.approx(6.0 - 5.93)
     assert rows["resnet164-B-v1.5"].paper is None  # torchvision's block: no paper trained it
+
+
+def test_the_figure_tells_a_depths_units_apart(tmp_path):
+    bottleneck = {"block": "bottleneck", "bottleneck_stride": "1x1"}
+    for name, preact in (("orig", False), ("pre", True)):
+        fake_run(tmp_path / name, depth=164, residual=True, shortcut="projection", final_train=1.0,
+                 final_test=6.0, model_keys={**bottleneck, "preactivation": preact})  # fmt: skip
+    report([tmp_path])
+    svg = (tmp_path / "figure6.svg").read_text()
+    assert "<!-- ResNet-164 pre-act -->" in svg and "<!-- ResNet-164 -->" in svg  # the legend's texts, as paths
