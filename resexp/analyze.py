@@ -117,11 +117,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "test err % | worst single lesion err % |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["residual"], r["depth"])):
         single = [value for value in r["lesion"]["single"] if not math.isnan(value)]
         lines.append(
             f"| {r['net']} | {r['iteration']} | {sum(r['responses']) / len(r['responses']):.3f} | "
-            f"{ratio(r['gradients']['initial']):.1f} | {ratio(r['gradients']['trained']):.1f} | "
+            f"{ratio(r['gradients']['initial']):.3g} | {ratio(r['gradients']['trained']):.3g} | "
             f"{r['lesion']['error']:.2f} | {max(single) if single else math.nan:.2f} |"
         )
     return "\n".join([*lines, "", f"Responses: {POOLING}.", ""])

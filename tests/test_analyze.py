@@ -12,7 +12,7 @@ from helpers import CLOSE, SHRINK, batches, resexp, scalars
 from torch.nn import functional as F
 
 from resexp import probes
-from resexp.analyze import logged_gradients
+from resexp.analyze import logged_gradients, markdown
 from resexp.evaluate import evaluate
 from resexp.models import build_model
 from resexp.models.resnet import BasicBlock
@@ -184,6 +184,26 @@ def test_analyze_writes_every_figure_and_table_from_short_runs(tmp_path):
     assert "| resnet8-A |" in (out / "analysis.md").read_text()
     # SHRINK's 4 iterations, logged at the default grad_norms_every (100) at none of them
     assert all(run["gradients"]["logged"] == [] for run in written)
+
+
+def test_the_table_lists_plain_nets_then_residual_ones_by_depth_and_keeps_small_ratios_readable():
+    def run(net: str, residual: bool, depth: int, first: float) -> dict:
+        return {
+            "net": net,
+            "residual": residual,
+            "depth": depth,
+            "iteration": 1,
+            "responses": [1.0],
+            "gradients": {"initial": [first, 1.0], "trained": [first, 1.0]},
+            "lesion": {"error": 50.0, "single": [60.0]},
+        }
+
+    rows = markdown(
+        [run("resnet110-A", True, 110, 2.0), run("plain56", False, 56, 0.0142), run("resnet20-A", True, 20, 3.0)]
+    )
+    nets = [line.split(" | ")[0].strip("| ") for line in rows.splitlines()[2:5]]
+    assert nets == ["plain56", "resnet20-A", "resnet110-A"]
+    assert "| 0.0142 | 0.0142 |" in rows
 
 
 def test_analyze_refuses_a_budget_below_one_in_one_line(tmp_path):
