@@ -113,7 +113,16 @@ NOT_IDENTITY = frozenset(
 
 # Settings of a run's identity that older checkpoints did not record, with the value they all had
 # (before 0.4.0 every bottleneck strode in its 3x3 conv, and every unit was the paper's).
-ADDED = {"sync_bn": False, "processes": 1, "model.bottleneck_stride": "3x3", "model.preactivation": False}
+ADDED = {
+    "sync_bn": False,
+    "processes": 1,
+    "model.bottleneck_stride": "3x3",
+    "model.preactivation": False,
+    "model.widths": None,  # the widths, groups and dropout came in 0.5.0
+    "model.cardinality": 1,
+    "model.base_width": 64,
+    "model.dropout": 0.0,
+}
 
 
 def identity(values: dict[str, Any]) -> dict[str, Any]:

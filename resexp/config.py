@@ -38,7 +38,7 @@ from resexp.checks import check_values, one_of
 from resexp.errors import ResexpError
 from resexp.evaluate import READ, SavedRun
 from resexp.jobs import RunSettings
-from resexp.models import NetSpec, canonical_shortcut
+from resexp.models import NetSpec
 from resexp.runs import CHECKPOINT, HYDRA, Place, swept_keys
 from resexp.step import PRECISIONS
 from resexp.train import Loop, Remedies, Schedule
@@ -141,18 +141,7 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 def net_spec(cfg: DictConfig) -> NetSpec:
     """The net the config names, with its shortcut option as a name (B -> projection)."""
-    model = cfg.model
-    shortcut = canonical_shortcut(cfg.shortcut)
-    return NetSpec(
-        model.depth,
-        model.residual,
-        model.block,
-        model.stem,
-        shortcut,
-        cfg.data.num_classes,
-        model.bottleneck_stride,
-        model.preactivation,
-    )
+    return NetSpec.from_model(cfg.model, cfg.shortcut, cfg.data.num_classes)
 
 
 def schedule(cfg: DictConfig) -> Schedule:
@@ -318,6 +307,7 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
         "model.block": net.block,
         "model.stem": net.stem,
         "model.preactivation": net.preactivation,
+        **{f"model.{key}": value for key, value in net.variant.items()},
         "shortcut": net.shortcut,
         "data.num_classes": net.num_classes,
     }

@@ -238,6 +238,13 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
     return final["error/test"]
 
 
+def draws_at_random(job: Job) -> bool:
+    """Whether the run's training draws from torch's global generator (Wide ResNet's dropout): runs
+    trained beside it, in threads of one process, would draw from it too, in an order no rerun repeats,
+    so such a run trains in a batch of its own (hydra_plugins/resexp_launcher/)."""
+    return job.finished is None and any(isinstance(m, nn.Dropout) and m.p > 0 for m in job.model.modules())
+
+
 def train_as_one(jobs: list[Job], group_runs: bool) -> list[list[int]]:
     """Which runs (their indices in `jobs`) train as one: with `group_runs` the runs of each group key, and
     every other run (finished ones too) alone."""

@@ -5,6 +5,7 @@ only the curves of Fig. 6."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -36,6 +37,12 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
     ("cifar10", "resnet1001-B-preact"): PaperResult(4.92, "He et al. 2016, Table 3"),
     ("cifar10", "resnet164-B"): PaperResult(5.93, "He et al. 2016, Table 3 (2015 units)"),
     ("cifar10", "resnet1001-B"): PaperResult(7.61, "He et al. 2016, Table 3 (2015 units)"),
+    # Zagoruyko & Komodakis 2016, "Wide Residual Networks" (arXiv:1605.07146): median of 5 runs, mean/std
+    # normalisation (their code's README and final version); their own recipe (conf/schedule/wrn.yaml).
+    ("cifar10", "wrn28-10-B-preact"): PaperResult(4.00, "Zagoruyko & Komodakis 2016 (median of 5)"),
+    ("cifar10", "wrn28-10-B-preact-dropout0.3"): PaperResult(3.89, "Zagoruyko & Komodakis 2016 (median of 5)"),
+    # Xie et al. 2017, "Aggregated Residual Transformations" (arXiv:1611.05431), Table 7
+    ("cifar10", "resnext29-8x64d-B"): PaperResult(3.65, "Xie et al. 2017, Table 7"),
     ("imagenet", "plain18"): PaperResult(27.94, "Table 2"),
     ("imagenet", "plain34"): PaperResult(28.54, "Table 2"),
     ("imagenet", "resnet18-A"): PaperResult(27.88, "Table 2"),
@@ -56,16 +63,21 @@ def lookup(dataset: str | None, net: str) -> PaperResult | None:
 # The paper's recipe on each dataset (§4.2, §3.4): iterations, batch size, base learning rate. A run
 # trained otherwise is marked in a report, not compared silently.
 RECIPES = {"cifar10": (64_000, 128, 0.1), "imagenet": (600_000, 256, 0.1)}
+# The relatives' own CIFAR recipes, by the family their names begin with (resexp.models.resnet.net_name):
+# Wide ResNet's 200 epochs and ResNeXt's 300 of 50k images at batch 128 (conf/schedule/wrn.yaml, resnext.yaml).
+OWN_RECIPES = {"wrn": (78_125, 128, 0.1), "resnext": (117_188, 128, 0.1)}
 DATA_NAMES = {"cifar10": "CIFAR-10", "imagenet": "ImageNet", "synthetic": "random images (data=synthetic)"}
 
 
 def recipe_differences(
-    dataset: str | None, iterations: int | None, batch_size: int | None, lr: float | None
+    dataset: str | None, net: str, iterations: int | None, batch_size: int | None, lr: float | None
 ) -> list[str]:
-    """How a run's recipe differs from the paper's on its dataset ([] where it is the paper's)."""
+    """How a run's recipe differs from the one its number was trained with: the authors' own for a net
+    that has one (Wide ResNet, ResNeXt), else the paper's on its dataset ([] where they agree)."""
     if dataset not in RECIPES:
         return ["other data"]
-    paper_iterations, paper_batch, paper_lr = RECIPES[dataset]
+    family = re.match(r"[a-z]*", net)[0]
+    paper_iterations, paper_batch, paper_lr = OWN_RECIPES.get(family, RECIPES[dataset])
     differences = []
     if iterations is not None and iterations != paper_iterations:
         differences.append(f"{iterations:,} iterations (paper {paper_iterations:,})")

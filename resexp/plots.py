@@ -9,6 +9,7 @@ in the residual ones read at a glance. Several seeds of a net are averaged.
 from __future__ import annotations
 
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,12 +29,28 @@ def variant(net: str) -> str:
     return re.sub(r"^(plain|resnet)\d+(-[ABC])?", "", net)
 
 
+# Families named after their papers (resexp.models.names.net_name), as their papers write them.
+FAMILIES = {"plain-wrn": "plain WRN-", "wrn": "WRN-", "resnext": "ResNeXt-"}
+
+
+def legend_name(label: str, net: str, depth: int | None, letter: str | None, several_options: bool) -> str:
+    """ResNet-56, plain-20, ResNet-164 pre-act, ResNet-34 (B) beside A and C; WRN-28-10 pre-act and
+    ResNeXt-29-8x64d as their papers name them, with their dropout."""
+    family = re.match(r"(plain-wrn|wrn|resnext)(?=\d)", net)
+    if family:
+        name = FAMILIES[family[0]] + net[family.end() :]
+        name = re.sub(r"-[ABC](?=-|$)", f" ({letter})" if several_options and letter else "", name)
+    else:
+        name = f"{label}-{depth}" + (f" ({letter})" if several_options else "") + variant(net)
+    return name.replace("-preact", " pre-act").replace("-v1.5", " v1.5").replace("-dropout", " dropout ")
+
+
 def title(data: str, runs: list[Run]) -> str:
     """What the runs are: their data, the paper's figure where they are its experiment, and how their
     recipe differs from the paper's where it does."""
     figure = FIGURES.get(data, OTHER)[1]
     differences = sorted(
-        {text for run in runs for text in recipe_differences(data, run.iterations, run.batch_size, run.lr)}
+        {text for run in runs for text in recipe_differences(data, run.net, run.iterations, run.batch_size, run.lr)}
     )
     name = DATA_NAMES.get(data, data)
     if not differences:
@@ -81,8 +98,7 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
             for net in nets:
                 group, colour = by_net[net], colours.get((by_net[net][0].depth, variant(net)), "k")
                 several_options = len({by_net[n][0].letter for n in nets}) > 1  # Table 3's A/B/C side by side
-                name = f"{label}-{group[0].depth}" + (f" ({group[0].letter})" if several_options else "")
-                name += variant(net).replace("-preact", " pre-act").replace("-v1.5", " v1.5")
+                name = legend_name(label, net, group[0].depth, group[0].letter, several_options)
                 for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
                     curves = [run.curves[tag] for run in group if run.curves.get(tag)]
                     if not curves:
@@ -115,7 +131,8 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
             axes
         ):  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise
             ax.set_ylim(0, 20 if max(finals) < 19 else min(100, highest * 1.05 + 1))
-        figure.suptitle(title(data, members))
+        # wrapped to the figure's width: a sweep of several recipes lists each difference
+        figure.suptitle("\n".join(textwrap.wrap(title(data, members), width=75 * len(families))))
         written.append(save_figure(figure, out / f"{stem}{'' if data in FIGURES else '_' + data}.png"))
     return written
 

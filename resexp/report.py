@@ -79,7 +79,7 @@ def summarize(runs: list[Run]) -> list[Row]:
                 best=min(tests),
                 paper=lookup(data, net),
                 top5=mean_std(top5) if len(top5) == len(members) else None,
-                recipe=tuple(recipe_differences(data, first.iterations, first.batch_size, first.lr)),
+                recipe=tuple(recipe_differences(data, net, first.iterations, first.batch_size, first.lr)),
             )
         )
     # Plain before residual, shallow before deep, as the paper's tables read.

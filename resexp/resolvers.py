@@ -23,12 +23,12 @@ from omegaconf import OmegaConf
 
 from resexp import distributed
 from resexp.errors import ResexpError
-from resexp.models.resnet import canonical_shortcut, net_name
+from resexp.models.names import NAME_KEYS, canonical_shortcut, model_name
 from resexp.runs import CHECKPOINT, METRICS, swept_keys
 
-# The keys a net's name already says (its depth, plain or residual, its bottleneck's stride, its units;
-# the shortcut, for a residual net).
-NAMED_BY_NET = {"model", "model.depth", "model.residual", "model.bottleneck_stride", "model.preactivation"}
+# The keys a net's name already says (its depth, plain or residual, its bottleneck's stride, its units,
+# widths, groups and dropout; the shortcut, for a residual net).
+NAMED_BY_NET = {"model"} | {f"model.{key}" for key in NAME_KEYS if key not in ("block", "stem")}
 SHORTCUT_KEYS = {"shortcut", "model.shortcut"}
 
 
@@ -51,14 +51,7 @@ def run_name(model: Mapping[str, Any], shortcut: str) -> str:
     taken back."""
     depth = model["depth"]
     try:
-        return net_name(
-            model["residual"],
-            depth,
-            canonical_shortcut(shortcut),
-            model.get("block", "basic"),
-            model.get("bottleneck_stride", "1x1"),
-            model.get("preactivation", False),
-        )
+        return model_name(model, canonical_shortcut(shortcut))
     except ResexpError:
         return f"resnet{depth}-{shortcut}"
 

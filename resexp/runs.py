@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write, atomic_write_text
-from resexp.models.resnet import SHORTCUTS, canonical_shortcut, net_name
+from resexp.models.names import NAME_KEYS, SHORTCUTS, canonical_shortcut, model_name
 
 HYDRA = ".hydra"  # Hydra's saved config (hydra.output_subdir)
 LOG = "train.log"  # ${hydra.job.name}.log (conf/hydra/job_logging/rich.yaml)
@@ -155,11 +155,7 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 # What a report reads of an unfinished run's saved config.
 READ_BACK = (
-    "model.depth",
-    "model.residual",
-    "model.block",
-    "model.bottleneck_stride",
-    "model.preactivation",
+    *(f"model.{key}" for key in NAME_KEYS),
     "shortcut",
     "seed",
     "schedule.iterations",
@@ -192,10 +188,10 @@ def read_run(run_dir: Path) -> Run:
         shortcut = canonical_shortcut(config.get("shortcut")) if residual else None
     except ResexpError:  # a config resexp did not write: the run is named without it
         shortcut = None
-    # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
-    block, stride = config.get("model.block") or "basic", config.get("model.bottleneck_stride") or "3x3"
+    model = {key[len("model.") :]: value for key, value in config.items() if key.startswith("model.")}
     named = depth is not None and (shortcut or not residual)
-    net = net_name(residual, depth, shortcut, block, stride, bool(config.get("model.preactivation"))) if named else "?"
+    # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
+    net = model_name(model, shortcut, bottleneck_stride="3x3") if named else "?"
     run = Run(
         run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
     )

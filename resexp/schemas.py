@@ -26,6 +26,12 @@ class ModelSchema:  # conf/model/
     preactivation: bool = (
         False  # true: He et al. 2016's pre-activation units (BN and ReLU before each conv, nothing after the addition)
     )
+    widths: list[int] | None = (
+        None  # the stem's width, then each stage's planes; null: the paper's (Wide ResNet: k times wider stages)
+    )
+    cardinality: int = 1  # ResNeXt's groups in a bottleneck's 3x3 conv; 1: the paper's block
+    base_width: int = 64  # ResNeXt's channels per group for each 64 planes; 64 with cardinality 1: the paper's block
+    dropout: float = 0.0  # Wide ResNet's dropout rate between a basic block's two convs; 0: none
 
 
 @dataclass
@@ -34,6 +40,7 @@ class SGDSchema:  # conf/optim/sgd.yaml
     _partial_: bool = MISSING
     lr: float = MISSING
     momentum: float = MISSING
+    nesterov: bool = False
     weight_decay: float = MISSING
 
 

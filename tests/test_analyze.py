@@ -52,6 +52,33 @@ def test_one_response_per_3x3_layer_of_each_preset(depth, block, stem, layers, r
         assert all(isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == conv.out_channels for conv, bn in found)
 
 
+@pytest.mark.parametrize(
+    ("variant", "layers"),
+    [
+        ({"block": "basic", "preactivation": True, "widths": (16, 32, 64, 128), "dropout": 0.3}, 13),  # Wide ResNet's
+        ({"block": "bottleneck", "widths": (8, 8, 16, 16), "cardinality": 4, "base_width": 16}, 7),  # ResNeXt's
+    ],
+)
+def test_the_relatives_have_one_response_per_3x3_layer_and_their_blocks_can_be_deleted(variant, layers):
+    torch.manual_seed(0)
+    depth = 14 if variant["block"] == "basic" else 20  # two blocks per stage
+    model = build_model(depth, True, shortcut="projection", stem="cifar", num_classes=10, **variant).double().eval()
+    found = probes.response_layers(model)
+    assert len(found) == layers and all(conv.kernel_size == (3, 3) for conv, _ in found)
+    assert {conv.groups for conv, _ in found} == ({1, 4} if "cardinality" in variant else {1})
+    assert len(probes.blocks(model)) == 6
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        with probes.lesioned(model, [1]):
+            deleted = model(x)
+        zeroed = copy.deepcopy(model)
+        last = zeroed.stages[0][1].conv2 if variant["block"] == "basic" else zeroed.stages[0][1].bn3
+        for tensor in (last.weight, getattr(last, "bias", None)):
+            if tensor is not None:
+                tensor.zero_()  # the residual branch outputs zero
+        torch.testing.assert_close(deleted, zeroed(x), rtol=0, atol=1e-12)
+
+
 def by_hand(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The BN outputs of every 3x3 layer of a CIFAR basic-block net, computed step by step."""
     conv, bn, _ = model.stem

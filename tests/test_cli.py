@@ -111,7 +111,7 @@ def test_validation_split_logs_val_error(tmp_path):
             "experiment=fig7",
             [
                 "experiment='fig7' is not one of the experiment configs",
-                "cifar10_fig6, cifar10_preact, cifar10_table6, imagenet_table2, imagenet_table3",
+                "cifar10_fig6, cifar10_preact, cifar10_relatives, cifar10_table6, imagenet_table2, imagenet_table3",
             ],
         ),
         ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B) or full (C)"]),

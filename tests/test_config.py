@@ -20,11 +20,18 @@ IMAGENET = {"plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101
 TABLE3 = {"resnet34-B", "resnet34-C"}  # ResNet-34 with the other shortcut options
 PREACT = {"resnet110-preact", "resnet164-preact", "resnet1001-preact"}  # He et al. 2016, Table 3 ...
 BOTTLENECK_CIFAR = {"resnet164", "resnet1001"}  # ... and its 2015-unit bottleneck nets
+WRN = {"wrn16-8", "wrn28-10"}  # Zagoruyko & Komodakis 2016
+RESNEXT = {"resnext29-8x64d"}  # Xie et al. 2017
+# The relatives' own recipes, whatever the data: iterations, milestones, gamma, weight decay, Nesterov.
+OWN_RECIPES = {
+    "wrn": (78_125, (23_438, 46_875, 62_500), 0.2, 5e-4, True),
+    "resnext": (117_188, (58_594, 87_891), 0.1, 5e-4, False),
+}
 
 
 def test_the_presets_are_the_papers_nets():
     cifar = {f"{kind}{depth}" for kind in ("plain", "resnet") for depth in (20, 32, 44, 56, 110)} | {"resnet1202"}
-    assert set(MODELS) == cifar | IMAGENET | TABLE3 | PREACT | BOTTLENECK_CIFAR
+    assert set(MODELS) == cifar | IMAGENET | TABLE3 | PREACT | BOTTLENECK_CIFAR | WRN | RESNEXT
     assert set(DATASETS) >= {"cifar10", "imagenet", "synthetic"}
 
 
@@ -33,8 +40,10 @@ def test_the_presets_are_the_papers_nets():
 def test_every_model_composes_with_every_dataset(model, data):
     cfg = compose_config(f"model={model}", f"data={data}")
     net, name = make_model(cfg)
-    assert name.startswith("resnet" if cfg.model.residual else "plain")
-    assert name.removeprefix("resnet").removeprefix("plain").startswith(str(cfg.model.depth))
+    family = "wrn" if model in WRN else "resnext" if model in RESNEXT else "resnet" if cfg.model.residual else "plain"
+    assert name.startswith(family)
+    # a Wide ResNet is named by its paper's count, which takes in its 3 projections and leaves out the classifier
+    assert name.removeprefix(family).startswith(str(cfg.model.depth + (2 if model in WRN else 0)))
     assert net.fc.out_features == cfg.data.num_classes
     size = 224 if model == "resnet18" else 32  # ImageNet nets also run on CIFAR-sized images
     net.eval()
@@ -42,6 +51,11 @@ def test_every_model_composes_with_every_dataset(model, data):
         out = net(torch.randn(2, 3, size, size))
     assert out.shape == (2, cfg.data.num_classes)
     plan = schedule(cfg)
+    if family in OWN_RECIPES:
+        optim = cfg.optim
+        recipe = (plan.iterations, plan.milestones, plan.gamma, optim.weight_decay, optim.nesterov)
+        assert recipe == OWN_RECIPES[family] and plan.warmup_lr is None
+        return
     # The paper's schedule for the data: §4.2 for CIFAR (warm-up from 110 layers), §3.4 for ImageNet;
     # random images: CIFAR's, short, with the drops at the same fractions of the run.
     expected = {"imagenet": (600_000, (150_000, 300_000)), "synthetic": (200, (100, 150))}
@@ -55,10 +69,12 @@ def test_default_shortcut_follows_the_paper(model):
     bottleneck = cfg.model.block == "bottleneck"
     # Table 2 / §4.2: option A for the CIFAR nets and ImageNet 18/34; Table 3 / §4.1: B for 50/101/152
     # and for the bottlenecks of He et al. 2016's 164 and 1001.
-    expected = {"resnet34-B": "projection", "resnet34-C": "full"}.get(model, "projection" if bottleneck else "identity")
+    expected = {"resnet34-B": "projection", "resnet34-C": "full"}.get(
+        model, "projection" if bottleneck or model in WRN else "identity"
+    )  # Wide ResNet: B, 1x1 convs where the width changes
     assert cfg.shortcut == expected
-    assert bottleneck == (cfg.model.depth in (50, 101, 152, 164, 1001))
-    assert cfg.model.preactivation == (model in PREACT)
+    assert bottleneck == (cfg.model.depth in (29, 50, 101, 152, 164, 1001))
+    assert cfg.model.preactivation == (model in PREACT | WRN)
 
 
 def test_root_shortcut_overrides_the_models_default():

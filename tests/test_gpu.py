@@ -18,8 +18,26 @@ SHAPE = (8, 3, 32, 32)
 RATES = (0.1, 0.1, 0.01, 0.0, 0.05)  # a drop, a step that must not move, a rise: no capture again
 
 
-def test_the_cuda_graph_step_equals_eager_steps_and_follows_the_rate_without_capturing_again():
-    [(graphed_model, graphed_sgd)], [(eager_model, eager_sgd, eager)] = nets(1, "cuda"), alone(nets(1, "cuda"), SHAPE)
+RELATIVES = {
+    "resnet": {},
+    "wide-preact": {"preactivation": True, "shortcut": "projection", "widths": (16, 32, 64, 128)},
+    "resnext": {
+        "depth": 11,
+        "block": "bottleneck",
+        "shortcut": "projection",
+        "widths": (8, 8, 16, 16),
+        "cardinality": 4,
+        "base_width": 16,
+    },
+}
+
+
+@pytest.mark.parametrize("net", RELATIVES.values(), ids=RELATIVES.keys())
+def test_the_cuda_graph_step_equals_eager_steps_and_follows_the_rate_without_capturing_again(net):
+    [(graphed_model, graphed_sgd)], [(eager_model, eager_sgd, eager)] = (
+        nets(1, "cuda", **net),
+        alone(nets(1, "cuda", **net), SHAPE),
+    )
     graphed = make_step(graphed_model, graphed_sgd, SHAPE, precision="fp32", cuda_graph=True)
     assert isinstance(graphed, GraphedStep)
     graph = graphed.graph
@@ -45,6 +63,15 @@ def test_the_bf16_cuda_graph_step_trains_as_the_eager_one():
         torch.testing.assert_close(graphed(x, y).clone(), eager(x, y), rtol=2e-2, atol=2e-2)
     for name, tensor in pairs[0][0].state_dict().items():
         torch.testing.assert_close(tensor, pairs[1][0].state_dict()[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_dropout_draws_new_masks_at_each_replay_of_the_cuda_graph():
+    [(model, sgd)] = nets(1, "cuda", preactivation=True, shortcut="projection", widths=(16, 32, 64, 128), dropout=0.3)
+    graphed = make_step(model, sgd, SHAPE, precision="fp32", cuda_graph=True)
+    set_lr(sgd, 0.0)  # the weights stay: only the masks can change the loss
+    (x,), (y,) = batches(1, 0, device="cuda")
+    losses = [graphed(x, y).clone()[0].item() for _ in range(3)]
+    assert len(set(losses)) == 3, losses
 
 
 def test_the_ddp_step_captures_nccls_allreduce_in_a_cuda_graph_or_says_why_not(monkeypatch, caplog):

@@ -29,6 +29,18 @@ from resexp.step import set_lr
         ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1),
         ({"residual": [False, True, False], "preactivation": True}, 3),  # He et al. 2016's units, gated
         ({"depth": 11, "block": "bottleneck", "shortcut": "projection", "preactivation": True}, 3),
+        ({"preactivation": True, "shortcut": "projection", "widths": (16, 32, 64, 128)}, 3),  # Wide ResNet's
+        (  # ResNeXt's grouped 3x3 convs: K copies of C groups are K * C groups
+            {
+                "depth": 11,
+                "block": "bottleneck",
+                "shortcut": "projection",
+                "widths": (8, 8, 16, 16),
+                "cardinality": 4,
+                "base_width": 16,
+            },
+            3,
+        ),
     ],
     ids=[
         "option-A",
@@ -39,6 +51,8 @@ from resexp.step import set_lr
         "bottleneck-imagenet-stem",
         "preact-plain-beside-residual",
         "preact-bottleneck-cifar",
+        "wide-preact",
+        "resnext",
     ],
 )
 def test_each_copy_of_a_group_trains_as_its_run_alone(net, steps):
@@ -133,8 +147,13 @@ def test_skip_nonfinite_in_a_group_skips_only_the_run_whose_loss_is_not_finite()
             ["plain20", "resnet20-B"],
             None,
         ),  # B's projections: not twins
+        (
+            ["seed=0,1", "model=wrn16-8", "model.widths=[16,32,64,128]", "model.dropout=0.3"],
+            ["wrn16-2-B-preact-dropout0.3_seed0", "wrn16-2-B-preact-dropout0.3_seed1"],
+            None,
+        ),  # dropout: a group would draw other masks than its runs alone
     ],
-    ids=["seeds", "plain-and-residual", "plain-and-option-B"],
+    ids=["seeds", "plain-and-residual", "plain-and-option-B", "dropout-seeds"],
 )
 def test_a_sweep_with_group_runs_matches_the_same_sweep_without(tmp_path, sweep, members, grouped_as):
     sweeps = {}

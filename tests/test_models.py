@@ -249,3 +249,122 @@ def test_a_pre_activation_net_ends_with_bn_and_relu_before_the_pooling():
         features = model.stages(model.stem(x))
         expected = model.fc(torch.relu(model.final[0](features)).mean((2, 3)))
         assert torch.equal(model(x), expected)
+
+
+# The relatives' parameter counts as their papers give them: Wide ResNet's Table (Zagoruyko & Komodakis
+# 2016: WRN-16-8 11.0M, WRN-28-10 36.5M, WRN-40-4 8.9M), ResNeXt's Table 7 (Xie et al. 2017: ResNeXt-29
+# 8x64d 34.4M, 16x64d 68.1M); within 1%, since they give three digits.
+WRN_WIDTHS = {8: (16, 128, 256, 512), 10: (16, 160, 320, 640), 4: (16, 64, 128, 256)}
+
+
+@pytest.mark.parametrize(("depth", "k", "reported"), [(14, 8, 11.0e6), (26, 10, 36.5e6), (38, 4, 8.9e6)])
+def test_wide_resnets_have_their_papers_parameter_counts(depth, k, reported):
+    with torch.device("meta"):
+        model = build_model(depth, True, "basic", "cifar", "B", 10, preactivation=True, widths=WRN_WIDTHS[k])
+    assert count_parameters(model) == pytest.approx(reported, rel=0.01)
+    assert [stage[0].conv1.out_channels for stage in model.stages] == [16 * k, 32 * k, 64 * k]
+
+
+@pytest.mark.parametrize(("cardinality", "reported"), [(8, 34.4e6), (16, 68.1e6)])
+def test_resnext29_has_its_papers_parameter_count_and_grouped_3x3_convs(cardinality, reported):
+    with torch.device("meta"):
+        model = build_model(
+            29, True, "bottleneck", "cifar", "B", 10, "3x3", widths=(64, 64, 128, 256), cardinality=cardinality
+        )
+    assert count_parameters(model) == pytest.approx(reported, rel=0.01)
+    first, last = model.stages[0][0], model.stages[2][-1]
+    assert (first.conv2.groups, first.conv2.in_channels, first.conv3.out_channels) == (
+        cardinality,
+        cardinality * 64,
+        256,
+    )
+    assert (last.conv2.in_channels, last.conv3.out_channels) == (
+        cardinality * 256,
+        1024,
+    )  # the groups widen with the planes
+
+
+@pytest.mark.parametrize(
+    ("variant", "theirs"),
+    [
+        ({"cardinality": 32, "base_width": 4}, "resnext50_32x4d"),
+        ({"cardinality": 32, "base_width": 8}, "resnext101_32x8d"),
+        ({"base_width": 128}, "wide_resnet50_2"),
+    ],
+)
+def test_imagenet_resnext_and_wide_bottlenecks_equal_torchvisions(variant, theirs):
+    depth = int(re.search(r"\d+", theirs)[0])
+    with torch.device("meta"):
+        ours = build_model(depth, True, "bottleneck", "imagenet", "B", 1000, "3x3", **variant)
+        reference = getattr(torchvision.models, theirs)(weights=None)
+    assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+
+
+def test_a_wide_resnets_dropout_sits_between_its_convs_and_is_off_in_eval_mode():
+    widths = (16, 32, 64, 128)
+    torch.manual_seed(0)
+    model = build_model(14, True, "basic", "cifar", "B", 10, preactivation=True, widths=widths, dropout=0.3).double()
+    torch.manual_seed(0)
+    plain = build_model(14, True, "basic", "cifar", "B", 10, preactivation=True, widths=widths).double()
+    plain.load_state_dict(model.state_dict())  # dropout holds no weights: the same state dict
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), plain.eval()(x))
+        seen = {}
+        for name, net in (("dropout", model), ("none", plain)):
+            net.stages[0][0].conv2.register_forward_pre_hook(
+                lambda module, args, name=name: seen.setdefault(name, args[0])
+            )
+            net.train()(x)
+    assert isinstance(model.stages[0][0].dropout, nn.Dropout) and model.stages[0][0].dropout.p == 0.3
+    # what reaches the second conv: the same ReLU output (the same weights, BN's batch statistics), of
+    # which dropout zeroes 30% and scales the rest by 1 / 0.7 (64k values: a 0.3 rate shows within 0.01)
+    kept = seen["dropout"] != 0
+    alive = seen["none"] != 0
+    assert 1 - kept[alive].double().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert torch.allclose(seen["dropout"][kept], seen["none"][kept] / 0.7)
+
+
+def test_relatives_names():
+    assert net_name(True, 26, "projection", preactivation=True, widths=(16, 160, 320, 640)) == "wrn28-10-B-preact"
+    assert (
+        net_name(True, 26, "projection", preactivation=True, widths=(16, 160, 320, 640), dropout=0.3)
+        == "wrn28-10-B-preact-dropout0.3"
+    )
+    assert (
+        net_name(True, 29, "projection", "bottleneck", "3x3", widths=(64, 64, 128, 256), cardinality=8)
+        == "resnext29-8x64d-B"
+    )
+    assert net_name(True, 50, "projection", "bottleneck", "3x3", stem="imagenet", cardinality=32, base_width=4) == (
+        "resnext50-32x4d-B"
+    )
+    assert net_name(True, 20, "identity", widths=(16, 16, 32, 48)) == "resnet20-A-widths16-16-32-48"
+    assert net_name(True, 20, "identity", widths=(16, 16, 32, 64)) == "resnet20-A"  # the paper's widths
+    assert net_name(False, 26, None, widths=(16, 160, 320, 640)) == "plain-wrn28-10"
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        (
+            {"widths": (16, 32, 64)},
+            "model.widths=[16, 32, 64] must be 4 positive integers, the stem's width and each stage's planes (the paper's: [16, 16, 32, 64]), or null",
+        ),
+        (
+            {"cardinality": 8},
+            "model.cardinality=8 and model.base_width=64 group a bottleneck's 3x3 conv (ResNeXt); a basic block has none",
+        ),
+        ({"dropout": 1.5}, "model.dropout=1.5 is not a rate; choose one in [0, 1)"),
+        ({"cardinality": 0}, "model.cardinality=0, model.base_width=64 must be positive integers"),
+    ],
+)
+def test_bad_variant_values_name_the_value_and_the_choices(variant, message):
+    with pytest.raises(ResexpError, match=re.escape(message)):
+        build_model(20, True, "basic", "cifar", "A", 10, **variant)
+
+
+def test_dropout_is_refused_in_a_bottleneck():
+    with pytest.raises(
+        ResexpError, match=re.escape("model.dropout=0.3 is Wide ResNet's, between a basic block's convs")
+    ):
+        build_model(29, True, "bottleneck", "cifar", "B", 10, dropout=0.3)

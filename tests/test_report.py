@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from resexp import config
 from resexp.config import net_spec
 from resexp.errors import ResexpError
-from resexp.paper import RESULTS, lookup
+from resexp.paper import RESULTS, lookup, recipe_differences
 from resexp.report import report
 from resexp.runs import read_run
 
@@ -174,6 +174,30 @@ def test_experiment_presets_sweep_the_papers_nets(experiment, nets, data, iterat
     assert len(swept) == len(set(swept)) and set(swept) == nets  # the paper's nets, each once
 
 
+def test_the_relatives_sweep_each_net_once_with_its_authors_recipe_and_number():
+    preset = config.compose("experiment=cifar10_relatives", hydra_node=True)
+    seen = {}
+    for model in preset.hydra.sweeper.params.model.split(","):
+        run = compose_config("experiment=cifar10_relatives", f"model={model}")
+        name = net_spec(run).name
+        recipe = (run.schedule.iterations, run.schedule.batch_size, run.optim.lr)
+        # each net's number is compared only with a run of the recipe it was reported with
+        assert recipe_differences("cifar10", name, *recipe) == []
+        seen[name] = recipe
+    assert list(seen) == [
+        "resnet110-A",
+        "resnet164-B-preact",
+        "wrn16-8-B-preact",
+        "wrn28-10-B-preact",
+        "resnext29-8x64d-B",
+    ]
+    assert seen["wrn28-10-B-preact"] == (78_125, 128, 0.1) and seen["resnext29-8x64d-B"] == (117_188, 128, 0.1)
+    assert (lookup("cifar10", "wrn28-10-B-preact").error, lookup("cifar10", "resnext29-8x64d-B").error) == (4.00, 3.65)
+    # the 2015 recipe is another recipe for a Wide ResNet, and the WRN's for a 2015 net
+    assert recipe_differences("cifar10", "wrn28-10-B-preact", 64_000, 128, 0.1) == ["64,000 iterations (paper 78,125)"]
+    assert recipe_differences("cifar10", "resnet110-A", 78_125, 128, 0.1) == ["78,125 iterations (paper 64,000)"]
+
+
 def test_imagenet_table3_rows_are_the_papers():
     names = [
         net_spec(compose_config("experiment=imagenet_table3", f"model={model}")).name
@@ -244,3 +268,13 @@ def test_the_figure_tells_a_depths_units_apart(tmp_path):
     report([tmp_path])
     svg = (tmp_path / "figure6.svg").read_text()
     assert "<!-- ResNet-164 pre-act -->" in svg and "<!-- ResNet-164 -->" in svg  # the legend's texts, as paths
+
+
+def test_the_figures_legend_names_each_net_as_its_paper_does():
+    from resexp.plots import legend_name
+
+    assert legend_name("ResNet", "resnet164-B-preact", 164, "B", False) == "ResNet-164 pre-act"
+    assert legend_name("ResNet", "resnet34-B", 34, "B", True) == "ResNet-34 (B)"  # Table 3's A, B and C side by side
+    assert legend_name("plain", "plain20", 20, None, False) == "plain-20"
+    assert legend_name("ResNet", "wrn28-10-B-preact-dropout0.3", 26, "B", False) == "WRN-28-10 pre-act dropout 0.3"
+    assert legend_name("ResNet", "resnext29-8x64d-B", 29, "B", True) == "ResNeXt-29-8x64d (B)"

@@ -79,13 +79,23 @@ class SharedGPULauncher(Launcher):
             try:
                 while pending and not waiting:
                     run = self.prepare(*pending.pop(0))
-                    if jobs.networks_to_train([job for _, job, _ in [*batch, run]], self.group_runs) > self.max_runs:
+                    alone = any(jobs.draws_at_random(job) for _, job, _ in [*batch, run])
+                    if (
+                        batch
+                        and alone
+                        or jobs.networks_to_train([job for _, job, _ in [*batch, run]], self.group_runs) > self.max_runs
+                    ):
                         waiting = [run]
                     else:
                         batch.append(run)
             except BaseException:  # bad input in one run (which took back its own directory): the batch starts none
                 self.take_back(batch)
                 raise
+            if len(batch) == 1 and (pending or waiting) and jobs.draws_at_random(batch[0][1]):
+                logging.getLogger(__name__).info(
+                    "%s trains alone: its dropout draws from torch's global generator, which runs beside it would share",
+                    batch[0][1].label,
+                )
             try:
                 returns += self.train(batch)
             except BaseException:  # stopped, or failed: the run prepared for the next batch never starts

@@ -44,14 +44,29 @@ def make_shortcut(residual: bool, option: str, in_channels: int, out_channels: i
     return nn.Identity()
 
 
-def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     # BN comes right before or after each convolution (§3.4): the conv needs no bias.
-    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+def conv_bn(
+    in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1
+) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     """A convolution and the BN right after it, before the activation (§3.4)."""
-    return conv(in_channels, out_channels, kernel, stride), nn.BatchNorm2d(out_channels)
+    return conv(in_channels, out_channels, kernel, stride, groups), nn.BatchNorm2d(out_channels)
+
+
+def dropout(rate: float) -> nn.Module:
+    """Wide ResNet's dropout between a basic block's two convolutions (Zagoruyko & Komodakis 2016, §2.3);
+    nothing at rate 0, so that the 2015 nets hold no extra module."""
+    return nn.Dropout(rate) if rate else nn.Identity()
+
+
+def bottleneck_width(planes: int, cardinality: int, base_width: int) -> int:
+    """The width of a bottleneck's 3x3 conv: `planes` in the 2015 block; ResNeXt's (Xie et al. 2017,
+    Table 1) `cardinality` groups of `base_width` channels each per 64 planes (ResNeXt-29 8x64d: 8 x 64
+    = 512 in its first stage of 64 planes), as torchvision's `groups` and `width_per_group` make it."""
+    return planes * base_width // 64 * cardinality
 
 
 class BasicBlock(nn.Module):
@@ -59,14 +74,17 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, dropout_rate: float = 0.0
+    ) -> None:
         super().__init__()
         self.conv1, self.bn1 = conv_bn(in_channels, planes, 3, stride)
+        self.dropout = dropout(dropout_rate)
         self.conv2, self.bn2 = conv_bn(planes, planes, 3)
         self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.dropout(F.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
             out = out + self.shortcut(x)  # y = F(x) + x, then the second nonlinearity (Eq. 1)
@@ -78,17 +96,27 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3, 1x1 restore to 4x the width (Fig. 5 right). A downsampling block strides in its
-    first 1x1 (the paper's) or in its 3x3 (torchvision's v1.5): BOTTLENECK_STRIDES."""
+    first 1x1 (the paper's) or in its 3x3 (torchvision's v1.5): BOTTLENECK_STRIDES. With cardinality > 1,
+    ResNeXt's block (Xie et al. 2017, Fig. 3c): the 3x3 conv grouped, and as wide as bottleneck_width says."""
 
     expansion = 4
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, stride_at: str = "1x1"
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        residual: bool,
+        shortcut: str,
+        stride_at: str = "1x1",
+        cardinality: int = 1,
+        base_width: int = 64,
     ) -> None:
         super().__init__()
-        self.conv1, self.bn1 = conv_bn(in_channels, planes, 1, stride if stride_at == "1x1" else 1)
-        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride if stride_at == "3x3" else 1)
-        self.conv3, self.bn3 = conv_bn(planes, planes * self.expansion, 1)
+        width = bottleneck_width(planes, cardinality, base_width)
+        self.conv1, self.bn1 = conv_bn(in_channels, width, 1, stride if stride_at == "1x1" else 1)
+        self.conv2, self.bn2 = conv_bn(width, width, 3, stride if stride_at == "3x3" else 1, cardinality)
+        self.conv3, self.bn3 = conv_bn(width, planes * self.expansion, 1)
         self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,15 +138,18 @@ class PreActBasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str) -> None:
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, dropout_rate: float = 0.0
+    ) -> None:
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, planes, 3, stride)
+        self.dropout = dropout(dropout_rate)  # Wide ResNet's, after the second ReLU (their Fig. 1d)
         self.bn2, self.conv2 = nn.BatchNorm2d(planes), conv(planes, planes, 3)
         self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
         self.changes = stride != 1 or in_channels != planes  # decided here: grouping wraps the shortcut (group.py)
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return self.conv2(self.dropout(F.relu(self.bn2(self.conv1(pre)))))
 
     def skip(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
         if not self.changes:
@@ -133,20 +164,30 @@ class PreActBasicBlock(nn.Module):
 
 class PreActBottleneck(PreActBasicBlock):
     """BN, ReLU and a conv before each of 1x1 reduce, 3x3, 1x1 restore to 4x the width (He et al. 2016,
-    Fig. 1b with a bottleneck); strided as the paper's bottleneck is (`stride_at`)."""
+    Fig. 1b with a bottleneck); strided and grouped as the 2015 bottleneck is (`stride_at`, `cardinality`)."""
 
     expansion = 4
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, stride_at: str = "1x1"
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        residual: bool,
+        shortcut: str,
+        stride_at: str = "1x1",
+        cardinality: int = 1,
+        base_width: int = 64,
     ) -> None:
         nn.Module.__init__(self)
+        width = bottleneck_width(planes, cardinality, base_width)
         self.bn1, self.conv1 = (
             nn.BatchNorm2d(in_channels),
-            conv(in_channels, planes, 1, stride if stride_at == "1x1" else 1),
+            conv(in_channels, width, 1, stride if stride_at == "1x1" else 1),
         )
-        self.bn2, self.conv2 = nn.BatchNorm2d(planes), conv(planes, planes, 3, stride if stride_at == "3x3" else 1)
-        self.bn3, self.conv3 = nn.BatchNorm2d(planes), conv(planes, planes * self.expansion, 1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = conv(width, width, 3, stride if stride_at == "3x3" else 1, cardinality)
+        self.bn3, self.conv3 = nn.BatchNorm2d(width), conv(width, planes * self.expansion, 1)
         self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
         self.changes = stride != 1 or in_channels != planes * self.expansion
 

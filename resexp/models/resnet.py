@@ -8,9 +8,11 @@ CIFAR-10 nets (§4.2): 3x3 stem, widths 16/32/64, 6n+2 layers. ImageNet nets (Ta
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,11 +27,20 @@ from resexp.models.blocks import (
     conv,
     conv_bn,
 )
+from resexp.models.names import SHORTCUTS, WIDTHS, canonical_shortcut, net_name
 
-__all__ = ["BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "ZeroPadShortcut"]  # for group, probes
+# re-exported for group and probes (the blocks) and for the modules that name nets
+__all__ = [
+    "SHORTCUTS",
+    "BasicBlock",
+    "Bottleneck",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "ZeroPadShortcut",
+    "canonical_shortcut",
+    "net_name",
+]
 
-# The shortcut options of §3.3 / Table 3, by name and by the paper's letter.
-SHORTCUTS = {"identity": "A", "projection": "B", "full": "C"}
 BLOCKS = ("basic", "bottleneck")
 # Where a downsampling bottleneck block strides: in its first 1x1 conv, as the paper's ResNet-50/101/152
 # do (Table 1's 3.8/7.6/11.3 G multiply-adds), or in its 3x3 conv, torchvision's "ResNet v1.5", whose
@@ -45,32 +56,6 @@ IMAGENET_LAYERS = {
     101: ("bottleneck", [3, 4, 23, 3]),
     152: ("bottleneck", [3, 8, 36, 3]),
 }
-STEM_WIDTHS = {"cifar": [16, 32, 64], "imagenet": [64, 128, 256, 512]}
-
-
-def canonical_shortcut(option: str) -> str:
-    """'identity'/'projection'/'full', also accepting the paper's letters A/B/C."""
-    letters = {letter: name for name, letter in SHORTCUTS.items()}
-    name = letters.get(str(option).upper(), str(option).lower())
-    if name not in SHORTCUTS:
-        raise ResexpError(f"shortcut={option!r} is not an option; choose identity (A), projection (B) or full (C)")
-    return name
-
-
-def net_name(
-    residual: bool,
-    depth: int,
-    shortcut: str | None,
-    block: str = "basic",
-    bottleneck_stride: str = "1x1",
-    preactivation: bool = False,
-) -> str:
-    """How runs are named in logs, directories and reports: `plain56`, `resnet56-A` (shortcut: a
-    canonical_shortcut name; a plain net has none), `resnet50-B-v1.5` for torchvision's bottleneck,
-    `resnet164-B-preact` for He et al. 2016's units."""
-    name = f"resnet{depth}-{SHORTCUTS[shortcut]}" if residual else f"plain{depth}"
-    name += "-v1.5" if block == "bottleneck" and bottleneck_stride == "3x3" else ""
-    return name + ("-preact" if preactivation else "")
 
 
 def stage_layers(stem: str, block: str, depth: int) -> list[int]:
@@ -117,26 +102,34 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         bottleneck_stride: str = "1x1",
         preactivation: bool = False,
+        widths: tuple[int, ...] | None = None,
+        cardinality: int = 1,
+        base_width: int = 64,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        widths = STEM_WIDTHS[stem]
+        stem_width, *stage_widths = widths or WIDTHS[stem]
         block_class = {
             (False, "basic"): BasicBlock,
             (False, "bottleneck"): Bottleneck,
             (True, "basic"): PreActBasicBlock,
             (True, "bottleneck"): PreActBottleneck,
         }[preactivation, block]
-        options = {} if block == "basic" else {"stride_at": bottleneck_stride}
+        options: dict = (
+            {"dropout_rate": dropout}
+            if block == "basic"
+            else {"stride_at": bottleneck_stride, "cardinality": cardinality, "base_width": base_width}
+        )
         if stem == "cifar" and preactivation:  # the first block's BN and ReLU follow the stem's conv
-            self.stem = nn.Sequential(conv(3, widths[0], 3))
+            self.stem = nn.Sequential(conv(3, stem_width, 3))
         elif stem == "cifar":
-            self.stem = nn.Sequential(*conv_bn(3, widths[0], 3), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(*conv_bn(3, stem_width, 3), nn.ReLU(inplace=True))
         else:
             self.stem = nn.Sequential(
-                *conv_bn(3, widths[0], 7, stride=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)
+                *conv_bn(3, stem_width, 7, stride=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)
             )
-        stages, channels = [], widths[0]
-        for index, (planes, count) in enumerate(zip(widths, layers)):
+        stages, channels = [], stem_width
+        for index, (planes, count) in enumerate(zip(stage_widths, layers)):
             blocks = []
             for position in range(count):
                 stride = 2 if index > 0 and position == 0 else 1
@@ -175,19 +168,75 @@ class NetSpec:
     num_classes: int
     bottleneck_stride: str = "1x1"  # BOTTLENECK_STRIDES; no effect on basic blocks
     preactivation: bool = False  # True: He et al. 2016's units, BN and ReLU before each conv
+    widths: tuple[int, ...] | None = None  # the stem's width, then each stage's planes; None: WIDTHS
+    cardinality: int = 1  # ResNeXt's groups in a bottleneck's 3x3 conv
+    base_width: int = 64  # ResNeXt's channels per group for each 64 planes (bottleneck_width)
+    dropout: float = 0.0  # Wide ResNet's dropout between a basic block's convs
 
     def __post_init__(self) -> None:
-        stage_layers(self.stem, self.block, self.depth)
+        layers = stage_layers(self.stem, self.block, self.depth)
         if self.shortcut not in SHORTCUTS:  # letters are canonical_shortcut's to translate, before this
             raise ResexpError(f"shortcut={self.shortcut!r} is not an option; choose {', '.join(SHORTCUTS)}")
         if self.bottleneck_stride not in BOTTLENECK_STRIDES:
             choices = " or ".join(f"{name} ({what})" for name, what in BOTTLENECK_STRIDES.items())
             raise ResexpError(f"model.bottleneck_stride={self.bottleneck_stride!r} is not an option; choose {choices}")
+        if self.widths is not None:
+            if len(self.widths) != len(layers) + 1 or any(not isinstance(w, int) or w < 1 for w in self.widths):
+                raise ResexpError(
+                    f"model.widths={list(self.widths)} must be {len(layers) + 1} positive integers, the stem's width "
+                    f"and each stage's planes (the paper's: {list(WIDTHS[self.stem])}), or null"
+                )
+        if not (isinstance(self.cardinality, int) and self.cardinality >= 1 and self.base_width >= 1):
+            raise ResexpError(
+                f"model.cardinality={self.cardinality!r}, model.base_width={self.base_width!r} must be positive integers"
+            )
+        if self.block == "basic" and (self.cardinality, self.base_width) != (1, 64):
+            raise ResexpError(
+                f"model.cardinality={self.cardinality} and model.base_width={self.base_width} group a bottleneck's "
+                "3x3 conv (ResNeXt); a basic block has none: use model.block=bottleneck or leave them at 1 and 64"
+            )
+        for planes in (self.widths or WIDTHS[self.stem])[1:]:
+            if self.block == "bottleneck" and planes * self.base_width % 64:
+                raise ResexpError(
+                    f"model.base_width={self.base_width} gives {planes} planes {planes * self.base_width / 64:g} channels "
+                    "per group; choose one that makes it whole (64 planes per stage's first: any)"
+                )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ResexpError(f"model.dropout={self.dropout!r} is not a rate; choose one in [0, 1) (WRN's: 0.3)")
+        if self.dropout and self.block != "basic":
+            raise ResexpError(
+                f"model.dropout={self.dropout} is Wide ResNet's, between a basic block's convs; model.block is "
+                f"{self.block}: use model.block=basic or model.dropout=0"
+            )
+
+    @classmethod
+    def from_model(cls, model: Mapping[str, Any], shortcut: str, num_classes: int, **missing: Any) -> NetSpec:
+        """The net a config's model node makes (keys it lacks take `missing`'s values, else the defaults)."""
+        values = {
+            f.name: model.get(f.name, missing.get(f.name, f.default))
+            for f in dataclasses.fields(cls)
+            if f.name not in ("shortcut", "num_classes")
+        }
+        if values["widths"] is not None:
+            values["widths"] = tuple(values["widths"])
+        return cls(shortcut=canonical_shortcut(shortcut), num_classes=num_classes, **values)
+
+    @property
+    def variant(self) -> dict[str, Any]:
+        """The fields a net of the 2015 paper leaves at their defaults (widths, groups, dropout)."""
+        return {name: getattr(self, name) for name in ("widths", "cardinality", "base_width", "dropout")}
 
     @property
     def name(self) -> str:
         return net_name(
-            self.residual, self.depth, self.shortcut, self.block, self.bottleneck_stride, self.preactivation
+            self.residual,
+            self.depth,
+            self.shortcut,
+            self.block,
+            self.bottleneck_stride,
+            self.preactivation,
+            stem=self.stem,
+            **self.variant,
         )
 
     def build(self) -> ResNet:
@@ -201,6 +250,7 @@ class NetSpec:
             self.num_classes,
             self.bottleneck_stride,
             self.preactivation,
+            **self.variant,
         )
 
 
@@ -213,10 +263,14 @@ def build_model(
     num_classes: int,
     bottleneck_stride: str = "1x1",
     preactivation: bool = False,
+    **variant: Any,
 ) -> ResNet:
-    """The net these values name (the shortcut also by the paper's letter), checked against the paper's choices."""
+    """The net these values name (the shortcut also by the paper's letter), checked against the paper's
+    choices; `variant`: NetSpec's widths, cardinality, base_width and dropout."""
     shortcut = canonical_shortcut(shortcut)
-    return NetSpec(depth, residual, block, stem, shortcut, num_classes, bottleneck_stride, preactivation).build()
+    return NetSpec(
+        depth, residual, block, stem, shortcut, num_classes, bottleneck_stride, preactivation, **variant
+    ).build()
 
 
 def count_parameters(model: nn.Module) -> int:

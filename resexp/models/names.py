@@ -1,0 +1,120 @@
+"""The names of resexp's nets (runs, directories, reports, the paper's numbers): the shortcut options'
+letters, and each family's way of naming its nets, as their papers name them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from resexp.errors import ResexpError
+
+# The shortcut options of §3.3 / Table 3, by name and by the paper's letter.
+SHORTCUTS = {"identity": "A", "projection": "B", "full": "C"}
+
+# The stem's width, then each stage's planes (a bottleneck stage outputs 4x its planes): §4.2 and Table 1.
+WIDTHS = {"cifar": (16, 16, 32, 64), "imagenet": (64, 64, 128, 256, 512)}
+
+# ResNeXt's CIFAR nets (Xie et al. 2017, §5.3): a 64-wide stem and stages of 64/128/256 planes (256, 512
+# and 1024 channels out).
+RESNEXT_CIFAR_WIDTHS = (64, 64, 128, 256)
+
+
+def widening(stem: str, widths: tuple[int, ...] | None) -> int | None:
+    """Wide ResNet's factor k where `widths` are the paper's stages k times wider around the paper's stem
+    (Zagoruyko & Komodakis 2016, Table 1: WRN-28-10 is 16, 160, 320, 640); None for any other widths."""
+    paper = WIDTHS[stem]
+    if widths is None or widths[0] != paper[0] or widths[1] % paper[1]:
+        return None
+    k = widths[1] // paper[1]
+    return k if k > 1 and list(widths[1:]) == [k * w for w in paper[1:]] else None
+
+
+def canonical_shortcut(option: str) -> str:
+    """'identity'/'projection'/'full', also accepting the paper's letters A/B/C."""
+    letters = {letter: name for name, letter in SHORTCUTS.items()}
+    name = letters.get(str(option).upper(), str(option).lower())
+    if name not in SHORTCUTS:
+        raise ResexpError(f"shortcut={option!r} is not an option; choose identity (A), projection (B) or full (C)")
+    return name
+
+
+def net_name(
+    residual: bool,
+    depth: int,
+    shortcut: str | None,
+    block: str = "basic",
+    bottleneck_stride: str = "1x1",
+    preactivation: bool = False,
+    *,
+    stem: str = "cifar",
+    widths: tuple[int, ...] | None = None,
+    cardinality: int = 1,
+    base_width: int = 64,
+    dropout: float = 0.0,
+) -> str:
+    """How runs are named in logs, directories and reports: `plain56`, `resnet56-A` (shortcut: a
+    canonical_shortcut name; a plain net has none), `resnet50-B-v1.5` for torchvision's bottleneck,
+    `resnet164-B-preact` for He et al. 2016's units, `wrn28-10-B-preact` for a Wide ResNet (named by its
+    paper's depth, which counts the three 1x1 projections and not the classifier: model.depth + 2),
+    `resnext29-8x64d-B` for a ResNeXt (cardinality x the groups' width in the first stage; its block
+    strides in the 3x3 conv, `-stride1x1` where it does not)."""
+    letter = f"-{SHORTCUTS[shortcut]}" if residual else ""
+    k = widening(stem, widths) if block == "basic" else None
+    if cardinality > 1:
+        group_width = (widths or WIDTHS[stem])[1] * base_width // 64
+        name = f"{'resnext' if residual else 'plain'}{depth}-{cardinality}x{group_width}d{letter}"
+    elif k is not None:
+        name = f"{'wrn' if residual else 'plain-wrn'}{depth + 2}-{k}{letter}"
+    else:
+        name = f"resnet{depth}{letter}" if residual else f"plain{depth}"
+    if block == "bottleneck" and cardinality > 1:  # ResNeXt's own block strides in its 3x3 conv
+        name += "-stride1x1" if bottleneck_stride == "1x1" else ""
+    elif block == "bottleneck":
+        name += "-v1.5" if bottleneck_stride == "3x3" else ""
+    name += "-preact" if preactivation else ""
+    usual = RESNEXT_CIFAR_WIDTHS if cardinality > 1 and stem == "cifar" else WIDTHS[stem]
+    if k is None and tuple(widths or WIDTHS[stem]) != usual:
+        name += "-widths" + "-".join(map(str, widths or WIDTHS[stem]))
+    if cardinality == 1 and base_width != 64:
+        name += f"-width{base_width}"
+    return name + (f"-dropout{dropout:g}" if dropout else "")
+
+
+# The model keys a net's name is made of (model_name), in the order of the model presets.
+NAME_KEYS = (
+    "depth",
+    "residual",
+    "block",
+    "stem",
+    "bottleneck_stride",
+    "preactivation",
+    "widths",
+    "cardinality",
+    "base_width",
+    "dropout",
+)
+
+
+def model_name(model: Mapping[str, Any], shortcut: str | None, **missing: Any) -> str:
+    """net_name of a config's model node (`shortcut`: a canonical_shortcut name; None for a plain net),
+    unchecked, so that even a net the config check will refuse has a name; keys the node lacks take
+    `missing`'s values, else the 2015 paper's."""
+
+    def get(key: str, default: Any) -> Any:
+        value = model.get(key)
+        return missing.get(key, default) if value is None else value
+
+    widths = get("widths", None)
+    return net_name(
+        model["residual"],
+        model["depth"],
+        shortcut,
+        get("block", "basic"),
+        get("bottleneck_stride", "1x1"),
+        bool(get("preactivation", False)),
+        stem=get("stem", "cifar"),
+        widths=None if widths is None else tuple(widths),
+        cardinality=get("cardinality", 1),
+        base_width=get("base_width", 64),
+        dropout=get("dropout", 0.0),
+    )
