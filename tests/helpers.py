@@ -48,6 +48,19 @@ RUN = [
 ]
 
 
+# Small relatives for nets(): a Wide ResNet's pre-activation net twice as wide, and a ResNeXt whose 3x3
+# convs have 4 groups.
+WIDE = {"preactivation": True, "shortcut": "projection", "widths": (16, 32, 64, 128)}
+RESNEXT = {
+    "depth": 11,
+    "block": "bottleneck",
+    "shortcut": "projection",
+    "widths": (8, 8, 16, 16),
+    "cardinality": 4,
+    "base_width": 16,
+}
+
+
 def nets(count: int, device: str = "cpu", **net) -> list[tuple[torch.nn.Module, torch.optim.SGD]]:
     """`count` nets of one kind with different initial weights, in float64 (so that two computations of
     the same numbers agree to rounding on any CPU), each with the paper's SGD; a list value

@@ -7,7 +7,19 @@ import json
 
 import pytest
 import torch
-from helpers import CLOSE, SHRINK, alone, assert_same, batches, ddp_step, nets, process_group_of_one, resexp
+from helpers import (
+    CLOSE,
+    RESNEXT,
+    SHRINK,
+    WIDE,
+    alone,
+    assert_same,
+    batches,
+    ddp_step,
+    nets,
+    process_group_of_one,
+    resexp,
+)
 
 from resexp import checkpoint, jobs, runs
 from resexp.group import make_group_step
@@ -18,18 +30,7 @@ SHAPE = (8, 3, 32, 32)
 RATES = (0.1, 0.1, 0.01, 0.0, 0.05)  # a drop, a step that must not move, a rise: no capture again
 
 
-RELATIVES = {
-    "resnet": {},
-    "wide-preact": {"preactivation": True, "shortcut": "projection", "widths": (16, 32, 64, 128)},
-    "resnext": {
-        "depth": 11,
-        "block": "bottleneck",
-        "shortcut": "projection",
-        "widths": (8, 8, 16, 16),
-        "cardinality": 4,
-        "base_width": 16,
-    },
-}
+RELATIVES = {"resnet": {}, "wide-preact": WIDE, "resnext": RESNEXT}
 
 
 @pytest.mark.parametrize("net", RELATIVES.values(), ids=RELATIVES.keys())
@@ -66,7 +67,7 @@ def test_the_bf16_cuda_graph_step_trains_as_the_eager_one():
 
 
 def test_dropout_draws_new_masks_at_each_replay_of_the_cuda_graph():
-    [(model, sgd)] = nets(1, "cuda", preactivation=True, shortcut="projection", widths=(16, 32, 64, 128), dropout=0.3)
+    [(model, sgd)] = nets(1, "cuda", **WIDE, dropout=0.3)
     graphed = make_step(model, sgd, SHAPE, precision="fp32", cuda_graph=True)
     set_lr(sgd, 0.0)  # the weights stay: only the masks can change the loss
     (x,), (y,) = batches(1, 0, device="cuda")

@@ -9,7 +9,20 @@ import threading
 
 import pytest
 import torch
-from helpers import CLOSE, RUN, RUN_ITERATIONS, SHRINK, alone, assert_same, batches, nets, resexp, stop_midway
+from helpers import (
+    CLOSE,
+    RESNEXT,
+    RUN,
+    RUN_ITERATIONS,
+    SHRINK,
+    WIDE,
+    alone,
+    assert_same,
+    batches,
+    nets,
+    resexp,
+    stop_midway,
+)
 
 from resexp import checkpoint, runs
 from resexp.group import Lockstep, make_group_step
@@ -29,18 +42,8 @@ from resexp.step import set_lr
         ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1),
         ({"residual": [False, True, False], "preactivation": True}, 3),  # He et al. 2016's units, gated
         ({"depth": 11, "block": "bottleneck", "shortcut": "projection", "preactivation": True}, 3),
-        ({"preactivation": True, "shortcut": "projection", "widths": (16, 32, 64, 128)}, 3),  # Wide ResNet's
-        (  # ResNeXt's grouped 3x3 convs: K copies of C groups are K * C groups
-            {
-                "depth": 11,
-                "block": "bottleneck",
-                "shortcut": "projection",
-                "widths": (8, 8, 16, 16),
-                "cardinality": 4,
-                "base_width": 16,
-            },
-            3,
-        ),
+        (WIDE, 3),  # Wide ResNet's
+        (RESNEXT, 3),  # ResNeXt's grouped 3x3 convs: K copies of C groups are K * C groups
     ],
     ids=[
         "option-A",
