@@ -273,7 +273,13 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
 
 # The builders a run's data and optimizer may name: a saved config names one of these or is refused,
 # since `instantiate` calls what `_target_` names and a run directory may come from anyone.
-TARGETS = {"resexp.data.cifar10", "resexp.data.imagenet", "resexp.data.synthetic", "torch.optim.SGD"}
+TARGETS = {
+    "resexp.data.cifar10",
+    "resexp.data.cifar100",
+    "resexp.data.imagenet",
+    "resexp.data.synthetic",
+    "torch.optim.SGD",
+}
 
 
 def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:

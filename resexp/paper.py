@@ -43,6 +43,15 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
     ("cifar10", "wrn28-10-B-preact-dropout0.3"): PaperResult(3.89, "Zagoruyko & Komodakis 2016 (median of 5)"),
     # Xie et al. 2017, "Aggregated Residual Transformations" (arXiv:1611.05431), Table 7
     ("cifar10", "resnext29-8x64d-B"): PaperResult(3.65, "Xie et al. 2017, Table 7"),
+    # CIFAR-100 (fine labels), which the 2015 paper does not report: He et al. 2016's Table 3, Wide ResNet's
+    # README (median of 5) and ResNeXt's Table 7, each with its authors' recipe.
+    ("cifar100", "resnet164-B"): PaperResult(25.16, "He et al. 2016, Table 3 (2015 units)"),
+    ("cifar100", "resnet164-B-preact"): PaperResult(24.33, "He et al. 2016, Table 3"),
+    ("cifar100", "resnet1001-B"): PaperResult(27.82, "He et al. 2016, Table 3 (2015 units)"),
+    ("cifar100", "resnet1001-B-preact"): PaperResult(22.71, "He et al. 2016, Table 3"),
+    ("cifar100", "wrn28-10-B-preact"): PaperResult(19.25, "Zagoruyko & Komodakis 2016 (median of 5)"),
+    ("cifar100", "wrn28-10-B-preact-dropout0.3"): PaperResult(18.85, "Zagoruyko & Komodakis 2016 (median of 5)"),
+    ("cifar100", "resnext29-8x64d-B"): PaperResult(17.77, "Xie et al. 2017, Table 7"),
     ("imagenet", "plain18"): PaperResult(27.94, "Table 2"),
     ("imagenet", "plain34"): PaperResult(28.54, "Table 2"),
     ("imagenet", "resnet18-A"): PaperResult(27.88, "Table 2"),
@@ -62,11 +71,16 @@ def lookup(dataset: str | None, net: str) -> PaperResult | None:
 
 # The paper's recipe on each dataset (§4.2, §3.4): iterations, batch size, base learning rate. A run
 # trained otherwise is marked in a report, not compared silently.
-RECIPES = {"cifar10": (64_000, 128, 0.1), "imagenet": (600_000, 256, 0.1)}
+RECIPES = {"cifar10": (64_000, 128, 0.1), "cifar100": (64_000, 128, 0.1), "imagenet": (600_000, 256, 0.1)}
 # The relatives' own CIFAR recipes, by the family their names begin with (resexp.models.resnet.net_name):
 # Wide ResNet's 200 epochs and ResNeXt's 300 of 50k images at batch 128 (conf/schedule/wrn.yaml, resnext.yaml).
 OWN_RECIPES = {"wrn": (78_125, 128, 0.1), "resnext": (117_188, 128, 0.1)}
-DATA_NAMES = {"cifar10": "CIFAR-10", "imagenet": "ImageNet", "synthetic": "random images (data=synthetic)"}
+DATA_NAMES = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "imagenet": "ImageNet",
+    "synthetic": "random images (data=synthetic)",
+}
 
 
 def recipe_differences(

@@ -122,6 +122,7 @@ KEYS_OF += (SharedGPULauncherSchema,)  # every schema whose fields a wrong-type 
 SCHEMAS = {  # the names the YAML files' defaults lists give them
     "resexp_train": TrainSchema,
     "resexp_cifar10": Cifar10Schema,
+    "resexp_cifar100": Cifar10Schema,  # the same keys
     "resexp_imagenet": ImageNetSchema,
     "resexp_synthetic": SyntheticSchema,
     "resexp_shared_gpu_launcher": SharedGPULauncherSchema,

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resexp.data import cifar, cifar10, synthetic
+from resexp.data import cifar, cifar10, cifar100, synthetic
 from resexp.data.loaders import augment, per_pixel_mean, tensor_data
 from resexp.errors import ResexpError
 
@@ -27,7 +28,7 @@ def fake_cifar(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for name in cifar.TRAIN_FILES + cifar.TEST_FILES:
+    for name in cifar.CIFAR10.train_files + cifar.CIFAR10.test_files:
         write_batch(
             folder / name, rng.integers(0, 256, (10_000, 3072), dtype=np.uint8), rng.integers(0, 10, 10_000).tolist()
         )
@@ -250,3 +251,91 @@ def test_labels_stay_with_their_images():
         # Crops can bring in padding, but the centre pixel is always the image's own.
         centre = (x[:, 0, 16, 16] + mean[0, 16, 16]) * 255
         assert torch.allclose(centre, y.float(), atol=1e-3)
+
+
+def write_cifar100(root, labels_high=100):
+    """A cifar-100-python/ in the standard python layout: random images, fine and coarse labels."""
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, count in (("train", 50_000), ("test", 10_000)):
+        entry = {
+            "filenames": [f"{i}.png" for i in range(count)],
+            "batch_label": name,
+            "fine_labels": rng.integers(0, labels_high, count).tolist(),
+            "coarse_labels": rng.integers(0, 20, count).tolist(),
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+        }
+        with open(folder / name, "wb") as file:
+            pickle.dump(entry, file)
+    return folder
+
+
+def test_cifar100_reads_its_python_layout_with_the_fine_labels(tmp_path):
+    folder = write_cifar100(tmp_path)
+    data = cifar100(
+        root=str(tmp_path),
+        download=False,
+        num_classes=100,
+        val_size=0,
+        eval_batch_size=1000,
+        batch_size=64,
+        seed=0,
+        device=CPU,
+    )
+    assert data.num_train == 50_000 and len(data.evals["test"].labels) == 10_000
+    with open(folder / "test", "rb") as file:
+        fine = torch.tensor(pickle.load(file)["fine_labels"])
+    assert torch.equal(data.evals["test"].labels.cpu(), fine)  # the fine labels, in the file's order
+    with pytest.raises(ResexpError, match=r"data.num_classes=10, but CIFAR-100 has 100 classes"):
+        cifar100(
+            root=str(tmp_path),
+            download=False,
+            num_classes=10,
+            val_size=0,
+            eval_batch_size=1,
+            batch_size=1,
+            seed=0,
+            device=CPU,
+        )
+
+
+def test_cifar100_refuses_a_folder_it_cannot_use_in_one_line(tmp_path):
+    with pytest.raises(
+        ResexpError,
+        match=r"CIFAR-100 not found: .*cifar-100-python lacks train, test; put the python version of CIFAR-100",
+    ):
+        cifar100(
+            root=str(tmp_path),
+            download=False,
+            num_classes=100,
+            val_size=0,
+            eval_batch_size=1,
+            batch_size=1,
+            seed=0,
+            device=CPU,
+        )
+    write_cifar100(tmp_path, labels_high=101)  # a label of 100: not one of CIFAR-100's
+    with pytest.raises(ResexpError, match=r"has labels outside 0..99: it is not a CIFAR-100 batch"):
+        cifar.read_batch(tmp_path / "cifar-100-python" / "train", cifar.CIFAR100)
+
+
+def test_data_cifar100_trains_from_the_command_line(tmp_path):
+    from helpers import resexp
+
+    write_cifar100(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [
+        "data=cifar100",
+        f"data.root={tmp_path}",
+        "schedule.iterations=2",
+        "schedule.batch_size=16",
+        "eval_points=1",
+    ]
+    result = resexp("train", *args, "data.eval_batch_size=500", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["data"], metrics["params"]) == (
+        "cifar100",
+        269_722 + 65 * 90,
+    )  # 90 more outputs, 64 weights and a bias each

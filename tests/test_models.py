@@ -9,7 +9,7 @@ from torch import nn
 
 from resexp.errors import ResexpError
 from resexp.models import build_model, count_parameters
-from resexp.models.resnet import ZeroPadShortcut, canonical_shortcut, net_name
+from resexp.models.resnet import NetSpec, ZeroPadShortcut, canonical_shortcut, net_name, torchvision_keys
 
 
 def cifar(depth, residual=True, shortcut="identity"):
@@ -298,6 +298,9 @@ def test_imagenet_resnext_and_wide_bottlenecks_equal_torchvisions(variant, their
         ours = build_model(depth, True, "bottleneck", "imagenet", "B", 1000, "3x3", **variant)
         reference = getattr(torchvision.models, theirs)(weights=None)
     assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+    spec = NetSpec(depth, True, "bottleneck", "imagenet", "projection", 1000, "3x3", **variant)
+    rename = torchvision_keys(spec)  # the export's second file loads into torchvision's net
+    assert [rename(key) for key in ours.state_dict()] == list(reference.state_dict())
 
 
 def test_a_wide_resnets_dropout_sits_between_its_convs_and_is_off_in_eval_mode():

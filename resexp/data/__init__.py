@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from resexp.data.cifar import cifar10
+from resexp.data.cifar import cifar10, cifar100
 from resexp.data.loaders import Data, Shard
 from resexp.data.synthetic import synthetic
 
@@ -17,4 +17,4 @@ def imagenet(**settings: Any) -> Data:
     return build(**settings)
 
 
-__all__ = ["Data", "Shard", "cifar10", "imagenet", "synthetic"]
+__all__ = ["Data", "Shard", "cifar10", "cifar100", "imagenet", "synthetic"]

@@ -1,4 +1,6 @@
-"""CIFAR-10 from the standard python layout (<root>/cifar-10-batches-py/), downloaded when missing.
+"""CIFAR-10 and CIFAR-100 from the standard python layouts (<root>/cifar-10-batches-py/,
+<root>/cifar-100-python/), downloaded when missing. CIFAR-100's images are CIFAR-10's kind (32x32, 50k
+training and 10k test images) in 100 classes ("fine" labels), which the relatives' papers also report.
 
 The batches are read directly rather than through torchvision's `CIFAR10` class: that class refuses
 files whose md5 differs from the published archive's, and copies rebuilt pixel-exact (such as one made
@@ -8,7 +10,9 @@ offline from lossless sources) must still load. The download itself is torchvisi
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,10 +20,42 @@ import torch
 from resexp.data.loaders import WHOLE, Data, Shard, tensor_data
 from resexp.errors import ResexpError
 
-FOLDER = "cifar-10-batches-py"  # the python version's folder (torchvision's CIFAR10.base_folder)
-TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_FILES = ["test_batch"]
-IMAGES_PER_FILE = 10_000
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a CIFAR set's python version keeps what (torchvision's CIFAR10 and CIFAR100 classes)."""
+
+    name: str  # CIFAR-10, as messages say it
+    folder: str  # the python version's folder (torchvision's base_folder)
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    labels: str  # the batch's key of the labels to learn
+    classes: int
+    images: dict[str, int]  # images in each file (a file of another count is not the set's)
+    download: str  # the torchvision class whose url, filename and md5 the download takes
+
+
+CIFAR10 = Layout(
+    "CIFAR-10",
+    "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    ("test_batch",),
+    "labels",
+    10,
+    {**{f"data_batch_{i}": 10_000 for i in range(1, 6)}, "test_batch": 10_000},
+    "CIFAR10",
+)
+CIFAR100 = Layout(
+    "CIFAR-100",
+    "cifar-100-python",
+    ("train",),
+    ("test",),
+    "fine_labels",
+    100,
+    {"train": 50_000, "test": 10_000},
+    "CIFAR100",
+)
+FOLDER = CIFAR10.folder  # for the tests and messages that name CIFAR-10's folder
 
 
 # What a batch may be made of: a dict of strings, lists of numbers and one numpy array (the pixels). A
@@ -50,17 +86,18 @@ class BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pickled batch as uint8 images (10000, 3, 32, 32) and int64 labels, read as data only
+def read_batch(path: Path, layout: Layout = CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pickled batch as uint8 images (N, 3, 32, 32) and int64 labels, read as data only
     (BatchUnpickler), or a one-line error."""
     try:
         with open(path, "rb") as file:
             entry = BatchUnpickler(file, encoding="latin1").load()
-        images = np.asarray(entry["data"], dtype=np.uint8).reshape(IMAGES_PER_FILE, 3, 32, 32)
-        labels = np.asarray(entry["labels"], dtype=np.int64).reshape(IMAGES_PER_FILE)
+        count = layout.images[path.name]
+        labels = np.asarray(entry[layout.labels], dtype=np.int64).reshape(count)
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(count, 3, 32, 32)
     except NotABatch as error:
         raise ResexpError(
-            f"{path} is not a CIFAR-10 batch: it would call {error} as it loads, and resexp reads the batches "
+            f"{path} is not a {layout.name} batch: it would call {error} as it loads, and resexp reads the batches "
             "as data only, never as code; replace it with a good copy"
         ) from None
     except Exception as error:  # a truncated or foreign pickle fails in many ways; all mean the same here
@@ -68,30 +105,35 @@ def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             f"{path} is corrupt or truncated ({type(error).__name__}: {error}); "
             "delete the folder to download it again, or copy a good file there"
         ) from None
-    if labels.min() < 0 or labels.max() > 9:
-        raise ResexpError(f"{path} has labels outside 0..9: it is not a CIFAR-10 batch")
+    if labels.min() < 0 or labels.max() >= layout.classes:
+        raise ResexpError(f"{path} has labels outside 0..{layout.classes - 1}: it is not a {layout.name} batch")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)
 
 
-def find_or_download(root: str, download: bool) -> Path:
-    folder = Path(root).expanduser().absolute() / FOLDER  # absolute: the message says where it looked
-    missing = [name for name in TRAIN_FILES + TEST_FILES if not (folder / name).is_file()]
+def find_or_download(root: str, download: bool, layout: Layout = CIFAR10) -> Path:
+    folder = Path(root).expanduser().absolute() / layout.folder  # absolute: the message says where it looked
+    missing = [name for name in layout.train_files + layout.test_files if not (folder / name).is_file()]
     if not missing:
         return folder
-    how = "put the python version of CIFAR-10 there (cifar-10-batches-py/) or point data.root (or RESEXP_DATA) at a folder that holds it"
+    how = (
+        f"put the python version of {layout.name} there ({layout.folder}/) or point data.root (or RESEXP_DATA) "
+        "at a folder that holds it"
+    )
     if not download:
-        raise ResexpError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; {how}")
-    from torchvision.datasets import CIFAR10  # torchvision's import takes a second: only when downloading
+        raise ResexpError(f"{layout.name} not found: {folder} lacks {', '.join(missing)}; {how}")
+    import torchvision.datasets  # torchvision's import takes a second: only when downloading
     from torchvision.datasets.utils import download_and_extract_archive
 
+    source = getattr(torchvision.datasets, layout.download)
     try:
-        download_and_extract_archive(CIFAR10.url, str(folder.parent), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        download_and_extract_archive(source.url, str(folder.parent), filename=source.filename, md5=source.tgz_md5)
     except Exception as error:  # offline, proxy, disk full, bad checksum: the user needs the same advice
-        raise ResexpError(f"CIFAR-10 not found in {folder} and the download failed ({error}); {how}") from None
+        raise ResexpError(f"{layout.name} not found in {folder} and the download failed ({error}); {how}") from None
     return folder
 
 
-def cifar10(
+def load(
+    layout: Layout,
     *,
     root: str,
     download: bool,
@@ -103,15 +145,17 @@ def cifar10(
     device: torch.device,
     shard: Shard = WHOLE,
 ) -> Data:
-    if num_classes != 10:
-        raise ResexpError(f"data.num_classes={num_classes}, but CIFAR-10 has 10 classes")
-    folder = find_or_download(root, download)
-    train = [read_batch(folder / name) for name in TRAIN_FILES]
-    test = read_batch(folder / TEST_FILES[0])
+    """The set's training and test images as batches on the device (resexp/data/loaders.py)."""
+    if num_classes != layout.classes:
+        raise ResexpError(f"data.num_classes={num_classes}, but {layout.name} has {layout.classes} classes")
+    folder = find_or_download(root, download, layout)
+    train = [read_batch(folder / name, layout) for name in layout.train_files]
+    test = [read_batch(folder / name, layout) for name in layout.test_files]
     return tensor_data(
         torch.cat([images for images, _ in train]),
         torch.cat([labels for _, labels in train]),
-        *test,
+        torch.cat([images for images, _ in test]),
+        torch.cat([labels for _, labels in test]),
         val_size=val_size,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
@@ -119,3 +163,13 @@ def cifar10(
         device=device,
         shard=shard,
     )
+
+
+def cifar10(**settings: Any) -> Data:
+    """CIFAR-10 (§4.2): load's arguments."""
+    return load(CIFAR10, **settings)
+
+
+def cifar100(**settings: Any) -> Data:
+    """CIFAR-100, fine labels: load's arguments."""
+    return load(CIFAR100, **settings)

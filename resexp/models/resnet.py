@@ -69,7 +69,7 @@ def stage_layers(stem: str, block: str, depth: int) -> list[int]:
         # bottlenecks, 9n (He et al. 2016: ResNet-164 and -1001).
         per_block = {"basic": 2, "bottleneck": 3}[block]
         if not isinstance(depth, int) or depth < 3 * per_block + 2 or (depth - 2) % (3 * per_block):
-            form, examples = {"basic": ("6n+2", "8, 14, 20, 26, ...: the paper's are 20, 32, 44, 56, 110, 1202"),
+            form, examples = {"basic": ("6n+2", "8, 14, 20, 26, ...: the paper's are 20, 32, 44, 56, 110, 1202; WRN-d-k is d-2"),
                               "bottleneck": ("9n+2", "11, 20, 29, ...: He et al. 2016's are 164 and 1001")}[block]  # fmt: skip
             raise ResexpError(
                 f"model.depth={depth!r} is not a CIFAR depth of {block} blocks; it must be {form} ({examples})"
@@ -198,8 +198,9 @@ class NetSpec:
         for planes in (self.widths or WIDTHS[self.stem])[1:]:
             if self.block == "bottleneck" and planes * self.base_width % 64:
                 raise ResexpError(
-                    f"model.base_width={self.base_width} gives {planes} planes {planes * self.base_width / 64:g} channels "
-                    "per group; choose one that makes it whole (64 planes per stage's first: any)"
+                    f"model.base_width={self.base_width} gives a stage of {planes} planes "
+                    f"{planes * self.base_width / 64:g} channels per group (planes x base_width / 64); "
+                    "choose a base_width that makes every stage's whole"
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ResexpError(f"model.dropout={self.dropout!r} is not a rate; choose one in [0, 1) (WRN's: 0.3)")
@@ -280,12 +281,15 @@ def count_parameters(model: nn.Module) -> int:
 def torchvision_keys(spec: NetSpec) -> Callable[[str], str] | None:
     """How this net's state-dict keys read in torchvision's ResNet, where it computes torchvision's
     function: an ImageNet ResNet with option B (projections only where dimensions change; torchvision's
-    `downsample`), with basic blocks or torchvision's v1.5 bottleneck (bottleneck_stride=3x3). None for
-    any other net (plain, option A or C, CIFAR, the paper's bottleneck). stem.0/1 -> conv1/bn1,
-    stages.i -> layer{i+1}, shortcut -> downsample."""
+    `downsample`), with basic blocks or torchvision's v1.5 bottleneck (bottleneck_stride=3x3), grouped
+    or widened as its resnext50_32x4d and wide_resnet50_2 are. None for any other net (plain, option A or
+    C, CIFAR, the paper's bottleneck, other widths). stem.0/1 -> conv1/bn1, stages.i -> layer{i+1},
+    shortcut -> downsample."""
     if not (spec.residual and spec.stem == "imagenet" and spec.shortcut == "projection"):
         return None
     if (spec.block == "bottleneck" and spec.bottleneck_stride != "3x3") or spec.preactivation:
+        return None
+    if spec.widths not in (None, WIDTHS[spec.stem]):
         return None
 
     def rename(key: str) -> str:
