@@ -12,6 +12,7 @@ import torch
 
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write
+from resexp.models.names import GATE_BIAS
 
 START_OVER = "move it away to start this run over"  # what a damaged or foreign checkpoint leaves to do
 VERSION = 2  # bump when the layout of the dict changes; older files are then refused with a message, or read as below
@@ -122,13 +123,16 @@ ADDED = {
     "model.cardinality": 1,
     "model.base_width": 64,
     "model.dropout": 0.0,
+    "model.gate_bias": GATE_BIAS,  # came in 0.6.0, with shortcut=gated
 }
 
 
 def identity(values: dict[str, Any]) -> dict[str, Any]:
-    """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY, and less the bottleneck's
-    stride in a net of basic blocks, where it changes nothing."""
+    """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY, and less what changes
+    nothing in its net: the bottleneck's stride in a net of basic blocks, the gates' bias without gates."""
     unused = set() if values.get("model.block") == "bottleneck" else {"model.bottleneck_stride"}
+    if str(values.get("shortcut")).lower() != "gated":
+        unused.add("model.gate_bias")
     return {key: value for key, value in values.items() if key not in NOT_IDENTITY | unused}
 
 

@@ -11,7 +11,7 @@ copies one by one.
 
 Fig. 6 and Table 2 compare plain and residual nets of equal depth: the same layers, differing only in
 the skip connections (§3.3). With option A's shortcuts (identity and zero padding, no weights) a plain
-net is a copy of its residual twin whose shortcuts output zero (GatedShortcut), so a single-seed Fig. 6
+net is a copy of its residual twin whose shortcuts output zero (MaskedShortcut), so a single-seed Fig. 6
 sweep trains as four plain/residual pairs and ResNet-110 rather than nine nets.
 
 The copies stay separate experiments: copy k sees only run k's batches (its block of input channels),
@@ -51,7 +51,7 @@ class GroupedZeroPad(ZeroPadShortcut):
         return F.pad(x, (0, self.extra_channels)).flatten(3).permute(0, 3, 1, 2)
 
 
-class GatedShortcut(nn.Module):
+class MaskedShortcut(nn.Module):
     """A parameter-free shortcut of a group where only some copies are residual: the plain copies' part
     of it is zero, so their blocks compute F(x) alone, as the plain twin's would (§3.3)."""
 
@@ -114,15 +114,15 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
     return group
 
 
-def gated_shortcut(parts: Sequence[nn.Module | None], device: torch.device) -> GatedShortcut:
+def masked_shortcut(parts: Sequence[nn.Module | None], device: torch.device) -> MaskedShortcut:
     """The shortcut of a block in a group of plain (None: no shortcut) and residual copies."""
     shortcut = next(part for part in parts if part is not None)
     if next(shortcut.parameters(), None) is not None:
         raise TypeError(
-            f"cannot group plain nets with residual ones whose shortcuts have weights ({type(shortcut).__name__}); only option A's can be gated"
+            f"cannot group plain nets with residual ones whose shortcuts have weights ({type(shortcut).__name__}); only option A's can be masked"
         )
     grouped = grouped_module([shortcut] * len(parts))  # option A's zero padding for every copy
-    return GatedShortcut(nn.Identity() if grouped is None else grouped, [part is not None for part in parts], device)
+    return MaskedShortcut(nn.Identity() if grouped is None else grouped, [part is not None for part in parts], device)
 
 
 def layer(model: nn.Module, name: str) -> nn.Module | None:
@@ -147,7 +147,7 @@ def group_network(models: Sequence[nn.Module]) -> nn.Module:
     for name in [name for name, _ in net.named_modules()]:
         parts = [layer(model, name) for model in models]
         if None in parts:
-            net.set_submodule(name, gated_shortcut(parts, device))
+            net.set_submodule(name, masked_shortcut(parts, device))
         elif (group := grouped_module(parts)) is not None:
             net.set_submodule(name, group)
     net.to(memory_format=torch.channels_last)  # the layout of the images (step.to_device)

@@ -37,6 +37,10 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
     ("cifar10", "resnet1001-B-preact"): PaperResult(4.92, "He et al. 2016, Table 3"),
     ("cifar10", "resnet164-B"): PaperResult(5.93, "He et al. 2016, Table 3 (2015 units)"),
     ("cifar10", "resnet1001-B"): PaperResult(7.61, "He et al. 2016, Table 3 (2015 units)"),
+    # Their Table 1 (median of 5): ResNet-110 with Highway networks' exclusive gates (shortcut=gated), the
+    # gates' bias starting at -6 (their best; 0 to -5 failed to train, above 20%) and at -7.
+    ("cifar10", "resnet110-gated"): PaperResult(8.70, "He et al. 2016, Table 1 (exclusive gating)"),
+    ("cifar10", "resnet110-gated-gatebias-7"): PaperResult(9.81, "He et al. 2016, Table 1 (exclusive gating)"),
     # Zagoruyko & Komodakis 2016, "Wide Residual Networks" (arXiv:1605.07146): median of 5 runs, mean/std
     # normalisation (their code's README and final version); their own recipe (conf/schedule/wrn.yaml).
     ("cifar10", "wrn28-10-B-preact"): PaperResult(4.00, "Zagoruyko & Komodakis 2016 (median of 5)"),

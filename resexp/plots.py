@@ -25,7 +25,7 @@ OTHER = ("figure", None, "error/test")
 
 
 def variant(net: str) -> str:
-    """What a net's name says beyond its kind, depth and shortcut: -preact, -v1.5, or nothing."""
+    """What a net's name says beyond its kind, depth and shortcut letter: -preact, -v1.5, -gated, or nothing."""
     return re.sub(r"^(plain|resnet)\d+(-[ABC])?", "", net)
 
 
@@ -41,8 +41,11 @@ def legend_name(label: str, net: str, depth: int | None, letter: str | None, sev
         name = FAMILIES[family[0]] + net[family.end() :]
         name = re.sub(r"-[ABC](?=-|$)", f" ({letter})" if several_options and letter else "", name)
     else:
-        name = f"{label}-{depth}" + (f" ({letter})" if several_options else "") + variant(net)
-    return name.replace("-preact", " pre-act").replace("-v1.5", " v1.5").replace("-dropout", " dropout ")
+        shown = several_options and letter in ("A", "B", "C")  # a gated net says so in its name
+        name = f"{label}-{depth}" + (f" ({letter})" if shown else "") + variant(net)
+    for tag, words in (("-preact", " pre-act"), ("-v1.5", " v1.5"), ("-dropout", " dropout "), ("-gated", " gated")):
+        name = name.replace(tag, words)
+    return name.replace("-gatebias", ", gate bias ")
 
 
 def title(data: str, runs: list[Run]) -> str:

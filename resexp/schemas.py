@@ -32,6 +32,9 @@ class ModelSchema:  # conf/model/
     cardinality: int = 1  # ResNeXt's groups in a bottleneck's 3x3 conv; 1: the paper's block
     base_width: int = 64  # ResNeXt's channels per group for each 64 planes; 64 with cardinality 1: the paper's block
     dropout: float = 0.0  # Wide ResNet's dropout rate between a basic block's two convs; 0: none
+    gate_bias: float = (
+        -6.0
+    )  # shortcut=gated: the gates' initial bias (He et al. 2016, Table 1: -6 trains ResNet-110 best, 0 to -5 fail)
 
 
 @dataclass

@@ -61,6 +61,10 @@ RESNEXT = {
 }
 
 
+# Highway networks' gates on ResNet's shortcuts, starting half open so that both of their paths count.
+GATED = {"shortcut": "gated", "gate_bias": 0.0}
+
+
 def nets(count: int, device: str = "cpu", **net) -> list[tuple[torch.nn.Module, torch.optim.SGD]]:
     """`count` nets of one kind with different initial weights, in float64 (so that two computations of
     the same numbers agree to rounding on any CPU), each with the paper's SGD; a list value

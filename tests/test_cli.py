@@ -106,15 +106,18 @@ def test_validation_split_logs_val_error(tmp_path):
         ("-m model.depth=20,21", ["model.depth=21 is not a CIFAR depth"]),  # the valid run is taken back too
         ("-m model.depth=20,26 precision=fp16", ["precision='fp16' is not an option"]),
         ("-m model.depth=20,26 hydra.launcher.max_runs=0", ["hydra.launcher.max_runs=0 must be a positive integer"]),
-        ("data=imagenet1k", ["data='imagenet1k' is not one of the data configs", "cifar10, imagenet, synthetic"]),
+        (
+            "data=imagenet1k",
+            ["data='imagenet1k' is not one of the data configs", "cifar10, cifar100, imagenet, synthetic"],
+        ),
         (
             "experiment=fig7",
             [
                 "experiment='fig7' is not one of the experiment configs",
-                "cifar10_fig6, cifar10_preact, cifar10_relatives, cifar10_table6, imagenet_table2, imagenet_table3",
+                "cifar10_fig6, cifar10_gating, cifar10_preact, cifar10_relatives, cifar10_table6, imagenet_table2, imagenet_table3",
             ],
         ),
-        ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B) or full (C)"]),
+        ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B), full (C) or gated"]),
         ("model.depth=21", ["model.depth=21 is not a CIFAR depth", "6n+2"]),
         ("schedule.iterations=0", ["schedule.iterations=0 must be a positive integer"]),
         ("device=tpu", ["device='tpu'", "auto, cpu, cuda"]),

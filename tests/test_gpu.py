@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import (
     CLOSE,
+    GATED,
     RESNEXT,
     SHRINK,
     WIDE,
@@ -30,7 +31,7 @@ SHAPE = (8, 3, 32, 32)
 RATES = (0.1, 0.1, 0.01, 0.0, 0.05)  # a drop, a step that must not move, a rise: no capture again
 
 
-RELATIVES = {"resnet": {}, "wide-preact": WIDE, "resnext": RESNEXT}
+RELATIVES = {"resnet": {}, "wide-preact": WIDE, "resnext": RESNEXT, "gated": GATED}
 
 
 @pytest.mark.parametrize("net", RELATIVES.values(), ids=RELATIVES.keys())

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import (
     CLOSE,
+    GATED,
     RESNEXT,
     RUN,
     RUN_ITERATIONS,
@@ -40,10 +41,11 @@ from resexp.step import set_lr
         ({"residual": [False, True, False]}, 3),  # Fig. 6's twins: plain copies beside a residual one
         ({"residual": [True, False, True], "depth": 18, "stem": "imagenet"}, 1),  # Table 2's, as ResNet-50 below
         ({"depth": 50, "block": "bottleneck", "stem": "imagenet", "shortcut": "projection"}, 1),
-        ({"residual": [False, True, False], "preactivation": True}, 3),  # He et al. 2016's units, gated
+        ({"residual": [False, True, False], "preactivation": True}, 3),  # He et al. 2016's units, masked
         ({"depth": 11, "block": "bottleneck", "shortcut": "projection", "preactivation": True}, 3),
         (WIDE, 3),  # Wide ResNet's
         (RESNEXT, 3),  # ResNeXt's grouped 3x3 convs: K copies of C groups are K * C groups
+        (GATED, 3),  # Highway's gates: K copies' gate convs as one grouped 1x1 conv, each with its biases
     ],
     ids=[
         "option-A",
@@ -56,6 +58,7 @@ from resexp.step import set_lr
         "preact-bottleneck-cifar",
         "wide-preact",
         "resnext",
+        "gated",
     ],
 )
 def test_each_copy_of_a_group_trains_as_its_run_alone(net, steps):

@@ -198,7 +198,7 @@ def test_net_names():
         ),
         (
             (20, True, "basic", "cifar", "X", 10),
-            "shortcut='X' is not an option; choose identity (A), projection (B) or full (C)",
+            "shortcut='X' is not an option; choose identity (A), projection (B), full (C) or gated (Highway's)",
         ),
     ],
 )

@@ -147,7 +147,7 @@ def paper_rows(data: str, table: int) -> set[str]:
 
 
 # He et al. 2016's Table 3: each net with the 2015 units and with pre-activation.
-HE_2016 = {net for (_, net), result in RESULTS.items() if result.source.startswith("He et al. 2016")}
+HE_2016 = {net for (_, net), result in RESULTS.items() if result.source.startswith("He et al. 2016, Table 3")}
 # Fig. 6 (left and middle): plain and residual 20, 32, 44 and 56 layers, and ResNet-110 (its right panel,
 # ResNet-1202, is Table 6's).
 FIG6 = {f"plain{depth}" for depth in (20, 32, 44, 56)} | {f"resnet{depth}-A" for depth in (20, 32, 44, 56, 110)}
@@ -172,6 +172,17 @@ def test_experiment_presets_sweep_the_papers_nets(experiment, nets, data, iterat
         assert run.data._target_ == f"resexp.data.{data}" and run.schedule.iterations == iterations
         swept.append(net_spec(run).name)
     assert len(swept) == len(set(swept)) and set(swept) == nets  # the paper's nets, each once
+
+
+def test_the_gating_preset_sweeps_resnet110_with_and_without_its_gates_each_with_its_number():
+    preset = config.compose("experiment=cifar10_gating", hydra_node=True)
+    params = preset.hydra.sweeper.params
+    swept = [
+        net_spec(compose_config("experiment=cifar10_gating", f"model={params.model}", f"shortcut={shortcut}")).name
+        for shortcut in params.shortcut.split(",")
+    ]
+    assert swept == ["resnet110-A", "resnet110-gated"]  # He et al. 2016's Table 1: its first and best gated rows
+    assert all(lookup("cifar10", name) is not None for name in swept)
 
 
 def test_the_relatives_sweep_each_net_once_with_its_authors_recipe_and_number():

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resexp.models.names import GATE_BIAS
+
 
 class ZeroPadShortcut(nn.Module):
     """Option A (§3.3): identity, subsampled by `stride` and zero-padded to `out_channels`; no parameters."""
@@ -32,16 +34,51 @@ def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequentia
     )
 
 
-def make_shortcut(residual: bool, option: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+class HighwayShortcut(nn.Module):
+    """shortcut=gated: the identity (option A's zero padding where the dimensions change) carried through
+    a learned gate, y = T(x)·F(x) + (1 - T(x))·x, as a Highway network's layer is (Srivastava et al.
+    2015, "Highway Networks", Eq. 3, a transform gate T and a carry gate 1 - T) and as He et al. 2016's
+    "exclusive gating" (§3.2) is: T(x) = sigmoid(W_T x + b_T) with a 1x1 conv W_T, one gate per channel
+    and position. A negative b_T starts the gates mostly carrying x (Highway Networks, §2.2); on ResNet-110
+    He et al. 2016 found 0 to -5 fail and -6 best (GATE_BIAS), 8.70% against the identity's 6.61% (their
+    Table 1). Called alone it gives the carried part, (1 - T(x))·x: the block with its branch deleted."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, gate_bias: float) -> None:
+        super().__init__()
+        changes = stride != 1 or in_channels != out_channels
+        self.carry = ZeroPadShortcut(in_channels, out_channels, stride) if changes else nn.Identity()
+        self.transform = nn.Conv2d(in_channels, out_channels, 1, stride=stride)  # W_T, b_T
+        nn.init.constant_(self.transform.bias, gate_bias)
+
+    def join(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # carry + T * (F - carry) = T·F + (1 - T)·carry, in one kernel
+        return torch.lerp(self.carry(x), branch, torch.sigmoid(self.transform(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - torch.sigmoid(self.transform(x))) * self.carry(x)
+
+
+def make_shortcut(
+    residual: bool, option: str, in_channels: int, out_channels: int, stride: int, gate_bias: float = GATE_BIAS
+) -> nn.Module | None:
     """The one place where the shortcut of a block is decided (None: a plain block has none)."""
     if not residual:
         return None
     changes = stride != 1 or in_channels != out_channels
+    if option == "gated":
+        return HighwayShortcut(in_channels, out_channels, stride, gate_bias)
     if option == "full" or (option == "projection" and changes):
         return projection(in_channels, out_channels, stride)
     if changes:
         return ZeroPadShortcut(in_channels, out_channels, stride)
     return nn.Identity()
+
+
+def add_shortcut(branch: torch.Tensor, shortcut: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """y = F(x) + shortcut(x) (Eq. 1-2), or a gated shortcut's T(x)·F(x) + (1 - T(x))·x."""
+    if isinstance(shortcut, HighwayShortcut):
+        return shortcut.join(branch, x)
+    return branch + shortcut(x)
 
 
 def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -75,19 +112,26 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, dropout_rate: float = 0.0
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        residual: bool,
+        shortcut: str,
+        dropout_rate: float = 0.0,
+        gate_bias: float = GATE_BIAS,
     ) -> None:
         super().__init__()
         self.conv1, self.bn1 = conv_bn(in_channels, planes, 3, stride)
         self.dropout = dropout(dropout_rate)
         self.conv2, self.bn2 = conv_bn(planes, planes, 3)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride, gate_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dropout(F.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
-            out = out + self.shortcut(x)  # y = F(x) + x, then the second nonlinearity (Eq. 1)
+            out = add_shortcut(out, self.shortcut, x)  # y = F(x) + x, then the second nonlinearity (Eq. 1)
         return F.relu(out)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,20 +155,21 @@ class Bottleneck(nn.Module):
         stride_at: str = "1x1",
         cardinality: int = 1,
         base_width: int = 64,
+        gate_bias: float = GATE_BIAS,
     ) -> None:
         super().__init__()
         width = bottleneck_width(planes, cardinality, base_width)
         self.conv1, self.bn1 = conv_bn(in_channels, width, 1, stride if stride_at == "1x1" else 1)
         self.conv2, self.bn2 = conv_bn(width, width, 3, stride if stride_at == "3x3" else 1, cardinality)
         self.conv3, self.bn3 = conv_bn(width, planes * self.expansion, 1)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride, gate_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.shortcut is not None:
-            out = out + self.shortcut(x)
+            out = add_shortcut(out, self.shortcut, x)
         return F.relu(out)
 
     skip = BasicBlock.skip
@@ -139,27 +184,37 @@ class PreActBasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int, residual: bool, shortcut: str, dropout_rate: float = 0.0
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        residual: bool,
+        shortcut: str,
+        dropout_rate: float = 0.0,
+        gate_bias: float = GATE_BIAS,
     ) -> None:
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, planes, 3, stride)
         self.dropout = dropout(dropout_rate)  # Wide ResNet's, after the second ReLU (their Fig. 1d)
         self.bn2, self.conv2 = nn.BatchNorm2d(planes), conv(planes, planes, 3)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride, gate_bias)
         self.changes = stride != 1 or in_channels != planes  # decided here: grouping wraps the shortcut (group.py)
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.dropout(F.relu(self.bn2(self.conv1(pre)))))
 
-    def skip(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
+    def shortcut_input(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
         if not self.changes:
-            return self.shortcut(x)  # the identity (or option C's projection) of the block's own input
-        return self.shortcut(F.relu(self.bn1(x)) if pre is None else pre)
+            return x  # the identity (or option C's projection) of the block's own input
+        return F.relu(self.bn1(x)) if pre is None else pre
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(self.shortcut_input(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
         out = self.branch(pre)
-        return out if self.shortcut is None else out + self.skip(x, pre)
+        return out if self.shortcut is None else add_shortcut(out, self.shortcut, self.shortcut_input(x, pre))
 
 
 class PreActBottleneck(PreActBasicBlock):
@@ -178,6 +233,7 @@ class PreActBottleneck(PreActBasicBlock):
         stride_at: str = "1x1",
         cardinality: int = 1,
         base_width: int = 64,
+        gate_bias: float = GATE_BIAS,
     ) -> None:
         nn.Module.__init__(self)
         width = bottleneck_width(planes, cardinality, base_width)
@@ -188,7 +244,7 @@ class PreActBottleneck(PreActBasicBlock):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv2 = conv(width, width, 3, stride if stride_at == "3x3" else 1, cardinality)
         self.bn3, self.conv3 = nn.BatchNorm2d(width), conv(width, planes * self.expansion, 1)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride)
+        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride, gate_bias)
         self.changes = stride != 1 or in_channels != planes * self.expansion
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:

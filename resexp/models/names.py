@@ -8,8 +8,12 @@ from typing import Any
 
 from resexp.errors import ResexpError
 
-# The shortcut options of §3.3 / Table 3, by name and by the paper's letter.
-SHORTCUTS = {"identity": "A", "projection": "B", "full": "C"}
+# The shortcut options of §3.3 / Table 3, by name and by the paper's letter, and the gated identity of
+# Highway networks (blocks.HighwayShortcut), which the paper compares against (Table 6) but has no letter for.
+SHORTCUTS = {"identity": "A", "projection": "B", "full": "C", "gated": "gated"}
+GATE_BIAS = (
+    -6.0
+)  # the gates' initial bias b_T (shortcut=gated): He et al. 2016's best for ResNet-110 (their Table 1; 0 to -5 failed)
 
 # The stem's width, then each stage's planes (a bottleneck stage outputs 4x its planes): §4.2 and Table 1.
 WIDTHS = {"cifar": (16, 16, 32, 64), "imagenet": (64, 64, 128, 256, 512)}
@@ -30,11 +34,13 @@ def widening(stem: str, widths: tuple[int, ...] | None) -> int | None:
 
 
 def canonical_shortcut(option: str) -> str:
-    """'identity'/'projection'/'full', also accepting the paper's letters A/B/C."""
-    letters = {letter: name for name, letter in SHORTCUTS.items()}
+    """'identity'/'projection'/'full'/'gated', also accepting the paper's letters A/B/C."""
+    letters = {letter: name for name, letter in SHORTCUTS.items() if len(letter) == 1}
     name = letters.get(str(option).upper(), str(option).lower())
     if name not in SHORTCUTS:
-        raise ResexpError(f"shortcut={option!r} is not an option; choose identity (A), projection (B) or full (C)")
+        raise ResexpError(
+            f"shortcut={option!r} is not an option; choose identity (A), projection (B), full (C) or gated (Highway's)"
+        )
     return name
 
 
@@ -51,13 +57,15 @@ def net_name(
     cardinality: int = 1,
     base_width: int = 64,
     dropout: float = 0.0,
+    gate_bias: float = GATE_BIAS,
 ) -> str:
     """How runs are named in logs, directories and reports: `plain56`, `resnet56-A` (shortcut: a
     canonical_shortcut name; a plain net has none), `resnet50-B-v1.5` for torchvision's bottleneck,
     `resnet164-B-preact` for He et al. 2016's units, `wrn28-10-B-preact` for a Wide ResNet (named by its
     paper's depth, which counts the three 1x1 projections and not the classifier: model.depth + 2),
     `resnext29-8x64d-B` for a ResNeXt (cardinality x the groups' width in the first stage; its block
-    strides in the 3x3 conv, `-stride1x1` where it does not)."""
+    strides in the 3x3 conv, `-stride1x1` where it does not), `resnet110-gated` for gated shortcuts
+    (`-gatebias-1` for gates that start elsewhere than GATE_BIAS)."""
     letter = f"-{SHORTCUTS[shortcut]}" if residual else ""
     k = widening(stem, widths) if block == "basic" else None
     if cardinality > 1:
@@ -77,6 +85,8 @@ def net_name(
         name += "-widths" + "-".join(map(str, widths or WIDTHS[stem]))
     if cardinality == 1 and base_width != 64:
         name += f"-width{base_width}"
+    if residual and shortcut == "gated" and gate_bias != GATE_BIAS:
+        name += f"-gatebias{gate_bias:g}"
     return name + (f"-dropout{dropout:g}" if dropout else "")
 
 
@@ -92,6 +102,7 @@ NAME_KEYS = (
     "cardinality",
     "base_width",
     "dropout",
+    "gate_bias",
 )
 
 
@@ -117,4 +128,5 @@ def model_name(model: Mapping[str, Any], shortcut: str | None, **missing: Any) -
         cardinality=get("cardinality", 1),
         base_width=get("base_width", 64),
         dropout=get("dropout", 0.0),
+        gate_bias=get("gate_bias", GATE_BIAS),
     )

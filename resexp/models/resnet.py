@@ -9,6 +9,7 @@ CIFAR-10 nets (§4.2): 3x3 stem, widths 16/32/64, 6n+2 layers. ImageNet nets (Ta
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,19 +22,21 @@ from resexp.errors import ResexpError
 from resexp.models.blocks import (
     BasicBlock,
     Bottleneck,
+    HighwayShortcut,
     PreActBasicBlock,
     PreActBottleneck,
     ZeroPadShortcut,
     conv,
     conv_bn,
 )
-from resexp.models.names import SHORTCUTS, WIDTHS, canonical_shortcut, net_name
+from resexp.models.names import GATE_BIAS, SHORTCUTS, WIDTHS, canonical_shortcut, net_name
 
 # re-exported for group and probes (the blocks) and for the modules that name nets
 __all__ = [
     "SHORTCUTS",
     "BasicBlock",
     "Bottleneck",
+    "HighwayShortcut",
     "PreActBasicBlock",
     "PreActBottleneck",
     "ZeroPadShortcut",
@@ -106,6 +109,7 @@ class ResNet(nn.Module):
         cardinality: int = 1,
         base_width: int = 64,
         dropout: float = 0.0,
+        gate_bias: float = GATE_BIAS,
     ) -> None:
         super().__init__()
         stem_width, *stage_widths = widths or WIDTHS[stem]
@@ -116,9 +120,14 @@ class ResNet(nn.Module):
             (True, "bottleneck"): PreActBottleneck,
         }[preactivation, block]
         options: dict = (
-            {"dropout_rate": dropout}
+            {"dropout_rate": dropout, "gate_bias": gate_bias}
             if block == "basic"
-            else {"stride_at": bottleneck_stride, "cardinality": cardinality, "base_width": base_width}
+            else {
+                "stride_at": bottleneck_stride,
+                "cardinality": cardinality,
+                "base_width": base_width,
+                "gate_bias": gate_bias,
+            }
         )
         if stem == "cifar" and preactivation:  # the first block's BN and ReLU follow the stem's conv
             self.stem = nn.Sequential(conv(3, stem_width, 3))
@@ -172,6 +181,7 @@ class NetSpec:
     cardinality: int = 1  # ResNeXt's groups in a bottleneck's 3x3 conv
     base_width: int = 64  # ResNeXt's channels per group for each 64 planes (bottleneck_width)
     dropout: float = 0.0  # Wide ResNet's dropout between a basic block's convs
+    gate_bias: float = GATE_BIAS  # shortcut=gated: the gates' initial bias
 
     def __post_init__(self) -> None:
         layers = stage_layers(self.stem, self.block, self.depth)
@@ -202,6 +212,10 @@ class NetSpec:
                     f"{planes * self.base_width / 64:g} channels per group (planes x base_width / 64); "
                     "choose a base_width that makes every stage's whole"
                 )
+        if not math.isfinite(self.gate_bias):
+            raise ResexpError(
+                f"model.gate_bias={self.gate_bias!r} is not a number; choose a finite one (default {GATE_BIAS:g})"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ResexpError(f"model.dropout={self.dropout!r} is not a rate; choose one in [0, 1) (WRN's: 0.3)")
         if self.dropout and self.block != "basic":
@@ -224,8 +238,8 @@ class NetSpec:
 
     @property
     def variant(self) -> dict[str, Any]:
-        """The fields a net of the 2015 paper leaves at their defaults (widths, groups, dropout)."""
-        return {name: getattr(self, name) for name in ("widths", "cardinality", "base_width", "dropout")}
+        """The fields a net of the 2015 paper leaves at their defaults (widths, groups, dropout, gates)."""
+        return {name: getattr(self, name) for name in ("widths", "cardinality", "base_width", "dropout", "gate_bias")}
 
     @property
     def name(self) -> str:
@@ -267,7 +281,7 @@ def build_model(
     **variant: Any,
 ) -> ResNet:
     """The net these values name (the shortcut also by the paper's letter), checked against the paper's
-    choices; `variant`: NetSpec's widths, cardinality, base_width and dropout."""
+    choices; `variant`: NetSpec's widths, cardinality, base_width, dropout and gate_bias."""
     shortcut = canonical_shortcut(shortcut)
     return NetSpec(
         depth, residual, block, stem, shortcut, num_classes, bottleneck_stride, preactivation, **variant
