@@ -271,33 +271,29 @@ def write_cifar100(root, labels_high=100):
     return folder
 
 
-def test_cifar100_reads_its_python_layout_with_the_fine_labels(tmp_path):
-    folder = write_cifar100(tmp_path)
-    data = cifar100(
-        root=str(tmp_path),
+def load_cifar100(root, num_classes=100):
+    """data=cifar100's loaders on `root`, as the config builds them, without a download."""
+    return cifar100(
+        root=str(root),
         download=False,
-        num_classes=100,
+        num_classes=num_classes,
         val_size=0,
         eval_batch_size=1000,
         batch_size=64,
         seed=0,
         device=CPU,
     )
+
+
+def test_cifar100_reads_its_python_layout_with_the_fine_labels(tmp_path):
+    folder = write_cifar100(tmp_path)
+    data = load_cifar100(tmp_path)
     assert data.num_train == 50_000 and len(data.evals["test"].labels) == 10_000
     with open(folder / "test", "rb") as file:
         fine = torch.tensor(pickle.load(file)["fine_labels"])
     assert torch.equal(data.evals["test"].labels.cpu(), fine)  # the fine labels, in the file's order
     with pytest.raises(ResexpError, match=r"data.num_classes=10, but CIFAR-100 has 100 classes"):
-        cifar100(
-            root=str(tmp_path),
-            download=False,
-            num_classes=10,
-            val_size=0,
-            eval_batch_size=1,
-            batch_size=1,
-            seed=0,
-            device=CPU,
-        )
+        load_cifar100(tmp_path, num_classes=10)
 
 
 def test_cifar100_refuses_a_folder_it_cannot_use_in_one_line(tmp_path):
@@ -305,16 +301,7 @@ def test_cifar100_refuses_a_folder_it_cannot_use_in_one_line(tmp_path):
         ResexpError,
         match=r"CIFAR-100 not found: .*cifar-100-python lacks train, test; put the python version of CIFAR-100",
     ):
-        cifar100(
-            root=str(tmp_path),
-            download=False,
-            num_classes=100,
-            val_size=0,
-            eval_batch_size=1,
-            batch_size=1,
-            seed=0,
-            device=CPU,
-        )
+        load_cifar100(tmp_path)
     write_cifar100(tmp_path, labels_high=101)  # a label of 100: not one of CIFAR-100's
     with pytest.raises(ResexpError, match=r"has labels outside 0..99: it is not a CIFAR-100 batch"):
         cifar.read_batch(tmp_path / "cifar-100-python" / "train", cifar.CIFAR100)
