@@ -38,7 +38,7 @@ class HighwayShortcut(nn.Module):
     """shortcut=gated: the identity (option A's zero padding where the dimensions change) carried through
     a learned gate, y = T(x)·F(x) + (1 - T(x))·x, as a Highway network's layer is (Srivastava et al.
     2015, "Highway Networks", Eq. 3, a transform gate T and a carry gate 1 - T) and as He et al. 2016's
-    "exclusive gating" (§3.2) is: T(x) = sigmoid(W_T x + b_T) with a 1x1 conv W_T, one gate per channel
+    "exclusive gating" (§3.1) is: T(x) = sigmoid(W_T x + b_T) with a 1x1 conv W_T, one gate per channel
     and position. A negative b_T starts the gates mostly carrying x (Highway Networks, §2.2); on ResNet-110
     He et al. 2016 found 0 to -5 fail and -6 best (GATE_BIAS), 8.70% against the identity's 6.61% (their
     Table 1). Called alone it gives the carried part, (1 - T(x))·x: the block with its branch deleted."""
@@ -51,8 +51,11 @@ class HighwayShortcut(nn.Module):
         nn.init.constant_(self.transform.bias, gate_bias)
 
     def join(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # carry + T * (F - carry) = T·F + (1 - T)·carry, in one kernel
-        return torch.lerp(self.carry(x), branch, torch.sigmoid(self.transform(x)))
+        # carry + T * (F - carry) = T·F + (1 - T)·carry, in one kernel; lerp takes one dtype, where `+`
+        # would promote bf16 and fp32 operands to fp32
+        carry, gate = self.carry(x), torch.sigmoid(self.transform(x))
+        dtype = torch.promote_types(torch.promote_types(carry.dtype, branch.dtype), gate.dtype)
+        return torch.lerp(carry.to(dtype), branch.to(dtype), gate.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (1 - torch.sigmoid(self.transform(x))) * self.carry(x)
