@@ -12,7 +12,7 @@ import torch
 
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write
-from resexp.models.names import GATE_BIAS
+from resexp.models.names import DENSENET_ONLY, GATE_BIAS, RESNET_ONLY
 
 START_OVER = "move it away to start this run over"  # what a damaged or foreign checkpoint leaves to do
 VERSION = 2  # bump when the layout of the dict changes; older files are then refused with a message, or read as below
@@ -124,15 +124,19 @@ ADDED = {
     "model.base_width": 64,
     "model.dropout": 0.0,
     "model.gate_bias": GATE_BIAS,  # came in 0.6.0, with shortcut=gated
+    "model.arch": "resnet",  # came in 0.7.0, with the DenseNets
 }
 
 
 def identity(values: dict[str, Any]) -> dict[str, Any]:
     """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY, and less what changes
-    nothing in its net: the bottleneck's stride in a net of basic blocks, the gates' bias without gates."""
+    nothing in its net: the bottleneck's stride in a net of basic blocks, the gates' bias without gates,
+    the other family's keys (a ResNet's growth rate, a DenseNet's widths)."""
     unused = set() if values.get("model.block") == "bottleneck" else {"model.bottleneck_stride"}
     if str(values.get("shortcut")).lower() != "gated":
         unused.add("model.gate_bias")
+    densenet = values.get("model.arch", ADDED["model.arch"]) == "densenet"
+    unused |= {f"model.{key}" for key in (RESNET_ONLY if densenet else DENSENET_ONLY)}
     return {key: value for key, value in values.items() if key not in NOT_IDENTITY | unused}
 
 

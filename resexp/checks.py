@@ -83,6 +83,9 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "schedule.warmup_min_depth": optional(positive_int),
     "schedule.warmup_lr": positive,
     "schedule.warmup_until_error": interval(0, 100, low_open=True, high_open=False),
+    "model.arch": one_of("resnet", "densenet"),
+    "model.growth_rate": positive_int,
+    "model.compression": interval(0, 1, low_open=True, high_open=False),  # DenseNet-C's θ; 1 keeps every map
     "data._partial_": is_true,
     "data.num_classes": positive_int,
     "data.val_size": non_negative_int,

@@ -38,7 +38,7 @@ from resexp.checks import check_values, one_of
 from resexp.errors import ResexpError
 from resexp.evaluate import READ, SavedRun
 from resexp.jobs import RunSettings
-from resexp.models import NetSpec
+from resexp.models import NetSpec, Spec, spec_of
 from resexp.runs import CHECKPOINT, HYDRA, Place, swept_keys
 from resexp.step import PRECISIONS
 from resexp.train import Loop, Remedies, Schedule
@@ -139,9 +139,9 @@ def pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def net_spec(cfg: DictConfig) -> NetSpec:
+def net_spec(cfg: DictConfig) -> Spec:
     """The net the config names, with its shortcut option as a name (B -> projection)."""
-    return NetSpec.from_model(cfg.model, cfg.shortcut, cfg.data.num_classes)
+    return spec_of(cfg.model, cfg.shortcut, cfg.data.num_classes)
 
 
 def schedule(cfg: DictConfig) -> Schedule:
@@ -304,19 +304,11 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
             )
     check_values(flat(cfg))
     recorded = checkpoint.load(checkpoint_path, layout=READ)["identity"]
-    # the stride its bottlenecks were trained with (its conf/ may predate the key, or give another default)
-    stride = {**checkpoint.ADDED, **recorded}["model.bottleneck_stride"]
-    net = dataclasses.replace(net_spec(cfg), bottleneck_stride=stride)
-    now = {
-        "model.depth": net.depth,
-        "model.residual": net.residual,
-        "model.block": net.block,
-        "model.stem": net.stem,
-        "model.preactivation": net.preactivation,
-        **{f"model.{key}": value for key, value in net.variant.items()},
-        "shortcut": net.shortcut,
-        "data.num_classes": net.num_classes,
-    }
+    net = net_spec(cfg)
+    if isinstance(net, NetSpec):  # the stride its bottlenecks were trained with (its conf/ may predate the key)
+        stride = {**checkpoint.ADDED, **recorded}["model.bottleneck_stride"]
+        net = dataclasses.replace(net, bottleneck_stride=stride)
+    now = {**net.model_values(), "shortcut": net.shortcut, "data.num_classes": net.num_classes}
     if found := checkpoint.differences({key: {**checkpoint.ADDED, **recorded}.get(key) for key in now}, now):
         raise ResexpError(
             f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(found)})"

@@ -20,7 +20,7 @@ from resexp.data import Data
 from resexp.distributed import all_sum
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write
-from resexp.models import NetSpec
+from resexp.models import NetSpec, Spec
 from resexp.models.resnet import torchvision_keys
 from resexp.runs import CHECKPOINT
 from resexp.step import at_least_fp32, autocast, to_device
@@ -61,7 +61,7 @@ class SavedRun:
     """A run as its directory records it (config.saved_run): enough to make its net and data again."""
 
     run_dir: Path
-    net: NetSpec
+    net: Spec
     data: Callable[..., Data]  # the data config's builder: (batch_size=, seed=, device=) -> Data
     batch_size: int
     seed: int
@@ -116,8 +116,9 @@ def evaluate_run(run: SavedRun, device: torch.device, precision: str) -> list[di
 
 
 def export_run(run: SavedRun, out_dir: Path) -> list[Path]:
-    """Write the run's weights alone: `<net>.pt`, {net, spec, iteration, state_dict} that
-    `torch.load(weights_only=True)` reads and `NetSpec(**spec).build().load_state_dict` takes; and,
+    """Write the run's weights alone: `<net>.pt`, {net, arch, spec, iteration, state_dict} that
+    `torch.load(weights_only=True)` reads and `resexp.models.ARCHS[arch](**spec).build().load_state_dict`
+    takes (NetSpec or DenseNetSpec); and,
     for a net that torchvision also builds (option-B ImageNet ResNets), `<net>-torchvision.pt`, a state
     dict with torchvision's keys for `torchvision.models.resnetNN(num_classes=...)`."""
     state, iteration = weights(run)
@@ -127,12 +128,14 @@ def export_run(run: SavedRun, out_dir: Path) -> list[Path]:
     files = {
         out_dir / f"{name}.pt": {
             "net": name,
+            "arch": run.net.model_values()["model.arch"],
             "spec": dataclasses.asdict(run.net),
             "iteration": iteration,
             "state_dict": state,
         }
     }
-    if (rename := torchvision_keys(run.net)) is not None:
+    # torchvision's DenseNets are ImageNet's: a CIFAR one has no torchvision twin
+    if isinstance(run.net, NetSpec) and (rename := torchvision_keys(run.net)) is not None:
         files[out_dir / f"{name}-torchvision.pt"] = {rename(key): tensor for key, tensor in state.items()}
     for path, content in files.items():
         atomic_write(path, lambda file, content=content: torch.save(content, file))

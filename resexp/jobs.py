@@ -35,7 +35,7 @@ from resexp.data import Data, Shard
 from resexp.errors import Interrupted, ResexpError
 from resexp.group import Lockstep, make_group_step
 from resexp.logs import Board, Display, displays, log
-from resexp.models import NetSpec, count_parameters
+from resexp.models import Spec, count_parameters
 from resexp.runs import Metrics, Place
 from resexp.step import Step, choose_algorithms, make_step, new_stream, on_stream
 from resexp.train import Loop, Remedies, restore, stop_requests
@@ -47,7 +47,7 @@ class RunSettings:
     """Everything a run is built from, as plain typed values (config.py makes them from the config)."""
 
     place: Place  # where it writes, and what Hydra made there for it
-    net: NetSpec
+    net: Spec
     data: Callable[..., Data]  # the data config's builder: (batch_size=, seed=, device=, shard=) -> Data
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]  # the optim config's, given the parameters
     loop: Loop  # the schedule and the loop's intervals
@@ -183,7 +183,7 @@ def description(job: Job) -> dict[str, Any]:
         "data": settings.data_config,
         "depth": net.depth,
         "residual": net.residual,
-        "shortcut": net.shortcut if net.residual else None,  # plain nets have none
+        "shortcut": net.shortcut_option,  # None: a plain net or a DenseNet, which have none
         "params": job.params,
         "iterations": settings.loop.schedule.iterations,
         "batch_size": settings.batch_size,
@@ -239,7 +239,7 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
 
 
 def draws_at_random(job: Job) -> bool:
-    """Whether the run's training draws from torch's global generator (Wide ResNet's dropout): runs
+    """Whether the run's training draws from torch's global generator (Wide ResNet's or DenseNet's dropout): runs
     trained beside it, in threads of one process, would draw from it too, in an order no rerun repeats,
     so such a run trains in a batch of its own (hydra_plugins/resexp_launcher/)."""
     return job.finished is None and any(isinstance(m, nn.Dropout) and m.p > 0 for m in job.model.modules())

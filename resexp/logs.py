@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from resexp import distributed
-from resexp.models import NetSpec
+from resexp.models import Spec
 
 log = logging.getLogger("resexp")
 
@@ -195,7 +195,7 @@ class Board:
     figure: str | None  # the paper's figure that sets these nets side by side (Fig. 6, Fig. 4), if any
 
     @classmethod
-    def of_run(cls, net: NetSpec, seed: int, varies: dict[str, Any], data: str | None) -> Board:
+    def of_run(cls, net: Spec, seed: int, varies: dict[str, Any], data: str | None) -> Board:
         """The hyperparameters that tell runs apart, first the net's (net, residual, depth, shortcut)
         and the seed, then the others its sweep varies (`varies`); constants are left out. The paper's
         figure of plain against residual nets for the data: Fig. 6 on CIFAR-10, Fig. 4 on ImageNet."""
@@ -203,7 +203,7 @@ class Board:
             "net": net.name,
             "residual": str(net.residual).lower(),  # a bool would show as 0 and 1
             "depth": net.depth,
-            "shortcut": net.shortcut if net.residual else "none",  # TensorBoard takes no None
+            "shortcut": net.shortcut_option or "none",  # TensorBoard takes no None
             "seed": seed,
         }
         hparams.update({key: value for key, value in varies.items() if key not in hparams})

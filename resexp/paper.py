@@ -47,6 +47,20 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
     ("cifar10", "wrn28-10-B-preact-dropout0.3"): PaperResult(3.89, "Zagoruyko & Komodakis 2016 (median of 5)"),
     # Xie et al. 2017, "Aggregated Residual Transformations" (arXiv:1611.05431), Table 7
     ("cifar10", "resnext29-8x64d-B"): PaperResult(3.65, "Xie et al. 2017, Table 7"),
+    # Huang et al. 2017, "Densely Connected Convolutional Networks" (arXiv:1608.06993), Table 2, with
+    # augmentation (C10+, C100+); their own recipe (conf/schedule/densenet.yaml).
+    **{
+        (data, name): PaperResult(error, "Huang et al. 2017, Table 2")
+        for name, c10, c100 in (
+            ("densenet40-12", 5.24, 24.42),
+            ("densenet100-12", 4.10, 20.20),
+            ("densenet100-24", 3.74, 19.25),
+            ("densenet-bc100-12", 4.51, 22.27),
+            ("densenet-bc250-24", 3.62, 17.60),
+            ("densenet-bc190-40", 3.46, 17.18),
+        )
+        for data, error in (("cifar10", c10), ("cifar100", c100))
+    },
     # CIFAR-100 (fine labels), which the 2015 paper does not report: He et al. 2016's Table 3, Wide ResNet's
     # README (median of 5) and ResNeXt's Table 7, each with its authors' recipe.
     ("cifar100", "resnet164-B"): PaperResult(25.16, "He et al. 2016, Table 3 (2015 units)"),
@@ -77,8 +91,9 @@ def lookup(dataset: str | None, net: str) -> PaperResult | None:
 # trained otherwise is marked in a report, not compared silently.
 RECIPES = {"cifar10": (64_000, 128, 0.1), "cifar100": (64_000, 128, 0.1), "imagenet": (600_000, 256, 0.1)}
 # The relatives' own CIFAR recipes, by the family their names begin with (resexp.models.resnet.net_name):
-# Wide ResNet's 200 epochs and ResNeXt's 300 of 50k images at batch 128 (conf/schedule/wrn.yaml, resnext.yaml).
-OWN_RECIPES = {"wrn": (78_125, 128, 0.1), "resnext": (117_188, 128, 0.1)}
+# Wide ResNet's 200 epochs and ResNeXt's 300 of 50k images at batch 128, DenseNet's 300 at batch 64
+# (conf/schedule/wrn.yaml, resnext.yaml, densenet.yaml).
+OWN_RECIPES = {"wrn": (78_125, 128, 0.1), "resnext": (117_188, 128, 0.1), "densenet": (234_375, 64, 0.1)}
 DATA_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
@@ -91,7 +106,7 @@ def recipe_differences(
     dataset: str | None, net: str, iterations: int | None, batch_size: int | None, lr: float | None
 ) -> list[str]:
     """How a run's recipe differs from the one its number was trained with: the authors' own for a net
-    that has one (Wide ResNet, ResNeXt), else the paper's on its dataset ([] where they agree)."""
+    that has one (Wide ResNet, ResNeXt, DenseNet), else the paper's on its dataset ([] where they agree)."""
     if dataset not in RECIPES:
         return ["other data"]
     family = re.match(r"[a-z]*", net)[0]

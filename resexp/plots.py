@@ -34,8 +34,12 @@ FAMILIES = {"plain-wrn": "plain WRN-", "wrn": "WRN-", "resnext": "ResNeXt-"}
 
 
 def legend_name(label: str, net: str, depth: int | None, letter: str | None, several_options: bool) -> str:
-    """ResNet-56, plain-20, ResNet-164 pre-act, ResNet-34 (B) beside A and C; WRN-28-10 pre-act and
-    ResNeXt-29-8x64d as their papers name them, with their dropout."""
+    """ResNet-56, plain-20, ResNet-164 pre-act, ResNet-34 (B) beside A and C; WRN-28-10 pre-act,
+    ResNeXt-29-8x64d and DenseNet-BC (L=100, k=12) as their papers name them, with their dropout."""
+    if dense := re.match(r"densenet(?:-([bc]+))?(\d+)-(\d+)", net):
+        letters, depth_l, k = dense.groups()
+        name = f"DenseNet{'-' + letters.upper() if letters else ''} (L={depth_l}, k={k})" + net[dense.end() :]
+        return name.replace("-theta", ", θ ").replace("-dropout", " dropout ")
     family = re.match(r"(plain-wrn|wrn|resnext)(?=\d)", net)
     if family:
         name = FAMILIES[family[0]] + net[family.end() :]
@@ -100,7 +104,7 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
             )
             for net in nets:
                 group, colour = by_net[net], colours.get((by_net[net][0].depth, variant(net)), "k")
-                several_options = len({by_net[n][0].letter for n in nets}) > 1  # Table 3's A/B/C side by side
+                several_options = len({by_net[n][0].letter for n in nets} - {"-"}) > 1  # Table 3's A/B/C side by side
                 name = legend_name(label, net, group[0].depth, group[0].letter, several_options)
                 for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
                     curves = [run.curves[tag] for run in group if run.curves.get(tag)]
@@ -117,7 +121,7 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                         marker="o" if len(steps) == 1 else None,  # a curve of one evaluation is a point
                         label=name if tag == held_out else None,
                     )
-            ax.set_title(label)
+            ax.set_title(label + (" and DenseNet" if any(net.startswith("densenet") for net in nets) else ""))
             ax.set_xlim(0, longest / scale * 1.02)  # from the start of training, as the paper's curves
             ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
             ax.set_ylabel("error (%)")

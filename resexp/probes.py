@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resexp.evaluate import evaluate
+from resexp.models.densenet import DenseLayer
 from resexp.models.resnet import BasicBlock, Bottleneck, PreActBasicBlock
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -33,8 +34,9 @@ def response_layers(model: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
     """Each 3x3 convolution and the module whose output is its response, in forward order (the stem's
     on CIFAR; in a block, each 3x3 one): the layers of Fig. 7. In the paper's units that is the BN right
     after the conv; a pre-activation unit (He et al. 2016) has none, and its 3x3 conv's own output is
-    what it adds or hands on. Shortcut projections (1x1) and ImageNet's 7x7 stem are no 3x3 layer."""
-    if any(isinstance(module, PreActBasicBlock) for module in model.modules()):
+    what it adds or hands on, as a DenseNet layer's is the maps it adds. Shortcut projections (1x1) and
+    ImageNet's 7x7 stem are no 3x3 layer."""
+    if any(isinstance(module, (PreActBasicBlock, DenseLayer)) for module in model.modules()):
         return [(m, m) for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     layers, conv = [], None
     for module in model.modules():  # registration order: conv1, bn1, conv2, bn2, then the shortcut

@@ -31,7 +31,7 @@ class Row:
     net: str
     depth: int | None
     residual: bool
-    shortcut: str  # the paper's letter (A, B, C), "-" for plain nets
+    shortcut: str  # the paper's letter (A, B, C), "-" for plain nets and DenseNets
     params: int | None
     runs: int
     train: tuple[float, float]  # final training error: mean, std

@@ -48,7 +48,9 @@ class Metrics:
     data: str = MISSING  # the data config's name: cifar10, imagenet, synthetic
     depth: int = MISSING
     residual: bool = MISSING
-    shortcut: str | None = MISSING  # identity, projection or full; None for a plain net, which has none
+    shortcut: str | None = (
+        MISSING  # identity, projection, full or gated; None for a plain net or a DenseNet, which have none
+    )
     params: int = MISSING
     iterations: int = MISSING
     batch_size: int = MISSING
@@ -127,7 +129,7 @@ class Run:
 
     @property
     def letter(self) -> str:
-        """The paper's letter for the shortcut option (A, B, C), "-" for a plain net."""
+        """The paper's letter for the shortcut option (A, B, C), "-" for a plain net or a DenseNet."""
         return SHORTCUTS.get(self.shortcut, "-") if self.residual else "-"
 
 
@@ -192,6 +194,8 @@ def read_run(run_dir: Path) -> Run:
     named = depth is not None and (shortcut or not residual)
     # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
     net = model_name(model, shortcut, bottleneck_stride="3x3") if named else "?"
+    if model.get("arch") == "densenet":  # named; no shortcut option to show (DenseNetSpec.shortcut_option)
+        shortcut = None
     run = Run(
         run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
     )

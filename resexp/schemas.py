@@ -17,6 +17,7 @@ from omegaconf.errors import ValidationError
 
 @dataclass
 class ModelSchema:  # conf/model/
+    arch: str = "resnet"  # the family: resnet (He et al.'s, and the relatives that add) or densenet (Huang et al. 2017's, which concatenates)
     depth: int = MISSING
     residual: bool = MISSING
     block: str = MISSING
@@ -35,6 +36,10 @@ class ModelSchema:  # conf/model/
     gate_bias: float = (
         -6.0
     )  # shortcut=gated: the gates' initial bias (He et al. 2016, Table 1: -6 trains ResNet-110 best, 0 to -5 fail)
+    growth_rate: int = 12  # model.arch=densenet: k, the maps each layer adds (Huang et al. 2017)
+    compression: float = (
+        0.5  # model.arch=densenet: θ, the fraction of maps a transition keeps (DenseNet-C's 0.5; 1: all)
+    )
 
 
 @dataclass

@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from resexp import checkpoint, cli, config, distributed, runs
-from resexp.models import build_model
-from resexp.models.resnet import net_name
+from resexp.models import DenseNetSpec, build_model
+from resexp.models.names import model_name
 from resexp.step import Step, make_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,27 +63,23 @@ RESNEXT = {
 
 # Highway networks' gates on ResNet's shortcuts, starting half open so that both of their paths count.
 GATED = {"shortcut": "gated", "gate_bias": 0.0}
+# A small DenseNet-BC (Huang et al. 2017): one bottleneck layer per dense block, 4 new maps each.
+DENSE = {"arch": "densenet", "depth": 10, "block": "bottleneck", "growth_rate": 4, "compression": 0.5}
 
 
 def nets(count: int, device: str = "cpu", **net) -> list[tuple[torch.nn.Module, torch.optim.SGD]]:
     """`count` nets of one kind with different initial weights, in float64 (so that two computations of
     the same numbers agree to rounding on any CPU), each with the paper's SGD; a list value
-    (residual=[False, True, False]) sets that key per net."""
+    (residual=[False, True, False]) sets that key per net; arch="densenet": DenseNetSpec's keys."""
     pairs = []
     for seed in range(count):
         torch.manual_seed(seed)
         own = {key: value[seed] if isinstance(value, list) else value for key, value in net.items()}
-        model = build_model(
-            **{
-                "depth": 8,
-                "residual": True,
-                "block": "basic",
-                "stem": "cifar",
-                "shortcut": "identity",
-                "num_classes": 10,
-                **own,
-            }
-        )
+        if own.pop("arch", "resnet") == "densenet":
+            model = DenseNetSpec(**{"num_classes": 10, **own}).build()
+        else:
+            defaults = {"depth": 8, "residual": True, "block": "basic", "stem": "cifar", "shortcut": "identity"}
+            model = build_model(**{**defaults, "num_classes": 10, **own})
         model = model.to(device, torch.float64, memory_format=torch.channels_last)
         pairs.append((model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)))
     return pairs
@@ -217,6 +213,25 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert scalars(a) == scalars(b)  # the curves too: no point missing, none twice
 
 
+def assert_resumes_bit_identical(tmp_path: Path, net: list[str]) -> None:
+    """A RUN of `net` stopped by SIGTERM after its first checkpoint and started again ends as the same run
+    trained straight through (dropout's masks too: they come from torch's generator, which checkpoints carry)."""
+    import signal
+
+    straight_dir = tmp_path / "straight"
+    result = resexp("train", *RUN, *net, f"hydra.run.dir={straight_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "run"
+    process = start(run_dir, *net)
+    wait_for(run_dir / runs.CHECKPOINT, process)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and not (run_dir / runs.METRICS).exists()
+    resumed = resexp("train", *RUN, *net, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    assert_same_run(run_dir, straight_dir)
+
+
 def stop_midway(args: list[str], sweep: Path, runs_to_wait_for: int) -> str:
     """Start `resexp train ARGS` (a sweep into `sweep`), SIGTERM it once `runs_to_wait_for` runs have each
     written a checkpoint, and return its stderr after it has stopped as a stopped sweep does."""
@@ -293,10 +308,10 @@ def fake_run(
         final = {"error/train": final_train, "error/test": final_test}
         if final_top5 is not None:  # ImageNet runs log the top-5 error too
             final["error_top5/test"] = final_top5
+        option = shortcut if residual and model.get("arch") != "densenet" else None  # a DenseNet has none
         metrics = runs.Metrics(
-            net=net_name(residual, depth, shortcut, model["block"], model.get("bottleneck_stride", "3x3"),
-                         model.get("preactivation", False)), model=None, data=data, depth=depth, residual=residual,
-            shortcut=shortcut if residual else None, params=1000 * depth, iterations=iterations,
+            net=model_name(model, shortcut if residual else None, bottleneck_stride="3x3"), model=None, data=data,
+            depth=depth, residual=residual, shortcut=option, params=1000 * depth, iterations=iterations,
             batch_size=batch_size or (256 if data == "imagenet" else 128),
             lr=0.1, seed=seed, precision="fp32", images_per_s=1.0, device="cpu", torch="-", python="-",
             resexp="-", final=final, best={}, skipped_steps=0, train_time_s=1.0, wall_time_s=1.0,

@@ -22,16 +22,18 @@ PREACT = {"resnet110-preact", "resnet164-preact", "resnet1001-preact"}  # He et 
 BOTTLENECK_CIFAR = {"resnet164", "resnet1001"}  # ... and its 2015-unit bottleneck nets
 WRN = {"wrn16-8", "wrn28-10"}  # Zagoruyko & Komodakis 2016
 RESNEXT = {"resnext29-8x64d"}  # Xie et al. 2017
+DENSENET = {"densenet40-12", "densenet-bc100-12"}  # Huang et al. 2017
 # The relatives' own recipes, whatever the data: iterations, milestones, gamma, weight decay, Nesterov.
 OWN_RECIPES = {
     "wrn": (78_125, (23_438, 46_875, 62_500), 0.2, 5e-4, True),
     "resnext": (117_188, (58_594, 87_891), 0.1, 5e-4, False),
+    "densenet": (234_375, (117_188, 175_781), 0.1, 1e-4, True),
 }
 
 
 def test_the_presets_are_the_papers_nets():
     cifar = {f"{kind}{depth}" for kind in ("plain", "resnet") for depth in (20, 32, 44, 56, 110)} | {"resnet1202"}
-    assert set(MODELS) == cifar | IMAGENET | TABLE3 | PREACT | BOTTLENECK_CIFAR | WRN | RESNEXT
+    assert set(MODELS) == cifar | IMAGENET | TABLE3 | PREACT | BOTTLENECK_CIFAR | WRN | RESNEXT | DENSENET
     assert set(DATASETS) >= {"cifar10", "imagenet", "synthetic"}
 
 
@@ -40,10 +42,15 @@ def test_the_presets_are_the_papers_nets():
 def test_every_model_composes_with_every_dataset(model, data):
     cfg = compose_config(f"model={model}", f"data={data}")
     net, name = make_model(cfg)
-    family = "wrn" if model in WRN else "resnext" if model in RESNEXT else "resnet" if cfg.model.residual else "plain"
+    family = next(
+        (kind for kind, presets in (("wrn", WRN), ("resnext", RESNEXT), ("densenet", DENSENET)) if model in presets),
+        "resnet" if cfg.model.residual else "plain",
+    )
     assert name.startswith(family)
-    # a Wide ResNet is named by its paper's count, which takes in its 3 projections and leaves out the classifier
-    assert name.removeprefix(family).startswith(str(cfg.model.depth + (2 if model in WRN else 0)))
+    # a Wide ResNet is named by its paper's count, which takes in its 3 projections and leaves out the
+    # classifier; a DenseNet-BC says so before its depth
+    depth = name.removeprefix(family).removeprefix("-bc")
+    assert depth.startswith(str(cfg.model.depth + (2 if model in WRN else 0)))
     assert net.fc.out_features == cfg.data.num_classes
     size = 224 if model == "resnet18" else 32  # ImageNet nets also run on CIFAR-sized images
     net.eval()
@@ -66,6 +73,10 @@ def test_every_model_composes_with_every_dataset(model, data):
 @pytest.mark.parametrize("model", MODELS)
 def test_default_shortcut_follows_the_paper(model):
     cfg = compose_config(f"model={model}")
+    if model in DENSENET:  # no shortcut options: its layers concatenate (test_densenet.py)
+        assert (cfg.shortcut, cfg.model.arch) == ("identity", "densenet")
+        return
+    assert cfg.model.arch == "resnet"
     bottleneck = cfg.model.block == "bottleneck"
     # Table 2 / §4.2: option A for the CIFAR nets and ImageNet 18/34; Table 3 / §4.1: B for 50/101/152
     # and for the bottlenecks of He et al. 2016's 164 and 1001.

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import (
     CLOSE,
+    DENSE,
     GATED,
     RESNEXT,
     SHRINK,
@@ -31,7 +32,7 @@ SHAPE = (8, 3, 32, 32)
 RATES = (0.1, 0.1, 0.01, 0.0, 0.05)  # a drop, a step that must not move, a rise: no capture again
 
 
-RELATIVES = {"resnet": {}, "wide-preact": WIDE, "resnext": RESNEXT, "gated": GATED}
+RELATIVES = {"resnet": {}, "wide-preact": WIDE, "resnext": RESNEXT, "gated": GATED, "densenet": DENSE}
 
 
 @pytest.mark.parametrize("net", RELATIVES.values(), ids=RELATIVES.keys())

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import (
     CLOSE,
+    DENSE,
     GATED,
     RESNEXT,
     RUN,
@@ -46,6 +47,7 @@ from resexp.step import set_lr
         (WIDE, 3),  # Wide ResNet's
         (RESNEXT, 3),  # ResNeXt's grouped 3x3 convs: K copies of C groups are K * C groups
         (GATED, 3),  # Highway's gates: K copies' gate convs as one grouped 1x1 conv, each with its biases
+        (DENSE, 3),  # DenseNet's concatenations: each copy's new maps beside its own input's
     ],
     ids=[
         "option-A",
@@ -59,6 +61,7 @@ from resexp.step import set_lr
         "wide-preact",
         "resnext",
         "gated",
+        "densenet",
     ],
 )
 def test_each_copy_of_a_group_trains_as_its_run_alone(net, steps):

@@ -17,6 +17,7 @@ from helpers import (
     RUN,
     RUN_ITERATIONS,
     SHRINK,
+    assert_resumes_bit_identical,
     assert_same_run,
     files_of,
     resexp,
@@ -319,17 +320,6 @@ def test_a_refused_sweep_leaves_its_directory_byte_for_byte(tmp_path, launcher):
 
 
 def test_a_wide_resnet_with_dropout_resumes_bit_identical(tmp_path):
-    # dropout draws its masks from torch's global generator, which the checkpoint carries
-    net = ["model=wrn16-8", "model.depth=8", "model.widths=[16,16,32,64]", "model.dropout=0.3"]
-    straight_dir = tmp_path / "straight"
-    result = resexp("train", *RUN, *net, f"hydra.run.dir={straight_dir}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    run_dir = tmp_path / "run"
-    process = start(run_dir, *net)
-    wait_for(run_dir / "checkpoint.pt", process)
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM and not (run_dir / "metrics.json").exists()
-    resumed = resexp("train", *RUN, *net, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
-    assert_same_run(run_dir, straight_dir)
+    assert_resumes_bit_identical(
+        tmp_path, ["model=wrn16-8", "model.depth=8", "model.widths=[16,16,32,64]", "model.dropout=0.3"]
+    )

@@ -201,7 +201,9 @@ def test_the_relatives_sweep_each_net_once_with_its_authors_recipe_and_number():
         "wrn16-8-B-preact",
         "wrn28-10-B-preact",
         "resnext29-8x64d-B",
+        "densenet-bc100-12",
     ]
+    assert seen["densenet-bc100-12"] == (234_375, 64, 0.1) and lookup("cifar10", "densenet-bc100-12").error == 4.51
     assert seen["wrn28-10-B-preact"] == (78_125, 128, 0.1) and seen["resnext29-8x64d-B"] == (117_188, 128, 0.1)
     assert (lookup("cifar10", "wrn28-10-B-preact").error, lookup("cifar10", "resnext29-8x64d-B").error) == (4.00, 3.65)
     # the 2015 recipe is another recipe for a Wide ResNet, and the WRN's for a 2015 net

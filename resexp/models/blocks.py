@@ -97,8 +97,8 @@ def conv_bn(
 
 
 def dropout(rate: float) -> nn.Module:
-    """Wide ResNet's dropout between a basic block's two convolutions (Zagoruyko & Komodakis 2016, §2.3);
-    nothing at rate 0, so that the 2015 nets hold no extra module."""
+    """Wide ResNet's dropout between a basic block's two convolutions (Zagoruyko & Komodakis 2016, §2.3),
+    and DenseNet's after each conv; nothing at rate 0, so that the 2015 nets hold no extra module."""
     return nn.Dropout(rate) if rate else nn.Identity()
 
 

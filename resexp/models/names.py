@@ -15,6 +15,30 @@ GATE_BIAS = (
     -6.0
 )  # the gates' initial bias b_T (shortcut=gated): He et al. 2016's best for ResNet-110 (their Table 1; 0 to -5 failed)
 
+# The model keys that only one family's nets have (model.arch: resnet or densenet), with the value they
+# keep in the other's: a net refuses another value (it would change nothing), and its identity leaves them out.
+RESNET_ONLY = {
+    "bottleneck_stride": "1x1",
+    "preactivation": False,
+    "widths": None,
+    "cardinality": 1,
+    "base_width": 64,
+    "gate_bias": GATE_BIAS,
+}
+DENSENET_ONLY = {"growth_rate": 12, "compression": 0.5}
+
+
+def refuse_others(model: Mapping[str, Any], others: Mapping[str, Any], arch: str) -> None:
+    """A one-line error for the first of the other family's keys that `model` sets away from its value."""
+    for key, default in others.items():
+        if model.get(key, default) != default:
+            other = "densenet" if arch == "resnet" else "resnet"
+            raise ResexpError(
+                f"model.{key}={model.get(key)!r} is for model.arch={other}; a net of model.arch={arch} has none: "
+                f"leave it at {default!r}"
+            )
+
+
 # The stem's width, then each stage's planes (a bottleneck stage outputs 4x its planes): §4.2 and Table 1.
 WIDTHS = {"cifar": (16, 16, 32, 64), "imagenet": (64, 64, 128, 256, 512)}
 
@@ -90,8 +114,20 @@ def net_name(
     return name + (f"-dropout{dropout:g}" if dropout else "")
 
 
+def densenet_name(depth: int, block: str, growth_rate: int, compression: float, dropout: float = 0.0) -> str:
+    """A DenseNet as Huang et al. 2017 name theirs: `densenet40-12` for DenseNet (L=40, k=12),
+    `densenet-bc100-12` for DenseNet-BC (L=100, k=12): B for the 1x1 convs, C for transitions that keep a
+    fraction of the maps (`-theta0.7` where it is not their 0.5)."""
+    letters = ("b" if block == "bottleneck" else "") + ("c" if compression < 1 else "")
+    name = f"densenet{'-' + letters if letters else ''}{depth}-{growth_rate}"
+    if compression not in (0.5, 1.0):
+        name += f"-theta{compression:g}"
+    return name + (f"-dropout{dropout:g}" if dropout else "")
+
+
 # The model keys a net's name is made of (model_name), in the order of the model presets.
 NAME_KEYS = (
+    "arch",
     "depth",
     "residual",
     "block",
@@ -103,6 +139,8 @@ NAME_KEYS = (
     "base_width",
     "dropout",
     "gate_bias",
+    "growth_rate",
+    "compression",
 )
 
 
@@ -115,6 +153,10 @@ def model_name(model: Mapping[str, Any], shortcut: str | None, **missing: Any) -
         value = model.get(key)
         return missing.get(key, default) if value is None else value
 
+    if get("arch", "resnet") == "densenet":
+        return densenet_name(
+            model["depth"], get("block", "basic"), get("growth_rate", 12), get("compression", 0.5), get("dropout", 0.0)
+        )
     widths = get("widths", None)
     return net_name(
         model["residual"],

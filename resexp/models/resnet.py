@@ -29,7 +29,7 @@ from resexp.models.blocks import (
     conv,
     conv_bn,
 )
-from resexp.models.names import GATE_BIAS, SHORTCUTS, WIDTHS, canonical_shortcut, net_name
+from resexp.models.names import DENSENET_ONLY, GATE_BIAS, SHORTCUTS, WIDTHS, canonical_shortcut, net_name, refuse_others
 
 # re-exported for group and probes (the blocks) and for the modules that name nets
 __all__ = [
@@ -226,7 +226,9 @@ class NetSpec:
 
     @classmethod
     def from_model(cls, model: Mapping[str, Any], shortcut: str, num_classes: int, **missing: Any) -> NetSpec:
-        """The net a config's model node makes (keys it lacks take `missing`'s values, else the defaults)."""
+        """The net a config's model node makes (keys it lacks take `missing`'s values, else the defaults);
+        a DenseNet's key set away from its default is refused."""
+        refuse_others(model, DENSENET_ONLY, "resnet")
         values = {
             f.name: model.get(f.name, missing.get(f.name, f.default))
             for f in dataclasses.fields(cls)
@@ -240,6 +242,17 @@ class NetSpec:
     def variant(self) -> dict[str, Any]:
         """The fields a net of the 2015 paper leaves at their defaults (widths, groups, dropout, gates)."""
         return {name: getattr(self, name) for name in ("widths", "cardinality", "base_width", "dropout", "gate_bias")}
+
+    @property
+    def shortcut_option(self) -> str | None:
+        """The option a run's metrics, report and TensorBoard show: None for a plain net, which has none."""
+        return self.shortcut if self.residual else None
+
+    def model_values(self) -> dict[str, Any]:
+        """The model keys this net is made of, as a checkpoint records them."""
+        keys = ("depth", "residual", "block", "stem", "preactivation")
+        made = {f"model.{key}": getattr(self, key) for key in (*keys, *self.variant)}
+        return {"model.arch": "resnet", **made}
 
     @property
     def name(self) -> str:
