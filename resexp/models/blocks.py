@@ -2,10 +2,12 @@
 convolution and a ReLU after the addition, and the pre-activation units of He et al. 2016 ("Identity
 Mappings in Deep Residual Networks", arXiv:1603.05027, Fig. 1b and 4e), BN and ReLU before each
 convolution and nothing after the addition, so that the identity path runs clean from block to block.
-Each computes its plain twin with residual=False (no shortcut, the same layers), and `skip`, what it
+Each computes its plain twin with Skip(residual=False) (no shortcut, the same layers), and `skip`, what it
 computes with its residual branch at zero: the block deleted, for a lesion study (resexp/probes.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +45,9 @@ class HighwayShortcut(nn.Module):
     He et al. 2016 found 0 to -5 fail and -6 best (GATE_BIAS), 8.70% against the identity's 6.61% (their
     Table 1). Called alone it gives the carried part, (1 - T(x))·x: the block with its branch deleted."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, gate_bias: float) -> None:
+    def __init__(self, carry: nn.Module, in_channels: int, out_channels: int, stride: int, gate_bias: float) -> None:
         super().__init__()
-        changes = stride != 1 or in_channels != out_channels
-        self.carry = ZeroPadShortcut(in_channels, out_channels, stride) if changes else nn.Identity()
+        self.carry = carry  # option A's shortcut for these dimensions
         self.transform = nn.Conv2d(in_channels, out_channels, 1, stride=stride)  # W_T, b_T
         nn.init.constant_(self.transform.bias, gate_bias)
 
@@ -61,20 +62,26 @@ class HighwayShortcut(nn.Module):
         return (1 - torch.sigmoid(self.transform(x))) * self.carry(x)
 
 
-def make_shortcut(
-    residual: bool, option: str, in_channels: int, out_channels: int, stride: int, gate_bias: float = GATE_BIAS
-) -> nn.Module | None:
-    """The one place where the shortcut of a block is decided (None: a plain block has none)."""
-    if not residual:
-        return None
-    changes = stride != 1 or in_channels != out_channels
-    if option == "gated":
-        return HighwayShortcut(in_channels, out_channels, stride, gate_bias)
-    if option == "full" or (option == "projection" and changes):
-        return projection(in_channels, out_channels, stride)
-    if changes:
-        return ZeroPadShortcut(in_channels, out_channels, stride)
-    return nn.Identity()
+@dataclass(frozen=True)
+class Skip:
+    """A block's skip connection: none (`residual=False`, the plain twin of §3.3), or a shortcut option
+    (identity, projection, full or gated) with, for gated, the gates' initial bias."""
+
+    residual: bool
+    option: str
+    gate_bias: float = GATE_BIAS
+
+    def make(self, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+        """The one place where the shortcut of a block is decided (None: a plain block has none)."""
+        if not self.residual:
+            return None
+        changes = stride != 1 or in_channels != out_channels
+        identity = ZeroPadShortcut(in_channels, out_channels, stride) if changes else nn.Identity()  # option A
+        if self.option == "gated":
+            return HighwayShortcut(identity, in_channels, out_channels, stride, self.gate_bias)
+        if self.option == "full" or (self.option == "projection" and changes):
+            return projection(in_channels, out_channels, stride)
+        return identity
 
 
 def add_shortcut(branch: torch.Tensor, shortcut: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,21 +121,12 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(
-        self,
-        in_channels: int,
-        planes: int,
-        stride: int,
-        residual: bool,
-        shortcut: str,
-        dropout_rate: float = 0.0,
-        gate_bias: float = GATE_BIAS,
-    ) -> None:
+    def __init__(self, in_channels: int, planes: int, stride: int, skip: Skip, dropout_rate: float = 0.0) -> None:
         super().__init__()
         self.conv1, self.bn1 = conv_bn(in_channels, planes, 3, stride)
         self.dropout = dropout(dropout_rate)
         self.conv2, self.bn2 = conv_bn(planes, planes, 3)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride, gate_bias)
+        self.shortcut = skip.make(in_channels, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dropout(F.relu(self.bn1(self.conv1(x))))
@@ -149,23 +147,14 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self,
-        in_channels: int,
-        planes: int,
-        stride: int,
-        residual: bool,
-        shortcut: str,
-        stride_at: str = "1x1",
-        cardinality: int = 1,
-        base_width: int = 64,
-        gate_bias: float = GATE_BIAS,
+        self, in_channels: int, planes: int, stride: int, skip: Skip, stride_at: str, cardinality: int, base_width: int
     ) -> None:
         super().__init__()
         width = bottleneck_width(planes, cardinality, base_width)
         self.conv1, self.bn1 = conv_bn(in_channels, width, 1, stride if stride_at == "1x1" else 1)
         self.conv2, self.bn2 = conv_bn(width, width, 3, stride if stride_at == "3x3" else 1, cardinality)
         self.conv3, self.bn3 = conv_bn(width, planes * self.expansion, 1)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride, gate_bias)
+        self.shortcut = skip.make(in_channels, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -186,21 +175,12 @@ class PreActBasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(
-        self,
-        in_channels: int,
-        planes: int,
-        stride: int,
-        residual: bool,
-        shortcut: str,
-        dropout_rate: float = 0.0,
-        gate_bias: float = GATE_BIAS,
-    ) -> None:
+    def __init__(self, in_channels: int, planes: int, stride: int, skip: Skip, dropout_rate: float = 0.0) -> None:
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, planes, 3, stride)
         self.dropout = dropout(dropout_rate)  # Wide ResNet's, after the second ReLU (their Fig. 1d)
         self.bn2, self.conv2 = nn.BatchNorm2d(planes), conv(planes, planes, 3)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes, stride, gate_bias)
+        self.shortcut = skip.make(in_channels, planes, stride)
         self.changes = stride != 1 or in_channels != planes  # decided here: grouping wraps the shortcut (group.py)
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
@@ -227,16 +207,7 @@ class PreActBottleneck(PreActBasicBlock):
     expansion = 4
 
     def __init__(
-        self,
-        in_channels: int,
-        planes: int,
-        stride: int,
-        residual: bool,
-        shortcut: str,
-        stride_at: str = "1x1",
-        cardinality: int = 1,
-        base_width: int = 64,
-        gate_bias: float = GATE_BIAS,
+        self, in_channels: int, planes: int, stride: int, skip: Skip, stride_at: str, cardinality: int, base_width: int
     ) -> None:
         nn.Module.__init__(self)
         width = bottleneck_width(planes, cardinality, base_width)
@@ -247,7 +218,7 @@ class PreActBottleneck(PreActBasicBlock):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv2 = conv(width, width, 3, stride if stride_at == "3x3" else 1, cardinality)
         self.bn3, self.conv3 = nn.BatchNorm2d(width), conv(width, planes * self.expansion, 1)
-        self.shortcut = make_shortcut(residual, shortcut, in_channels, planes * self.expansion, stride, gate_bias)
+        self.shortcut = skip.make(in_channels, planes * self.expansion, stride)
         self.changes = stride != 1 or in_channels != planes * self.expansion
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:

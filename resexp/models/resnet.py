@@ -25,6 +25,7 @@ from resexp.models.blocks import (
     HighwayShortcut,
     PreActBasicBlock,
     PreActBottleneck,
+    Skip,
     ZeroPadShortcut,
     conv,
     conv_bn,
@@ -119,15 +120,11 @@ class ResNet(nn.Module):
             (True, "basic"): PreActBasicBlock,
             (True, "bottleneck"): PreActBottleneck,
         }[preactivation, block]
+        skip = Skip(residual, shortcut, gate_bias)
         options: dict = (
-            {"dropout_rate": dropout, "gate_bias": gate_bias}
+            {"dropout_rate": dropout}
             if block == "basic"
-            else {
-                "stride_at": bottleneck_stride,
-                "cardinality": cardinality,
-                "base_width": base_width,
-                "gate_bias": gate_bias,
-            }
+            else {"stride_at": bottleneck_stride, "cardinality": cardinality, "base_width": base_width}
         )
         if stem == "cifar" and preactivation:  # the first block's BN and ReLU follow the stem's conv
             self.stem = nn.Sequential(conv(3, stem_width, 3))
@@ -142,7 +139,7 @@ class ResNet(nn.Module):
             blocks = []
             for position in range(count):
                 stride = 2 if index > 0 and position == 0 else 1
-                blocks.append(block_class(channels, planes, stride, residual, shortcut, **options))
+                blocks.append(block_class(channels, planes, stride, skip, **options))
                 channels = planes * block_class.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
