@@ -48,9 +48,7 @@ class Metrics:
     data: str = MISSING  # the data config's name: cifar10, imagenet, synthetic
     depth: int = MISSING
     residual: bool = MISSING
-    shortcut: str | None = (
-        MISSING  # identity, projection, full or gated; None for a plain net or a DenseNet, which have none
-    )
+    shortcut: str | None = MISSING  # identity, projection, full or gated; None: a plain net or a DenseNet
     params: int = MISSING
     iterations: int = MISSING
     batch_size: int = MISSING

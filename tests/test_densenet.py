@@ -23,12 +23,13 @@ from torch import nn
 from resexp import checkpoint, paper
 from resexp.config import net_spec, schedule
 from resexp.errors import ResexpError
-from resexp.models import ARCHS, DenseNetSpec, count_parameters
+from resexp.models import ARCHS, DenseNetSpec, count_parameters, spec_of
 from resexp.models.densenet import DenseLayer
-from resexp.models.names import densenet_name
+from resexp.models.names import DENSENET_ONLY, RESNET_ONLY, densenet_name
 from resexp.plots import legend_name
 from resexp.probes import lesion_study, response_layers
 from resexp.report import report
+from resexp.schemas import ModelSchema
 
 BC100 = DenseNetSpec(100, "bottleneck", 12, 0.5, 10)
 
@@ -192,9 +193,16 @@ def test_bad_densenet_values_are_one_line_naming_the_value_and_the_choices(tmp_p
     assert not run_dir.exists()
 
 
-def test_a_resnet_refuses_a_densenets_keys():
+def test_a_resnet_refuses_a_densenets_keys_and_an_unknown_family_is_named():
     with pytest.raises(ResexpError, match=re.escape("model.growth_rate=24 is for model.arch=densenet")):
         net_spec(compose_config("model=resnet20", "model.growth_rate=24"))
+    with pytest.raises(ResexpError, match=re.escape("model.arch='vgg' is not an option; choose resnet or densenet")):
+        spec_of({"arch": "vgg", "depth": 20}, "identity", 10)
+
+
+def test_each_familys_own_keys_keep_the_schemas_defaults_in_the_other_family():
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSchema)}
+    assert {**RESNET_ONLY, **DENSENET_ONLY} == {key: defaults[key] for key in {**RESNET_ONLY, **DENSENET_ONLY}}
 
 
 def test_a_densenets_identity_leaves_the_resnet_keys_out_and_older_checkpoints_are_resnets():

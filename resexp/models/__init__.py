@@ -30,6 +30,6 @@ Spec = NetSpec | DenseNetSpec
 def spec_of(model: Mapping[str, Any], shortcut: str, num_classes: int) -> Spec:
     """The net a config's model node makes, of the family its model.arch names."""
     arch = model.get("arch", "resnet")
-    if arch not in ARCHS:
-        raise ResexpError(f"model.arch={arch!r} is not an option; choose one of {', '.join(ARCHS)}")
+    if arch not in ARCHS:  # also refused with the config's other values (resexp/checks.py), in the same words
+        raise ResexpError(f"model.arch={arch!r} is not an option; choose {' or '.join(ARCHS)}")
     return ARCHS[arch].from_model(model, shortcut, num_classes)

@@ -53,7 +53,7 @@ class DenseLayer(nn.Module):
         self.join = Concatenate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # no ReLU in place on x itself: the BN before it makes a new tensor, and x is concatenated whole
+        # the branch's in-place ReLUs act on its BNs' outputs, never on x, which goes on whole
         return self.join(x, self.branch(x))
 
 
