@@ -36,18 +36,23 @@ FAMILIES = {"plain-wrn": "plain WRN-", "wrn": "WRN-", "resnext": "ResNeXt-"}
 def legend_name(label: str, net: str, depth: int | None, letter: str | None, several_options: bool) -> str:
     """ResNet-56, plain-20, ResNet-164 pre-act, ResNet-34 (B) beside A and C; WRN-28-10 pre-act,
     ResNeXt-29-8x64d and DenseNet-BC (L=100, k=12) as their papers name them, with their dropout."""
-    if dense := re.match(r"densenet(?:-([bc]+))?(\d+)-(\d+)", net):
-        letters, depth_l, k = dense.groups()
-        name = f"DenseNet{'-' + letters.upper() if letters else ''} (L={depth_l}, k={k})" + net[dense.end() :]
-        return name.replace("-theta", ", θ ").replace("-dropout", " dropout ")
     family = re.match(r"(plain-wrn|wrn|resnext)(?=\d)", net)
-    if family:
+    if dense := re.match(r"densenet(?:-([bc]+))?(\d+)-(\d+)", net):
+        letters, layers, k = dense.groups()
+        name = f"DenseNet{'-' + letters.upper() if letters else ''} (L={layers}, k={k})" + net[dense.end() :]
+    elif family:
         name = FAMILIES[family[0]] + net[family.end() :]
         name = re.sub(r"-[ABC](?=-|$)", f" ({letter})" if several_options and letter else "", name)
     else:
         shown = several_options and letter in ("A", "B", "C")  # a gated net says so in its name
         name = f"{label}-{depth}" + (f" ({letter})" if shown else "") + variant(net)
-    for tag, words in (("-preact", " pre-act"), ("-v1.5", " v1.5"), ("-dropout", " dropout "), ("-gated", " gated")):
+    for tag, words in (
+        ("-preact", " pre-act"),
+        ("-v1.5", " v1.5"),
+        ("-theta", ", θ "),
+        ("-dropout", " dropout "),
+        ("-gated", " gated"),
+    ):
         name = name.replace(tag, words)
     return name.replace("-gatebias", ", gate bias ")
 
@@ -102,9 +107,9 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                 (net for net, group in by_net.items() if group[0].residual == residual),
                 key=lambda n: by_net[n][0].depth or 0,
             )
+            several_options = len({by_net[n][0].letter for n in nets} - {"-"}) > 1  # Table 3's A/B/C side by side
             for net in nets:
                 group, colour = by_net[net], colours.get((by_net[net][0].depth, variant(net)), "k")
-                several_options = len({by_net[n][0].letter for n in nets} - {"-"}) > 1  # Table 3's A/B/C side by side
                 name = legend_name(label, net, group[0].depth, group[0].letter, several_options)
                 for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
                     curves = [run.curves[tag] for run in group if run.curves.get(tag)]

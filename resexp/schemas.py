@@ -33,9 +33,7 @@ class ModelSchema:  # conf/model/
     cardinality: int = 1  # ResNeXt's groups in a bottleneck's 3x3 conv; 1: the paper's block
     base_width: int = 64  # ResNeXt's channels per group for each 64 planes; 64 with cardinality 1: the paper's block
     dropout: float = 0.0  # Wide ResNet's dropout rate between a basic block's two convs; 0: none
-    gate_bias: float = (
-        -6.0
-    )  # shortcut=gated: the gates' initial bias (He et al. 2016, Table 1: -6 trains ResNet-110 best, 0 to -5 fail)
+    gate_bias: float = -6.0  # shortcut=gated: the gates' initial bias (He et al. 2016, Table 1: -6 best, 0 to -5 fail)
     growth_rate: int = 12  # model.arch=densenet: k, the maps each layer adds (Huang et al. 2017)
     compression: float = (
         0.5  # model.arch=densenet: θ, the fraction of maps a transition keeps (DenseNet-C's 0.5; 1: all)

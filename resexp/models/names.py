@@ -11,9 +11,8 @@ from resexp.errors import ResexpError
 # The shortcut options of §3.3 / Table 3, by name and by the paper's letter, and the gated identity of
 # Highway networks (blocks.HighwayShortcut), which the paper compares against (Table 6) but has no letter for.
 SHORTCUTS = {"identity": "A", "projection": "B", "full": "C", "gated": "gated"}
-GATE_BIAS = (
-    -6.0
-)  # the gates' initial bias b_T (shortcut=gated): He et al. 2016's best for ResNet-110 (their Table 1; 0 to -5 failed)
+# The gates' initial bias b_T (shortcut=gated): He et al. 2016's best for ResNet-110 (their Table 1; 0 to -5 failed).
+GATE_BIAS = -6.0
 
 # The model keys that only one family's nets have (model.arch: resnet or densenet), with the value they
 # keep in the other's: a net refuses another value (it would change nothing), and its identity leaves them out.
@@ -154,9 +153,8 @@ def model_name(model: Mapping[str, Any], shortcut: str | None, **missing: Any) -
         return missing.get(key, default) if value is None else value
 
     if get("arch", "resnet") == "densenet":
-        return densenet_name(
-            model["depth"], get("block", "basic"), get("growth_rate", 12), get("compression", 0.5), get("dropout", 0.0)
-        )
+        growth_rate, compression = (get(key, DENSENET_ONLY[key]) for key in ("growth_rate", "compression"))
+        return densenet_name(model["depth"], get("block", "basic"), growth_rate, compression, get("dropout", 0.0))
     widths = get("widths", None)
     return net_name(
         model["residual"],
