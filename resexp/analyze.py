@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headl
 
 from resexp import probes
 from resexp.evaluate import SavedRun, built, weights
-from resexp.files import atomic_write_text
+from resexp.files import atomic_write_text, staged
 from resexp.plots import save_figure
 
 POOLING = "std per channel over images and positions, averaged over channels; eval mode, test images"
@@ -215,8 +215,8 @@ def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
 def analyze(runs: list[SavedRun], out: Path, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
     """Measure every run, write analysis.json, analysis.md and the figures into `out`."""
     results = [analyze_run(run, device, budget) for run in runs]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "analysis.json", json.dumps({"pooling": POOLING, "runs": results}, indent=2) + "\n")
-    atomic_write_text(out / "analysis.md", markdown(results))
-    figures(results, out)
+    with staged(out) as stage:  # all of them, or none: never new files beside older ones
+        atomic_write_text(stage / "analysis.json", json.dumps({"pooling": POOLING, "runs": results}, indent=2) + "\n")
+        atomic_write_text(stage / "analysis.md", markdown(results))
+        figures(results, stage)
     return results

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from resexp.errors import ResexpError, first_line
-from resexp.files import atomic_write
+from resexp.files import atomic_write, open_regular, why_not
 from resexp.models.names import DENSENET_ONLY, GATE_BIAS, RESNET_ONLY
 
 START_OVER = "move it away to start this run over"  # what a damaged or foreign checkpoint leaves to do
@@ -51,26 +52,11 @@ def load(path: Path, layout: dict[str, type] = LAYOUT) -> dict[str, Any]:
     word), then `torch.load(weights_only=True)`, which admits tensors, numbers, strings and containers
     only, so a crafted file cannot run code, then the parts of `layout`. Anything else is one line."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # the first record whose bytes do not match their CRC-32
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        raise unreadable(path, error) from None
-    if damaged is not None:
-        raise ResexpError(f"{path} is damaged: {damaged} does not match the checksum stored with it; {START_OVER}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the verdict follows anyway
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ResexpError(
-            f"{path} is not a readable resexp checkpoint (it holds objects other than tensors and numbers, "
-            f"and resexp loads checkpoints as data only, never as code); {START_OVER}"
-        ) from None
-    # A file that passed its checksums but is still not a checkpoint (made so, or written by another
-    # program) can fail anywhere inside torch's unpickler: an IndexError, a TypeError, ... all say
-    # "not readable".
-    except Exception as error:
-        raise unreadable(path, error) from None
+        file = os.fdopen(open_regular(path), "rb")  # never through a link, never a FIFO (resexp/files.py)
+    except OSError as error:
+        raise ResexpError(f"{path} is {why_not(error)}; {START_OVER}") from None
+    with file:
+        state = read_archive(path, file)
     if isinstance(state, dict) and state.get("version") == 1:
         if "experiment" in state:
             state["identity"] = state.pop("experiment")  # version 1's name for it; nothing else changed
@@ -82,7 +68,40 @@ def load(path: Path, layout: dict[str, type] = LAYOUT) -> dict[str, Any]:
         if not isinstance(state.get(key), kind):
             what = "no" if key not in state else f"a {type(state[key]).__name__} as its"
             raise ResexpError(f"{path} is not a whole resexp checkpoint: it has {what} {key!r}; {START_OVER}")
+    if "progress" in layout:
+        iteration = state["progress"].get("iteration")
+        if type(iteration) is not int or iteration < 0:  # a bool is no count either
+            raise ResexpError(
+                f"{path} is damaged: its progress does not fit this run (iteration={iteration!r}, not a count of "
+                f"steps); {START_OVER}"
+            )
     return state
+
+
+def read_archive(path: Path, file: BinaryIO) -> Any:
+    """The object torch.save wrote into `file`, checked against its CRC-32s first, read as data only."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            damaged = archive.testzip()  # the first record whose bytes do not match their CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise unreadable(path, error) from None
+    if damaged is not None:
+        raise ResexpError(f"{path} is damaged: {damaged} does not match the checksum stored with it; {START_OVER}")
+    file.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the verdict follows anyway
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ResexpError(
+            f"{path} is not a readable resexp checkpoint (it holds objects other than tensors and numbers, "
+            f"and resexp loads checkpoints as data only, never as code); {START_OVER}"
+        ) from None
+    # A file that passed its checksums but is still not a checkpoint (made so, or written by another
+    # program) can fail anywhere inside torch's unpickler: an IndexError, a TypeError, ... all say
+    # "not readable".
+    except Exception as error:
+        raise unreadable(path, error) from None
 
 
 def unreadable(path: Path, error: BaseException) -> ResexpError:
@@ -131,13 +150,21 @@ ADDED = {
 def identity(values: dict[str, Any]) -> dict[str, Any]:
     """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY, and less what changes
     nothing in its net: the bottleneck's stride in a net of basic blocks, the gates' bias without gates,
-    the other family's keys (a ResNet's growth rate, a DenseNet's widths)."""
+    the other family's keys (a ResNet's growth rate, a DenseNet's widths), and sync_bn in one process."""
     unused = set() if values.get("model.block") == "bottleneck" else {"model.bottleneck_stride"}
+    if values.get("processes", ADDED["processes"]) == 1:  # one process's batch is the global batch
+        unused.add("sync_bn")
     if str(values.get("shortcut")).lower() != "gated":
         unused.add("model.gate_bias")
     densenet = values.get("model.arch", ADDED["model.arch"]) == "densenet"
     unused |= {f"model.{key}" for key in (RESNET_ONLY if densenet else DENSENET_ONLY)}
     return {key: value for key, value in values.items() if key not in NOT_IDENTITY | unused}
+
+
+def plain(value: Any) -> Any:
+    """A setting as a checkpoint records it: sequences as lists (a checkpoint holds the config's lists, a
+    NetSpec its tuples: model.widths [16, 160, 320, 640] and (16, 160, 320, 640) are one net)."""
+    return [plain(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -147,7 +174,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [
         f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now"
         for key in keys
-        if saved.get(key) != current.get(key)
+        if plain(saved.get(key)) != plain(current.get(key))
     ]
 
 

@@ -117,5 +117,7 @@ def check_values(values: dict[str, Any]) -> None:
                 f"data.scale={list(scale)}, data.crop={crop}, data.test_size={test}: "
                 "need crop <= scale[0] <= scale[1] and crop <= test_size"
             )
+    if values.get("optim.nesterov") and values.get("optim.momentum") == 0:
+        raise ResexpError("optim.nesterov=true needs momentum: optim.momentum=0; set it (0.9) or optim.nesterov=false")
     if "data.mean" in values and not (len(values["data.mean"]) == 3 and all(0 <= m <= 1 for m in values["data.mean"])):
         raise ResexpError(f"data.mean={values['data.mean']} must be three values in [0, 1], one per RGB channel")

@@ -10,6 +10,7 @@ is raised to here and reported as one line: exit code 2 for bad input, 128 + N f
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from resexp.errors import Interrupted, JobFailed, ResexpError
+from resexp.errors import Interrupted, JobFailed, LostProcess, ResexpError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -83,8 +84,12 @@ def train_task(cfg: DictConfig) -> float | None:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    rank = os.environ.get("RANK", "0")  # under torchrun each process says it: name the others
-    print(f"resexp{f' (rank {rank})' if rank != '0' else ''}: {message}", file=sys.stderr)
+    from resexp import launch
+
+    launch.error_file_line(message)  # under torchrun: for its report, or resexp's launch (resexp/launch.py)
+    if not launch.quiet():  # started by `resexp train --nproc-per-node`, which prints one line for all
+        rank = os.environ.get("RANK", "0")  # under torchrun each process says it: name the others
+        print(f"resexp{f' (rank {rank})' if rank != '0' else ''}: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -106,12 +111,14 @@ def outcome(error: BaseException) -> tuple[str, int] | None:
             return f"stopped at once; the last checkpoint of each run, if any, is intact{resume}", code
         return f"stopped by {name} at iteration {error.iteration}, checkpoint saved{resume}", code
     if isinstance(error, ResexpError):
-        return f"error: {error}", 2
+        return f"error: {error}", 1 if isinstance(error, LostProcess) else 2
     if isinstance(error, (HydraException, OmegaConfBaseException)):  # before OSError: Hydra's missing config is one
         return f"error: {schemas.error_line(error)}", 2
     if isinstance(error, OSError):  # typically the run directory: not writable, not a directory, disk full
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or error
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # the folder is fine: the disk is not
+            return f"error: cannot write{where} ({reason}); free some space there, then run the same command", 2
         return f"error: cannot write{where} ({reason}); choose a writable hydra.run.dir or hydra.sweep.dir", 2
     return None
 
@@ -131,6 +138,9 @@ def report(rest: list[str]) -> None:
         report.report(args.dirs, args.out)
     except ResexpError as error:
         fail(f"error: {error}")
+    except OSError as error:  # the folder for the tables: not writable, not a folder, full
+        where = error.filename or args.out or args.dirs[0]
+        fail(f"error: cannot write {where} ({error.strerror or error}); choose another --out")
 
 
 def trained_runs(parser: argparse.ArgumentParser, rest: list[str]) -> tuple[argparse.Namespace, list[SavedRun]]:
@@ -153,6 +163,7 @@ def evaluate(rest: list[str]) -> None:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from resexp import config
     from resexp.evaluate import evaluate_run
@@ -172,7 +183,7 @@ def evaluate(rest: list[str]) -> None:
     for row in rows:
         top5 = f"{row['error_top5']:.2f}" if "error_top5" in row else "-"
         cells = (row["run"], row["net"], row["iteration"], row["set"], row["views"], f"{row['error']:.2f}", top5)
-        table.add_row(*map(str, cells))
+        table.add_row(*(Text(str(cell)) for cell in cells))  # a path is text, never markup
     text = json.dumps(rows, indent=2) + "\n"
     if args.json is not None and str(args.json) == "-":
         sys.stdout.write(text)
@@ -204,6 +215,12 @@ def export(rest: list[str]) -> None:
         fail(f"error: cannot write {error.filename or args.out} ({error.strerror or error}); choose another --out")
 
 
+# analyze's options, at most: each measurement's cost and memory grow with them (a plane of N points per
+# side is N*N losses over --train-batches batches each), and nothing gains from more.
+ANALYZE_LIMITS = {"images": 1_000_000, "train_batches": 1000, "draws": 1000, "points": 1001}
+PLANE_LIMIT = 101
+
+
 def analyze(rest: list[str]) -> None:
     from resexp import analyze, config
 
@@ -224,11 +241,16 @@ def analyze(rest: list[str]) -> None:
     out = None
     try:
         args, saved = trained_runs(parser, rest)
-        for name in ("images", "train_batches", "draws", "points"):
-            if getattr(args, name) < 1:
-                raise ResexpError(f"--{name.replace('_', '-')}={getattr(args, name)} must be 1 or more")
+        for name, most in ANALYZE_LIMITS.items():
+            value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+            if value < 1:
+                raise ResexpError(f"{flag}={value} must be 1 or more")
+            if value > most:
+                raise ResexpError(f"{flag}={value} must be at most {most:,}")
         if args.plane < 0 or args.plane == 1:
             raise ResexpError(f"--plane={args.plane} must be 0 (no surface) or 2 or more")
+        if args.plane > PLANE_LIMIT:
+            raise ResexpError(f"--plane={args.plane} must be at most {PLANE_LIMIT} ({PLANE_LIMIT**2:,} losses)")
         budget = analyze.Budget(args.images, args.train_batches, args.draws, args.points, args.plane)
         out = args.out or args.dirs[0]
         results = analyze.analyze(saved, out, config.pick_device(args.device), budget)
@@ -299,7 +321,8 @@ def train(rest: list[str]) -> None:
     try:
         with record.recorded():  # a sweep that ended before any of its runs started leaves no directory
             config.check_choices([arg for arg in rest if "=" in arg and not arg.startswith("-")])
-            hydra.main(version_base="1.3", config_path=config_path, config_name="train")(train_task)()
+            hydra.main(config_path=config_path, config_name="train", **config.HYDRA_MAIN)(train_task)()
+        distributed.finish()  # every process is done: they leave together
     except BrokenPipeError:  # not the run directory: the reader of a pipe left (main)
         raise
     except (Exception, KeyboardInterrupt, Interrupted, JobFailed) as error:
@@ -343,6 +366,12 @@ def dispatch(argv: list[str]) -> None:
         print(f"resexp {resexp.__version__}")
         return
     command, rest = argv[0], argv[1:]
+    if command == "train" and "RANK" not in os.environ:  # not yet one of torchrun's processes
+        from resexp import launch
+
+        flags, rest = launch.split(rest)
+        if flags:
+            launch.torchrun(flags, rest)
     if command in COMPLETION:
         return complete(argv)
     if command not in COMMANDS:

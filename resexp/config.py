@@ -14,11 +14,14 @@ run's net and data again from its directory, for `resexp eval` and `resexp expor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
+import inspect
 import math
 import os
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +32,70 @@ from hydra import initialize_config_dir, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resexp import checkpoint, distributed, record, resolvers, schemas
 from resexp.checks import check_values, one_of
+from resexp.data import cifar10, cifar100, imagenet, synthetic
 from resexp.errors import ResexpError
 from resexp.evaluate import READ, SavedRun
+from resexp.files import read_bytes, why_not
 from resexp.jobs import RunSettings
 from resexp.models import NetSpec, Spec, spec_of
 from resexp.runs import CHECKPOINT, HYDRA, Place, swept_keys
 from resexp.step import PRECISIONS
 from resexp.train import Loop, Remedies, Schedule
+
+# What a config's `_target_` may name: resexp's own builders, each with the schema of its keys. resexp never
+# instantiates a config (Hydra's instantiate calls whatever `_target_` names, and recursively whatever its
+# values name): it looks the target up here and calls the builder with the node's other keys, each a
+# plain value. A saved config may come from anyone; the command line's own is checked the same way.
+DATA_BUILDERS: dict[str, tuple[Callable[..., Any], type]] = {
+    "resexp.data.cifar10": (cifar10, schemas.Cifar10Schema),
+    "resexp.data.cifar100": (cifar100, schemas.Cifar10Schema),
+    "resexp.data.imagenet": (imagenet, schemas.ImageNetSchema),
+    "resexp.data.synthetic": (synthetic, schemas.SyntheticSchema),
+}
+OPTIMIZERS: dict[str, tuple[Callable[..., Any], type]] = {"torch.optim.SGD": (torch.optim.SGD, schemas.SGDSchema)}
+HYDRA_KEYS = ("_target_", "_partial_")  # Hydra's instantiate's, not the builder's
+
+
+def is_plain(value: Any) -> bool:
+    """None, a boolean, a number or a string, or a list of them: a value, never a node to build."""
+    if isinstance(value, list):
+        return all(is_plain(item) and not isinstance(item, list) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def builder(cfg: DictConfig, group: str, builders: dict[str, tuple[Callable[..., Any], type]]) -> Callable[..., Any]:
+    """The builder that the config's `group` node names (data or optim), given the node's plain values;
+    the run passes the rest (the batch size and seed, or the parameters). One line for a target that is
+    not resexp's, a key its schema lacks, or a value that is not plain."""
+    values = OmegaConf.to_container(cfg[group], resolve=True)
+    target = values.get("_target_")
+    if target not in builders:
+        raise ResexpError(f"{group}._target_={target!r} is not one of resexp's builders; choose {', '.join(builders)}")
+    build, schema = builders[target]
+    keys = {field.name for field in dataclasses.fields(schema)} - set(HYDRA_KEYS)
+    for key, value in values.items():
+        if key not in (*keys, *HYDRA_KEYS):
+            raise ResexpError(f"{group}.{key} is no key of {target}; its keys are {', '.join(sorted(keys))}")
+        if not is_plain(value):
+            raise ResexpError(
+                f"{group}.{key}={value!r} is not a value (a number, string or boolean, or a list of them)"
+            )
+    return functools.partial(build, **{key: value for key, value in values.items() if key not in HYDRA_KEYS})
+
+
+# Hydra 1.3 wants the defaults it is to keep named (version_base="1.3"), and 1.4 deprecates the argument:
+# its defaults are 1.3's. Hydra 1.4 also asks which targets a config may instantiate (its execution
+# whitelist): resexp's Hydra config names these alone (conf/train.yaml's callback, the log handlers of
+# conf/hydra/job_logging/), Hydra allows each launcher its own class, and resexp instantiates nothing itself.
+HYDRA_14 = "execution_whitelist" in inspect.signature(hydra.main).parameters
+VERSION_BASE = {} if HYDRA_14 else {"version_base": "1.3"}
+TRUSTED_TARGETS = ["resexp.record.RunRecord", "resexp.logs.console_handler", "resexp.logs.RunLogFile"]
+HYDRA_MAIN = {"execution_whitelist": TRUSTED_TARGETS} if HYDRA_14 else VERSION_BASE
 
 
 def register() -> None:
@@ -63,9 +117,9 @@ def compose(*overrides: str, hydra_node: bool = False) -> DictConfig:
     register()
     source = config_dir()
     with (
-        initialize_config_dir(config_dir=str(source), version_base="1.3")
+        initialize_config_dir(config_dir=str(source), **VERSION_BASE)
         if isinstance(source, Path)
-        else initialize_config_module("resexp.conf", version_base="1.3")
+        else initialize_config_module("resexp.conf", **VERSION_BASE)
     ):
         return hydra.compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
 
@@ -185,7 +239,7 @@ def command(task: list[str], changes: dict[str, str], extra: list[str]) -> str:
 def resume_command(hydra_cfg: DictConfig) -> str:
     """What continues this run: the same command on the same directory."""
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return f"run the same sweep again with hydra.sweep.dir={hydra_cfg.sweep.dir}"
+        return f"run the same sweep again with {shlex.quote(f'hydra.sweep.dir={hydra_cfg.sweep.dir}')}"
     return command(list(hydra_cfg.overrides.task), {}, [f"hydra.run.dir={hydra_cfg.runtime.output_dir}"])
 
 
@@ -196,7 +250,8 @@ def remedies(hydra_cfg: DictConfig, lr: float) -> Remedies:
     lower = f"{lr / 10:g}"
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return Remedies(
-            skip=f"to skip such steps, run the same sweep again with on_nonfinite=skip hydra.sweep.dir={hydra_cfg.sweep.dir}",
+            skip="to skip such steps, run the same sweep again with on_nonfinite=skip "
+            + shlex.quote(f"hydra.sweep.dir={hydra_cfg.sweep.dir}"),
             lower_rate=f"to start over at a lower rate, run the sweep with optim.lr={lower} in another hydra.sweep.dir",
         )
     task, run_dir = list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir
@@ -228,14 +283,18 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
     values = flat(cfg)
     check_values(values)
     net, plan, device = net_spec(cfg), schedule(cfg), pick_device(cfg.device)
-    data = cfg.data
-    if data.get("workers") == "auto":  # one decoding process per CPU core this process may use
-        data = OmegaConf.merge(data, {"workers": cpu_cores()})
+    data = builder(cfg, "data", DATA_BUILDERS)
+    if data.keywords.get("workers") == "auto":  # one decoding process per CPU core this process may use
+        data = functools.partial(data, workers=cpu_cores())
     distributed.local_batch(cfg.schedule.batch_size)  # each process's share, or a one-line error
-    identity = checkpoint.identity(values)
-    identity["shortcut"] = net.shortcut  # B and projection are one run
+    if cfg.sync_bn and distributed.WORLD.size == 1:
+        raise ResexpError(
+            "sync_bn=true normalizes over the processes of torchrun (or SLURM's tasks), and this run has one; "
+            "leave it false, or start the run with several processes"
+        )
     # without sync_bn the BN statistics are over each process's share of the batch: another run for another N
-    identity["processes"] = distributed.WORLD.size
+    identity = checkpoint.identity({**values, "processes": distributed.WORLD.size})
+    identity["shortcut"] = net.shortcut  # B and projection are one run
     loop = Loop(
         schedule=plan,
         base_lr=cfg.optim.lr,
@@ -249,8 +308,8 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
     return RunSettings(
         place=where,
         net=net,
-        data=instantiate(data),
-        optimizer=instantiate(cfg.optim),
+        data=data,
+        optimizer=builder(cfg, "optim", OPTIMIZERS),
         loop=loop,
         batch_size=cfg.schedule.batch_size,
         seed=cfg.seed,
@@ -269,42 +328,79 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
     )
 
 
-# --- A finished or stopped run, made again from its directory (resexp eval, resexp export)
+# --- A finished or stopped run, made again from its directory (resexp eval, export, analyze)
 
-# The builders a run's data and optimizer may name: a saved config names one of these or is refused,
-# since `instantiate` calls what `_target_` names and a run directory may come from anyone.
-TARGETS = {
-    "resexp.data.cifar10",
-    "resexp.data.cifar100",
-    "resexp.data.imagenet",
-    "resexp.data.synthetic",
-    "torch.optim.SGD",
-}
+
+def saved_overrides(path: Path) -> list[str]:
+    """A run's record of its command line (.hydra/overrides.yaml) as data: a list of overrides, each of
+    which sets a key, or chooses a config, that this conf/ has, to a plain value. A run directory may come
+    from anyone, so an override that could do more is refused: one that adds or deletes keys (+, ++, ~:
+    a node whose _target_ something might call), sets Hydra's own (hydra.searchpath would bring config
+    groups of the directory's own), names a package (@), sweeps, interpolates (${oc.env:...} would read
+    the reader's environment) or gives a dict."""
+    try:
+        loaded = yaml.safe_load(read_bytes(path))
+    except OSError as error:
+        raise ResexpError(f"{path} is {why_not(error)}") from None
+    except yaml.YAMLError as error:
+        raise ResexpError(f"{path} is not a list of overrides ({type(error).__name__})") from None
+    if not isinstance(loaded, list) or not all(isinstance(item, str) for item in loaded):
+        raise ResexpError(f"{path} is not a list of overrides (strings such as model=resnet20)")
+    try:
+        parsed = OverridesParser.create().parse_overrides(loaded)
+    except HydraException as error:
+        raise ResexpError(f"{path}: {schemas.error_line(error)}") from None
+    for text, override in zip(loaded, parsed):
+        key, value = override.key_or_group, override.value()
+        refused = (
+            "adds or deletes a key"
+            if override.is_add() or override.is_force_add() or override.is_delete()
+            else "sets Hydra's own config"
+            if key == "hydra" or key.startswith(("hydra.", "hydra/"))
+            else "names a package"
+            if override.package is not None
+            else "is a sweep"
+            if override.is_sweep_override()
+            else "interpolates"
+            if "${" in str(value)
+            else "gives a node, not a value"
+            if not is_plain(value)
+            else None
+        )
+        if refused:
+            raise ResexpError(
+                f"{path} holds {text!r}, which {refused}: resexp reads a saved run's overrides as data, and a run's "
+                "own command line sets keys of resexp's configs to values"
+            )
+    try:
+        check_choices(loaded)  # a config of this conf/'s, by its name: never a path to another file
+    except ResexpError as error:
+        raise ResexpError(f"{path}: {error}") from None
+    return loaded
 
 
 def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
-    """The run in `run_dir` as its saved overrides (.hydra/overrides.yaml) compose it with this conf/,
-    checked against its checkpoint's record of its net; `data_root` replaces the data's root."""
+    """The run in `run_dir` as its saved overrides (.hydra/overrides.yaml, saved_overrides) compose it with
+    this conf/, checked against its checkpoint's record of its net; `data_root` replaces the data's root.
+    Nothing in the directory is instantiated or resolved: the data and the net are resexp's own builders
+    given checked values."""
     checkpoint_path, overrides_path = run_dir / CHECKPOINT, run_dir / HYDRA / "overrides.yaml"
     for path in (checkpoint_path, overrides_path):
         if not path.is_file():
             raise ResexpError(f"{run_dir} is not a resexp run with a checkpoint: it has no {path.relative_to(run_dir)}")
-    try:
-        overrides = [str(item) for item in yaml.safe_load(overrides_path.read_text()) or []]
-    except (yaml.YAMLError, TypeError) as error:
-        raise ResexpError(f"{overrides_path} is not a list of overrides ({type(error).__name__})") from None
+    overrides = saved_overrides(overrides_path)
     try:
         cfg = compose(*overrides, *([f"data.root={data_root}"] if data_root is not None else []))
     except (HydraException, OmegaConfBaseException) as error:
         raise ResexpError(f"{overrides_path}: {schemas.error_line(error)}") from None
-    for target in (cfg.data._target_, cfg.optim._target_):
-        if target not in TARGETS:
-            raise ResexpError(
-                f"{overrides_path} names _target_={target!r}; resexp builds only {', '.join(sorted(TARGETS))}"
-            )
-    check_values(flat(cfg))
+    try:
+        data = builder(cfg, "data", DATA_BUILDERS)
+        builder(cfg, "optim", OPTIMIZERS)
+        check_values(flat(cfg))
+        net = net_spec(cfg)
+    except ResexpError as error:
+        raise ResexpError(f"{overrides_path} makes no run of resexp's: {error}") from None
     recorded = checkpoint.load(checkpoint_path, layout=READ)["identity"]
-    net = net_spec(cfg)
     if isinstance(net, NetSpec):  # the stride its bottlenecks were trained with (its conf/ may predate the key)
         stride = {**checkpoint.ADDED, **recorded}["model.bottleneck_stride"]
         net = dataclasses.replace(net, bottleneck_stride=stride)
@@ -313,4 +409,4 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
         raise ResexpError(
             f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(found)})"
         )
-    return SavedRun(run_dir, net, instantiate(cfg.data), cfg.schedule.batch_size, cfg.seed)
+    return SavedRun(run_dir, net, data, cfg.schedule.batch_size, cfg.seed)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from resexp.errors import ResexpError
+from resexp.launch import LAUNCHED
 
 log = logging.getLogger("resexp")
 
@@ -86,7 +87,7 @@ def start(environ: dict[str, str] | None = None) -> World:
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     # Freed before the interpreter's teardown, which would otherwise end a process that finished its
     # run with an abort from gloo's threads now and then ("terminate called without an active exception")
-    atexit.register(dist.destroy_process_group)
+    atexit.register(leave)
     WORLD = world
     started = [datetime.datetime.now()]
     dist.broadcast_object_list(started, src=0)  # ${resexp.now:} (resexp/resolvers.py), Hydra issue #2070
@@ -111,12 +112,14 @@ def device(name: str) -> torch.device | None:
 
 
 def command(environ: dict[str, str] | None = None) -> str:
-    """How this process's run was started, for the commands that messages advise: `resexp train`, or
-    under torchrun its command with as many processes (with its node and rendezvous flags as before,
-    where there are several nodes)."""
+    """How this process's run was started, for the commands that messages advise: `resexp train`, with the
+    torchrun flags it was given (`resexp train --nproc-per-node=2`), or under torchrun its command with as
+    many processes (with its node and rendezvous flags as before, where there are several nodes)."""
     environ = os.environ if environ is None else environ
     if WORLD.launcher != "torchrun":
         return "resexp train"
+    if LAUNCHED in environ:  # resexp train --nproc-per-node=N (resexp/launch.py), with its flags
+        return f"resexp train {environ[LAUNCHED]}"
     per_node = int(environ.get("LOCAL_WORLD_SIZE", WORLD.size))
     nodes = "" if per_node == WORLD.size else " --nnodes=... --rdzv-backend=... --rdzv-endpoint=... (as before)"
     return f"torchrun --nproc-per-node={per_node}{nodes} -m resexp train"
@@ -251,6 +254,21 @@ def parallel(model: nn.Module) -> nn.Module:
 
     device_ids = [model_device(model)] if model_device(model).type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def leave() -> None:
+    """Out of the process group, if still in it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish() -> None:
+    """The end of a run under several processes: every rank waits for the others, then leaves the process
+    group. A rank that left while another still spoke to it could end the other with an abort from gloo's
+    threads, after a run that finished."""
+    if dist.is_initialized():
+        dist.barrier()
+        leave()
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -5,6 +5,11 @@ class ResexpError(Exception):
     """Bad input or a missing/corrupt resource: the message names the bad value and the valid ones."""
 
 
+class LostProcess(ResexpError):
+    """Another process of the run (torchrun's, SLURM's) ended or was lost while this one trained: no input
+    was bad, so its exit code is 1, not 2; the last checkpoint stands."""
+
+
 class Interrupted(BaseException):
     """SIGTERM (preemption) or SIGINT (Ctrl-C) stopped the command. During training (`training`) every
     run saved a checkpoint at the iteration it reached, `iteration` (None: stopped at once by a second

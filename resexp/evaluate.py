@@ -20,7 +20,7 @@ from resexp.data import Data
 from resexp.distributed import all_sum
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write
-from resexp.models import NetSpec, Spec
+from resexp.models import NetSpec, Spec, check_size
 from resexp.models.resnet import torchvision_keys
 from resexp.runs import CHECKPOINT
 from resexp.step import at_least_fp32, autocast, to_device
@@ -79,6 +79,7 @@ def weights(run: SavedRun) -> tuple[dict[str, torch.Tensor], int]:
 
 def built(run: SavedRun, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The run's net with its saved weights, or a one-line error where they do not fit it."""
+    check_size(run.net, torch.device("cpu"))  # built there first
     model = run.net.build()
     try:
         model.load_state_dict(state)
@@ -86,6 +87,13 @@ def built(run: SavedRun, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         raise ResexpError(
             f"{run.run_dir / CHECKPOINT} is damaged: its weights do not fit {run.net.name} ({first_line(error)})"
         ) from None
+    # Training never saves such weights (it stops first): the file is damaged, or not resexp's.
+    if broken := [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise ResexpError(
+            f"{run.run_dir / CHECKPOINT} holds non-finite weights ({broken[0]}{more}), which resexp never saves: "
+            "it is damaged or not resexp's, and is neither evaluated nor exported"
+        )
     return model
 
 

@@ -32,13 +32,14 @@ from torch import nn
 import resexp
 from resexp import checkpoint, distributed, runs
 from resexp.data import Data, Shard
-from resexp.errors import Interrupted, ResexpError
+from resexp.errors import Interrupted, LostProcess, ResexpError
 from resexp.group import Lockstep, make_group_step
+from resexp.launch import lost_peer
 from resexp.logs import Board, Display, displays, log
-from resexp.models import Spec, count_parameters
+from resexp.models import Spec, check_size, count_parameters
 from resexp.runs import Metrics, Place
 from resexp.step import Step, choose_algorithms, make_step, new_stream, on_stream
-from resexp.train import Loop, Remedies, restore, stop_requests
+from resexp.train import Loop, Remedies, restore, restore_rng_states, rng_states, stop_requests
 from resexp.train import train as train_loop
 
 
@@ -81,6 +82,8 @@ class Job:
     params: int = 0
     group_key: str = ""  # runs with the same key have the same layers and can train as one group (resexp/group.py)
     step_options: dict[str, Any] = field(default_factory=dict)  # make_step's and make_group_step's keywords
+    # torch's random states at its first step: after its weights were drawn, or its checkpoint's
+    rng: dict[str, Any] = field(default_factory=dict)
 
     @property
     def iterations(self) -> int:
@@ -95,8 +98,9 @@ def held_already(place: Place, resume: bool, identity: dict[str, Any]) -> tuple[
     if not saved.exists() and not done.exists():
         return None, None
     if not resume:
+        another = "hydra.sweep.dir" if place.in_sweep else "hydra.run.dir"
         raise ResexpError(
-            f"{place.run_dir} already holds a run; resume=true continues it, another hydra.run.dir starts a new one"
+            f"{place.run_dir} already holds a run; resume=true continues it, another {another} starts a new one"
         )
     state = checkpoint.load(saved) if saved.exists() else None
     if state is not None:
@@ -116,6 +120,7 @@ def prepare(settings: RunSettings) -> Job:
         log.info("%s finished already (%s): nothing to do", name, settings.place.run_dir / runs.METRICS)
         return Job(settings, name, finished=finished)
     choose_algorithms(settings.deterministic)
+    check_size(net, settings.device)
     torch.manual_seed(settings.seed)  # weight initialisation; the data stream has a generator of its own
     model = net.build().to(settings.device, memory_format=torch.channels_last)  # the layout of the images
     if settings.sync_bn and world.size > 1:
@@ -171,6 +176,7 @@ def prepare(settings: RunSettings) -> Job:
         params=params,
         group_key=group_key,
         step_options=step_options,
+        rng=rng_states(),
     )
 
 
@@ -198,20 +204,36 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
         return job.finished.final["error/test"]
     settings, described = job.settings, description(job)
     run_dir = settings.place.run_dir
-    summary = train_loop(
-        job.model,
-        job.optimizer,
-        step,
-        job.data,
-        settings.loop,
-        run_dir=run_dir,
-        screen=screen,
-        stops=stops,
-        identity=settings.identity,
-        board=Board.of_run(settings.net, settings.seed, settings.varies, settings.data_config),
-        resume=job.resumed,
-        remedies=settings.remedies,
-    )
+    # Right before the first step: since this run was prepared, others may have been (a shared-GPU batch:
+    # each reseeds), and a CUDA graph's warm-up steps have drawn dropout masks. A run then draws what it
+    # draws alone, and what it would have drawn had it not stopped.
+    restore_rng_states(job.rng)
+    try:
+        summary = train_loop(
+            job.model,
+            job.optimizer,
+            step,
+            job.data,
+            settings.loop,
+            run_dir=run_dir,
+            screen=screen,
+            stops=stops,
+            identity=settings.identity,
+            board=Board.of_run(settings.net, settings.seed, settings.varies, settings.data_config),
+            resume=job.resumed,
+            remedies=settings.remedies,
+        )
+    except RuntimeError as error:
+        if distributed.WORLD.size == 1 or (reason := lost_peer(error)) is None:
+            raise  # a bug
+        raise LostProcess(
+            f"another process of the run ended or was lost ({reason}); the last checkpoint stands; "
+            f"resume: {settings.resume_command}"
+        ) from None
+    except ResexpError:  # bad data met in training, a full disk: a run with no checkpoint is no run
+        if distributed.WORLD.main and not (run_dir / runs.CHECKPOINT).exists():
+            settings.place.take_back()
+        raise
     device, processes = settings.device, distributed.WORLD.size
     if distributed.WORLD.main:
         runs.write_metrics(

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from resexp.errors import ResexpError
+from resexp.files import open_regular, why_not
 from resexp.runs import LOCK
 
 HELD: dict[Path, int] = {}  # directory -> the open lock file this process holds the lock of
@@ -33,9 +34,17 @@ def hold(directory: Path) -> None:
     while True:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
             return
+        try:
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        except OSError as error:
+            if path.is_symlink() or path.exists():  # planted: a link, a FIFO, a folder
+                raise ResexpError(f"{path} is {why_not(error)}; remove it, or use another directory") from None
+            return
+        if os.fstat(fd).st_nlink != 1:  # a hard link to some other file: truncating it would truncate that
+            os.close(fd)
+            raise ResexpError(f"{path} is a hard link to another file; remove it, or use another directory")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,12 +23,11 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from resexp import distributed
+from resexp.files import open_regular, refuse_links
 from resexp.models import Spec
+from resexp.runs import EVENTS
 
 log = logging.getLogger("resexp")
-
-
-EVENTS = "events.out.tfevents."  # TensorBoard's event files: EVENTS + the second each was opened + host, pid
 
 
 def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
@@ -36,14 +37,37 @@ def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
     hold from there on: those the checkpoint does not cover. TensorBoard reads a run's files in name
     order, and a name starts with the second its file was opened; a session opened within the second
     of the previous one's could sort before it and lose its points to that file's marker, so it waits
-    for the next second (at most one)."""
-    seconds = (path.name.removeprefix(EVENTS).split(".")[0] for path in run_dir.glob(f"{EVENTS}*"))
+    for the next second (at most one). A link planted among them is refused (resexp/files.py), and a
+    failing write (a full disk) is raised by the writer's next call, in the run's thread, not also printed
+    as the writer thread's traceback."""
+    files = sorted(run_dir.glob(f"{EVENTS}*"))
+    refuse_links(files)
+    quiet_writer_threads()
+    seconds = (path.name.removeprefix(EVENTS).split(".")[0] for path in files)
     opened = [int(second) for second in seconds if second.isdigit()]
     if not opened:
         return SummaryWriter(log_dir=str(run_dir))
     while int(time.time()) <= max(opened):
         time.sleep(0.05)
     return SummaryWriter(log_dir=str(run_dir), purge_step=iteration + 1)
+
+
+def quiet_writer_threads() -> None:
+    """TensorBoard's writer thread re-raises a failed write after keeping it for the writer's next call
+    (which raises it in the run's thread: resexp/train.py says it in one line): Python would also print
+    the thread's traceback. Once per process."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "quiets", None) is _AsyncWriterThread:
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+
+    hook.quiets = _AsyncWriterThread
+    threading.excepthook = hook
 
 
 def write_gradient_norms(writer: SummaryWriter, norms: list[float], stages: list[str], iteration: int) -> None:
@@ -125,6 +149,15 @@ def console_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
     return handler
+
+
+class RunLogFile(logging.FileHandler):
+    """train.log (conf/hydra/job_logging/rich.yaml): appended to as logging's FileHandler does, but opened
+    as any file of a run directory is (resexp/files.py), never through a link planted in its place."""
+
+    def _open(self):  # noqa: ANN202 -- logging.FileHandler's hook: the stream it writes to
+        fd = open_regular(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 @contextmanager

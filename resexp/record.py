@@ -7,6 +7,7 @@ taken before Hydra writes there, so that a second process is refused before it c
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,11 +18,13 @@ from omegaconf import DictConfig
 
 from resexp import distributed, lock
 from resexp.errors import Interrupted, JobFailed, ResexpError
-from resexp.runs import SWEEP_RECORD, holds_run, snapshot, take_back_sweep
+from resexp.files import read_bytes, refuse_links
+from resexp.runs import SWEEP_RECORD, Place, holds_run, snapshot, take_back_sweep, written_through
 
 # What Hydra is about to write over, noted before it does (RunRecord): each sweep's directory, whether
 # the user chose it, and its record if it held one; the files of each run directory that held a run.
 SWEEPS: list[tuple[Path, bool, bytes | None]] = []
+RUNS: list[tuple[Path, bool]] = []  # each lone run's directory, and whether the user chose it
 HELD: dict[Path, dict[str, bytes]] = {}
 
 
@@ -31,14 +34,17 @@ class RunRecord(Callback):
     before it changes a byte), and notes each sweep's directory, and the files of every run directory
     that holds a run already: Hydra writes a run's saved config before its task can refuse it (another
     net, resume=false), and makes a sweep's directory before it composes the runs, so that bad input
-    would otherwise leave them changed. `recorded` and Place.take_back put them back. Under several
-    processes, rank 0 alone: it alone writes there."""
+    would otherwise leave them changed. `recorded` and Place.take_back put them back. And it refuses a
+    directory where Hydra, or the run, would write through a symbolic link (runs.written_through: planted by
+    whoever else can write there). Under several processes, rank 0 alone: it alone writes there."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not distributed.WORLD.main:
             return
         run_dir = Path(config.hydra.run.dir).absolute()
         hold_or_fail(run_dir)
+        refuse_or_fail(written_through(run_dir))
+        RUNS.append((run_dir, user_chose_directory(config.hydra)))
         if holds_run(run_dir):
             HELD[run_dir] = snapshot(run_dir)
 
@@ -47,10 +53,13 @@ class RunRecord(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
         record = sweep_dir / SWEEP_RECORD
-        before = record.read_bytes() if record.is_file() else None
         hold_or_fail(sweep_dir)
+        # the sweep's runs: each directory in it, which Hydra writes into without looking
+        inside = sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else []
+        refuse_or_fail([record, *inside, *(path for run_dir in inside for path in written_through(run_dir))])
+        before = read_bytes(record) if record.is_file() else None
         SWEEPS.append((sweep_dir, user_chose_directory(config.hydra), before))
-        for run_dir in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
+        for run_dir in inside:
             if holds_run(run_dir):
                 HELD[run_dir] = snapshot(run_dir)
 
@@ -70,6 +79,27 @@ def hold_or_fail(directory: Path) -> None:
         raise JobFailed(error) from None
 
 
+def refuse_or_fail(paths: list[Path]) -> None:
+    """No symbolic link among the paths Hydra is about to write (files.refuse_links), or the refusal as JobFailed."""
+    try:
+        refuse_links(paths)
+    except ResexpError as error:
+        raise JobFailed(error) from None
+
+
+def take_back_runs() -> None:
+    """What Hydra made for the runs this command met, where nothing of a run is in them (a stop, or a full
+    disk, before a run could start: its saved config and log); a directory that held a run already is put
+    back as it was, byte for byte (Place.take_back)."""
+    places = [Place(run_dir, chosen=chosen, before=HELD.get(run_dir)) for run_dir, chosen in RUNS]
+    for sweep_dir, chosen, _ in SWEEPS:  # a sweep's runs that held nothing before: others may have trained since
+        inside = sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else []
+        new = [path for path in inside if path not in HELD and path.is_dir() and not path.is_symlink()]
+        places += [Place(run_dir, in_sweep=True, chosen=chosen) for run_dir in new]
+    for place in places:
+        place.take_back()
+
+
 @contextmanager
 def recorded() -> Iterator[None]:
     """One `resexp train` command, with what RunRecord notes: a command that fails (bad input, mostly)
@@ -77,15 +107,18 @@ def recorded() -> Iterator[None]:
     between a sweep's runs says how to resume it; at its end, however it ends, the locks it took are
     let go."""
     SWEEPS.clear()
+    RUNS.clear()
     HELD.clear()
     try:
         yield
     except BaseException as error:
         sweep_dir = SWEEPS[-1][0] if SWEEPS else None
+        if isinstance(error, OSError) or (isinstance(error, Interrupted) and not error.training):
+            take_back_runs()  # Hydra wrote them, and no run trained: what the message says is true, nothing half-made
         while SWEEPS:
             take_back_sweep(*SWEEPS.pop())
         if isinstance(error, Interrupted) and not error.resume and sweep_dir is not None and sweep_dir.is_dir():
-            resume = f"run the same sweep again with hydra.sweep.dir={sweep_dir}"
+            resume = f"run the same sweep again with {shlex.quote(f'hydra.sweep.dir={sweep_dir}')}"
             raise Interrupted(error.signum, error.iteration, resume, error.training) from None
         raise
     finally:

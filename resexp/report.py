@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from resexp.errors import ResexpError
-from resexp.files import atomic_write_text
+from resexp.files import atomic_write_text, staged
 from resexp.paper import PaperResult, lookup, recipe_differences
 from resexp.runs import HYDRA, METRICS, Run, find_runs, read_run
 
@@ -134,13 +136,22 @@ def cells(row: Row) -> list[str]:
     ]
 
 
+def inline(text: str) -> str:
+    """`text` on one line of Markdown or a terminal, whatever a run directory's name holds: control characters
+    (a newline would start a line of its own, an escape sequence would move the cursor) written as escapes,
+    and backticks (which end inline code) as quotes."""
+    return "".join("'" if c == "`" else c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def markdown(rows: list[Row], left_out: list[Run]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
     if any(row.recipe for row in rows):
         lines += ["", "Rows trained otherwise than the paper (the recipe column) are not compared with its numbers."]
     if left_out:
-        lines += ["", "Left out:", ""] + [f"- `{run.path}` ({run.net}): {run.note}" for run in left_out]
+        lines += ["", "Left out:", ""] + [
+            f"- `{inline(str(run.path))}` ({run.net}): {inline(run.note)}" for run in left_out
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -210,22 +221,23 @@ def report(directories: list[Path], out: Path | None = None, console: Console | 
             column, justify="left" if column in ("data", "net", "shortcut", "paper %", "recipe") else "right"
         )
     for row in rows:
-        table.add_row(*cells(row))
+        table.add_row(*map(Text, cells(row)))  # text, never markup
     console.print(table)
     if other := sum(bool(row.recipe) for row in rows):
         console.print(
             f"[yellow]{other} of {len(rows)} rows[/] trained otherwise than the paper (the recipe column): not compared with its numbers"
         )
     for run in left_out:
-        console.print(f"[yellow]left out[/] {run.path} ({run.net}): {run.note}")
+        console.print(f"[yellow]left out[/] {escape(inline(str(run.path)))} ({run.net}): {escape(inline(run.note))}")
 
     out = out or directories[0]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.md", markdown(rows, left_out))
-    atomic_write_text(out / "results.csv", csv_text(rows))
     from resexp.plots import comparison_figure  # matplotlib only when a figure is drawn
 
-    for figure in comparison_figure([run for run in runs if run.finished], out):
-        console.print(f"figure: {figure}")
-    console.print(f"tables: {out / 'results.md'}, {out / 'results.csv'}")
+    with staged(out) as stage:  # all of them, or none: never new files beside older ones
+        atomic_write_text(stage / "results.md", markdown(rows, left_out))
+        atomic_write_text(stage / "results.csv", csv_text(rows))
+        figures = comparison_figure([run for run in runs if run.finished], stage)
+    for figure in figures:
+        console.print(f"figure: {escape(inline(str(out / figure.name)))}")
+    console.print(f"tables: {escape(inline(str(out / 'results.md')))}, {escape(inline(str(out / 'results.csv')))}")
     return rows

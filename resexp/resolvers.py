@@ -14,6 +14,7 @@ with the run. Registered before any config is composed or a saved one is read ba
 from __future__ import annotations
 
 import datetime
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,12 +34,16 @@ SHORTCUT_KEYS = {"shortcut", "model.shortcut"}
 
 
 def register() -> None:
-    OmegaConf.register_new_resolver("resexp.net", run_name, replace=True)
-    OmegaConf.register_new_resolver("resexp.sweep_run", sweep_run_name, replace=True)
-    OmegaConf.register_new_resolver("resexp.at", at_fractions, replace=True)
+    # OmegaConf 2.4 deprecates register_new_resolver for register_resolver, which in 2.3 is an older,
+    # other function
+    modern = "replace" in inspect.signature(OmegaConf.register_resolver).parameters
+    register_resolver = OmegaConf.register_resolver if modern else OmegaConf.register_new_resolver
+    register_resolver("resexp.net", run_name, replace=True)
+    register_resolver("resexp.sweep_run", sweep_run_name, replace=True)
+    register_resolver("resexp.at", at_fractions, replace=True)
     # cached as Hydra caches ${now:}: a sweep's runs, and submitit's jobs, which get a copy of the cache,
     # resolve the sweep's directory as it was first resolved
-    OmegaConf.register_new_resolver("resexp.now", now, replace=True, use_cache=True)
+    register_resolver("resexp.now", now, replace=True, use_cache=True)
 
 
 def now(pattern: str) -> str:

@@ -5,7 +5,7 @@ through it.
 
     <run dir>/.hydra/{config,hydra,overrides}.yaml   Hydra's record of the run's config
     <run dir>/train.log                              its log lines
-    <run dir>/events.out.tfevents.*                  its TensorBoard curves
+    <run dir>/events.out.tfevents.*                  its TensorBoard curves (EVENTS)
     <run dir>/checkpoint.pt                          its latest checkpoint (resexp/checkpoint.py)
     <run dir>/metrics.json                           written once, when it finishes: Metrics below
     <run dir>/.resexp.lock                           while a process trains there: who (resexp/lock.py)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from resexp import schemas
 from resexp.errors import ResexpError, first_line
-from resexp.files import atomic_write, atomic_write_text
+from resexp.files import atomic_write, atomic_write_text, read_bytes, read_text, why_not
 from resexp.models.names import NAME_KEYS, SHORTCUTS, canonical_shortcut, model_name
 
 HYDRA = ".hydra"  # Hydra's saved config (hydra.output_subdir)
@@ -36,6 +38,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 SWEEP_RECORD = "multirun.yaml"  # what Hydra writes into a sweep directory before its runs
 LOCK = ".resexp.lock"  # the advisory lock of a run or sweep directory (resexp/lock.py)
+EVENTS = "events.out.tfevents."  # TensorBoard's event files: EVENTS + the second each was opened + host, pid
 CURVES = ("error/train", "error/test", "error/val")  # what a report draws
 
 
@@ -80,8 +83,10 @@ def read_metrics(run_dir: Path) -> Metrics:
     """metrics.json as Metrics, every field present and of its type, or a one-line error saying what is
     wrong, and how to write it again where the run's last checkpoint can."""
     try:
-        return parse_metrics((run_dir / METRICS).read_text())
-    except (OSError, ValueError) as error:
+        return parse_metrics(read_text(run_dir / METRICS))
+    except OSError as error:
+        raise ResexpError(f"{run_dir / METRICS} is {why_not(error)}; move it away, or use another directory") from None
+    except ValueError as error:
         again = (
             "; move it away and run the same command: the run's final checkpoint writes it again"
             if (run_dir / CHECKPOINT).is_file()
@@ -153,31 +158,62 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
 
 
-# What a report reads of an unfinished run's saved config.
-READ_BACK = (
-    *(f"model.{key}" for key in NAME_KEYS),
-    "shortcut",
-    "seed",
-    "schedule.iterations",
-    "schedule.batch_size",
-)
+# What a report reads of an unfinished run's saved config, and the type each must have.
+READ_BACK = {
+    **{f"model.{key}": schemas.field_types(schemas.ModelSchema)[key] for key in NAME_KEYS},
+    **{key: schemas.field_types(schemas.TrainSchema)[key] for key in ("shortcut", "seed")},
+    **{f"schedule.{key}": schemas.field_types(schemas.ScheduleSchema)[key] for key in ("iterations", "batch_size")},
+}
+# What a run's name, its data's and its shortcut's may be, read back from a metrics.json or a saved config
+# that may come from anyone: a report writes them into tables (Markdown, CSV) and figures, where anything
+# else could be a line of its own, a formula, or markup.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def saved_value(document: Any, key: str, hops: int = 0) -> Any:
+    """The value of the dotted `key` in a saved config read as plain YAML, nothing in it resolved: a
+    reference to another key (`shortcut: ${model.shortcut}`) is followed, a few hops at most, and anything
+    else OmegaConf would resolve (a resolver such as ${oc.env:HOME}, which would read the reader's
+    environment) is None."""
+    node = document
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, str) and "${" in node:
+        reference = re.fullmatch(r"\$\{([A-Za-z_][\w.]*)\}", node)
+        return saved_value(document, reference[1], hops + 1) if reference and hops < 8 else None
+    return node
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file of a run directory as plain data (resexp/files.py: never through a link), None where
+    it is missing or unreadable."""
+    try:
+        return yaml.safe_load(read_bytes(path))
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """READ_BACK's values in the run's saved config (each resolved alone: the config's own resolvers
-    are not needed) and Hydra's choices (model=..., data=...); empty where unreadable."""
-    config: dict[str, Any] = {}
-    choices: dict[str, Any] = {}
+    """READ_BACK's values in the run's saved config, each of its type or None (saved_value: nothing is
+    resolved), and Hydra's choices (model=..., data=...) that are names; empty where unreadable."""
+    saved = read_yaml(run_dir / HYDRA / "config.yaml")
+    config = {key: saved_value(saved, key) for key in READ_BACK}
+    config = {key: value for key, value in config.items() if value is not None and schemas.fits(value, READ_BACK[key])}
+    choices = saved_value(read_yaml(run_dir / HYDRA / "hydra.yaml"), "hydra.runtime.choices")
+    choices = choices if isinstance(choices, dict) else {}
+    return config, {key: value for key, value in choices.items() if isinstance(value, str) and NAME.fullmatch(value)}
+
+
+def saved_name(model: dict[str, Any], shortcut: str | None) -> str:
+    """The net a saved config names, "?" where it names none that resexp makes."""
     try:
-        saved = OmegaConf.load(run_dir / HYDRA / "config.yaml")
-        config = {key: OmegaConf.select(saved, key, throw_on_resolution_failure=False) for key in READ_BACK}
-    except Exception:  # missing or foreign: the run is reported with what else is known
-        pass
-    try:
-        choices = yaml.safe_load((run_dir / HYDRA / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
-    except Exception:
-        pass
-    return config, choices
+        # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
+        name = model_name(model, shortcut, bottleneck_stride="3x3")
+    except (KeyError, TypeError, ValueError, ResexpError):  # another stem, a width of 0: not a net of resexp's
+        return "?"
+    return name if NAME.fullmatch(name) else "?"
 
 
 def read_run(run_dir: Path) -> Run:
@@ -190,8 +226,7 @@ def read_run(run_dir: Path) -> Run:
         shortcut = None
     model = {key[len("model.") :]: value for key, value in config.items() if key.startswith("model.")}
     named = depth is not None and (shortcut or not residual)
-    # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
-    net = model_name(model, shortcut, bottleneck_stride="3x3") if named else "?"
+    net = saved_name(model, shortcut) if named else "?"
     if model.get("arch") == "densenet":  # named; no shortcut option to show (DenseNetSpec.shortcut_option)
         shortcut = None
     run = Run(
@@ -206,9 +241,16 @@ def read_run(run_dir: Path) -> Run:
         )
         return run
     try:
-        metrics = parse_metrics((run_dir / METRICS).read_text())
-    except (OSError, ValueError) as error:
+        metrics = parse_metrics(read_text(run_dir / METRICS))
+    except OSError as error:
+        run.note = f"{METRICS} is {why_not(error)}"
+        return run
+    except ValueError as error:
         run.note = f"{METRICS} is truncated or malformed ({error})"
+        return run
+    named = {"net": metrics.net, "data": metrics.data, "shortcut": metrics.shortcut or "none"}
+    if strange := next((key for key, value in named.items() if not NAME.fullmatch(value)), None):
+        run.note = f"{METRICS} gives its {strange} as {named[strange]!r}, which is no name resexp writes"
         return run
     run.net, run.data, run.depth, run.residual = metrics.net, metrics.data, metrics.depth, metrics.residual
     run.shortcut, run.params, run.seed, run.final = metrics.shortcut, metrics.params, metrics.seed, metrics.final
@@ -224,7 +266,7 @@ def swept_keys(sweep_dir: Path) -> list[str] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        hydra = yaml.safe_load((sweep_dir / SWEEP_RECORD).read_text())["hydra"]
+        hydra = read_yaml(sweep_dir / SWEEP_RECORD)["hydra"]
         typed = [str(item) for item in hydra["overrides"]["task"]]
         params = hydra.get("sweeper", {}).get("params") or {}
         overrides = OverridesParser.create().parse_overrides([*typed, *(f"{k}={v}" for k, v in params.items())])
@@ -241,7 +283,7 @@ def discard_if_empty(directory: Path, hydra_files: set[str]) -> None:
         return
     for name in hydra_files:
         target = directory / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
     try:
         directory.rmdir()
     except OSError:  # something arrived meanwhile (another run): it stays
@@ -257,7 +299,18 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
     byte for byte, to be put back if that start is refused: the directory must go on describing the run
     its checkpoint holds."""
     files = [run_dir / LOG, *sorted((run_dir / HYDRA).glob("*.yaml"))]
-    return {str(path.relative_to(run_dir)): path.read_bytes() for path in files if path.is_file()}
+    return {str(path.relative_to(run_dir)): read_bytes(path, 2**30) for path in files if path.is_file()}
+
+
+# What Hydra writes into a run directory as the run starts, through open(): a symbolic link planted at
+# any of these would have it write elsewhere (resexp's own writes replace files, and so never follow one).
+HYDRA_WRITES = (HYDRA, *(f"{HYDRA}/{name}.yaml" for name in ("config", "hydra", "overrides")), LOG)
+
+
+def written_through(run_dir: Path) -> list[Path]:
+    """The paths of `run_dir` that a run writes into rather than replaces: Hydra's (HYDRA_WRITES) and the
+    TensorBoard files it adds to, to be checked for planted links before anything is written."""
+    return [*(run_dir / name for name in HYDRA_WRITES), *sorted(run_dir.glob(f"{EVENTS}*"))]
 
 
 def put_back(run_dir: Path, before: dict[str, bytes]) -> None:
@@ -281,12 +334,14 @@ class Place:
 
     def take_back(self) -> None:
         """Bad input: remove what Hydra made for a run that never started (its directory, saved config,
-        log file), and the default folders under outputs/ that it leaves empty. Anything else stays; a
-        directory that held a run already is put back as it was, byte for byte."""
+        log file), or that failed before its first checkpoint (and its curves), and the default folders
+        under outputs/ that it leaves empty. Anything else stays; a directory that held a run already is put
+        back as it was, byte for byte."""
         if self.before is not None:
             put_back(self.run_dir, self.before)
             return
-        discard_if_empty(self.run_dir, {HYDRA, LOG, LOCK})
+        curves = {path.name for path in self.run_dir.glob(f"{EVENTS}*")}  # of a run that failed before a checkpoint
+        discard_if_empty(self.run_dir, {HYDRA, LOG, LOCK, *curves})
         if not self.in_sweep:
             discard_default_parents(self.run_dir, self.chosen)
 

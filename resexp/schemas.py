@@ -6,6 +6,8 @@ directory exists. The values, and what each key is for, stay in the YAML files.
 
 from __future__ import annotations
 
+import inspect
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -136,9 +138,12 @@ SCHEMAS = {  # the names the YAML files' defaults lists give them
 
 
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore: before any config is composed."""
+    """Put the schemas in Hydra's ConfigStore: before any config is composed, and again (the same ones)
+    for each command of one process, which Hydra 1.4 asks to say is meant."""
+    store = ConfigStore.instance().store
+    again = {"replace": True} if "replace" in inspect.signature(store).parameters else {}  # Hydra 1.4's
     for name, schema in SCHEMAS.items():
-        ConfigStore.instance().store(name=name, node=schema, provider="resexp")
+        store(name=name, node=schema, provider="resexp", **again)
 
 
 TYPE_NAMES = {  # a value of the type, and several
@@ -157,6 +162,27 @@ def type_name(annotation: Any) -> str:
     if len(args) == 1:  # X | None
         return f"{type_name(args[0])} or null"
     return TYPE_NAMES.get(annotation, (str(annotation),))[0]
+
+
+def fits(value: Any, annotation: Any) -> bool:
+    """Whether `value`, read from a file as plain YAML or JSON, is of a schema field's type (`annotation`):
+    how a saved config that may come from anyone is checked without OmegaConf resolving anything in it."""
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(fits(value, arg) for arg in args)
+    if typing.get_origin(annotation) is list:
+        return isinstance(value, list) and all(fits(item, args[0]) for item in value)
+    if annotation in (int, float):  # a bool is no number here, an int is a float
+        return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def field_types(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
 
 
 def error_line(error: BaseException) -> str:

@@ -3,6 +3,7 @@ exactly: everything the loop carries from one step to the next is in its checkpo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -339,8 +340,16 @@ def train(
                 save()
             if stopping and not last:
                 raise Interrupted(stops[0] if stops else signal.SIGTERM, iteration)
+        writer.close()  # its last points on disk, or the error of a write that failed
+    except OSError as error:  # TensorBoard's writes: the checkpoint's and the data's say their own
+        kept = "no checkpoint was written yet" if saved_at is None else f"{path} (iteration {saved_at}) is kept"
+        raise ResexpError(
+            f"could not write the run's TensorBoard curves in {run_dir} ({error.strerror or first_line(error)}); "
+            f"{kept}; once they can be written, the same command resumes"
+        ) from None
     finally:
-        writer.close()
+        with contextlib.suppress(OSError):  # after an error, that error is what is said
+            writer.close()
     state.wall_seconds = wall_before + time.perf_counter() - started
     return {
         "final": state.final,

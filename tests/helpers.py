@@ -199,6 +199,13 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
+def copy_of(run_dir: Path, where: Path) -> Path:
+    """A copy of a run directory, links, times and all (cp -a)."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", str(run_dir), str(where)], check=True)
+    return where
+
+
 def files_of(directory: Path) -> dict[str, bytes]:
     """Every file below `directory`, by its path there, with its bytes: a directory to compare byte for byte."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

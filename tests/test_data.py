@@ -326,3 +326,28 @@ def test_data_cifar100_trains_from_the_command_line(tmp_path):
         "cifar100",
         269_722 + 65 * 90,
     )  # 90 more outputs, 64 weights and a bias each
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": 256}, "has pixels that are not whole numbers in 0..255"),  # would have wrapped to 0
+        ({"data": -1}, "has pixels that are not whole numbers in 0..255"),
+        ({"fine_labels": 2.5}, "has labels that are not whole numbers"),  # would have become 2
+    ],
+)
+def test_a_batch_of_values_a_cast_would_change_is_refused_not_wrapped(tmp_path, change, message):
+    """Pixels above 255 wrapped, and fractional labels were truncated, as they were cast to uint8 and int64."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    count = cifar.CIFAR100.images["test"]
+    entry = {"fine_labels": [1] * count, "data": np.zeros((count, 3072), dtype=np.int64)}
+    [(key, value)] = change.items()
+    if key == "data":
+        entry["data"][7, 9] = value
+    else:
+        entry[key] = [1.0] * (count - 1) + [value]
+    with open(folder / "test", "wb") as file:
+        pickle.dump(entry, file)
+    with pytest.raises(ResexpError, match=message):
+        cifar.read_batch(folder / "test", cifar.CIFAR100)

@@ -104,13 +104,14 @@ def test_sync_bn_is_one_process_with_the_global_batch(tmp_path):
     """BN over the global batch makes two processes of 8 images one process of 16, to rounding: the
     float64 computations agree closely, and the float32 one of two processes is no further from the
     float64 reference than the single process's own float32 computation is (a margin of 4)."""
-    short = ["schedule.iterations=4", "schedule.milestones=[3]", "eval_points=1", "sync_bn=true"]
+    short = ["schedule.iterations=4", "schedule.milestones=[3]", "eval_points=1"]
     found = {}
     for processes, precision in [(1, "float32"), (1, "float64"), (2, "float32"), (2, "float64")]:
         folder = tmp_path / f"{processes}-{precision}"
         folder.mkdir()
         extra = {"float64": "1"} if precision == "float64" else {}
-        result = train(processes, folder / "run", *short, weights=str(folder), **extra)
+        sync = ["sync_bn=true"] if processes > 1 else []  # alone, BN is over the global batch already
+        result = train(processes, folder / "run", *short, *sync, weights=str(folder), **extra)
         assert result.returncode == 0, result.stderr
         found[processes, precision] = weights(folder)
     reference = found[1, "float64"]
@@ -323,3 +324,60 @@ def test_the_optuna_sweeper_minimises_the_test_error_of_runs(tmp_path):
     best = (folder / "optimization_results.yaml").read_text()
     errors = [runs.read_metrics(path.parent).final["error/test"] for path in folder.glob("*/metrics.json")]
     assert len(errors) == 2 and f"best_value: {min(errors)}" in best
+
+
+# --- `resexp train --nproc-per-node=N`: torchrun's launch, and what the user sees is resexp's
+
+
+def launched(*args: str, cwd: Path) -> subprocess.Popen:
+    """`resexp train --nproc-per-node=2 TINY ARGS`, as a process to signal or kill."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "resexp", "train", "--nproc-per-node=2", *TINY, *args]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def worker(launcher: subprocess.Popen, rank: int) -> int:
+    """The PID of the process of `rank` that the launcher started (/proc: its children and their RANK)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no process of rank {rank}")
+
+
+def test_a_refusal_under_resexps_launch_is_one_line_and_exit_2(tmp_path):
+    process = launched("schedule.batch_size=15", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    _, err = process.communicate(timeout=300)
+    assert_one_line_error(subprocess.CompletedProcess([], process.returncode, "", err), "does not split over 2")
+
+
+def test_a_sigterm_to_resexps_launch_is_one_line_with_the_command_that_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = launched(
+        "schedule.iterations=100000", "schedule.milestones=[50000]", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    wait_for(run_dir / runs.CHECKPOINT, process, timeout=300)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("resexp: stopped by SIGTERM at iteration ")
+    assert "resume: resexp train --nproc-per-node=2 data=synthetic" in line and f"hydra.run.dir={run_dir}" in line
+
+
+def test_a_killed_process_is_one_line_naming_its_rank_and_the_command_that_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = launched(
+        "schedule.iterations=100000", "schedule.milestones=[50000]", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    wait_for(run_dir / runs.CHECKPOINT, process, timeout=300)
+    os.kill(worker(process, 1), signal.SIGKILL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGKILL, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("resexp: rank 1 was killed by SIGKILL; error: another process of the run ended or was lost")
+    assert "the last checkpoint stands; resume: resexp train --nproc-per-node=2" in line

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHRINK, assert_one_line_error, assert_same_run, files_of, resexp, start, wait_for
+from helpers import SHRINK, assert_one_line_error, assert_same_run, copy_of, files_of, resexp, start, wait_for
 
 from resexp import checkpoint, lock, runs
 from resexp.data import synthetic
@@ -30,11 +30,6 @@ def finished(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     assert resexp("train", *SHRINK, f"hydra.run.dir={run_dir}", cwd=run_dir.parent).returncode == 0
     return run_dir
-
-
-def copy_of(run_dir: Path, where: Path) -> Path:
-    subprocess.run(["cp", "-a", str(run_dir), str(where)], check=True)
-    return where
 
 
 # --- Two processes, one run directory

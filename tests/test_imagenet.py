@@ -36,9 +36,10 @@ def root(tmp_path, sample) -> Path:
 
 
 def load(root: Path, **changes):
+    train = root / "train"
     args = dict(
         root=str(root),
-        num_classes=1000,
+        num_classes=len([path for path in train.iterdir() if path.is_dir()]) if train.is_dir() else 104,
         lighting_std=0.1,
         mean=[0.485, 0.456, 0.406],
         workers=0,
@@ -166,6 +167,7 @@ def test_an_imagenet_net_trains_on_imagenet_and_reports_tables_2_and_3(tmp_path,
         "train",
         "model=resnet18",
         f"data.root={root}",
+        "data.num_classes=104",
         *SMALL_ARGS,
         "data.workers=2",
         "schedule.batch_size=8",
@@ -194,3 +196,31 @@ def test_an_imagenet_net_trains_on_imagenet_and_reports_tables_2_and_3(tmp_path,
     for split in ("val", "test"):
         assert rows[split]["error"] == metrics["final"][f"error/{split}"], split
         assert rows[split]["error_top5"] == metrics["final"][f"error_top5/{split}"], split
+
+
+def test_a_number_of_classes_that_is_not_the_folders_is_one_line(root):
+    """More would label images past the classifier; fewer were accepted silently, leaving outputs that no
+    image trains."""
+    with pytest.raises(
+        ResexpError, match=r"data.num_classes=1000, but .*/train has 104 class folders; set data.num_classes=104"
+    ):
+        load(root, num_classes=1000)
+
+
+def test_an_image_over_pils_decompression_bomb_limit_is_named_in_one_line(tmp_path, sample, monkeypatch):
+    """A format torchvision's decoders lack goes to PIL, which refuses an image of more than twice
+    MAX_IMAGE_PIXELS (a decompression bomb): the file is named, as any unreadable one is."""
+    from PIL import Image
+
+    root = tmp_path / "bomb"
+    for wnid in ("n01440764", "n01530575"):
+        shutil.copytree(sample / "val" / wnid, root / "train" / wnid)
+    (root / "val").symlink_to(root / "train")
+    bomb = root / "train" / "n01440764" / "large.bmp"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice that
+    data = load(root, batch_size=3, workers=0)
+    with pytest.raises(ResexpError) as error:
+        for _ in range(3):
+            take(data.train, 1)
+    assert str(error.value).startswith(f"{bomb} is too large to decode (")

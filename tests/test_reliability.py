@@ -31,7 +31,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from resexp import checkpoint, runs
 from resexp.errors import ResexpError
-from resexp.logs import EVENTS, open_writer
+from resexp.logs import open_writer
+from resexp.runs import EVENTS
 
 
 def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, straight):
@@ -323,3 +324,19 @@ def test_a_wide_resnet_with_dropout_resumes_bit_identical(tmp_path):
     assert_resumes_bit_identical(
         tmp_path, ["model=wrn16-8", "model.depth=8", "model.widths=[16,16,32,64]", "model.dropout=0.3"]
     )
+
+
+def test_a_dropout_sweep_on_the_shared_gpu_launcher_resumes_exactly_and_each_run_is_the_run_alone(tmp_path):
+    """Dropout draws from torch's global generator, which preparing the next run of a batch reseeds: each
+    run's generators are put back right before its first step (resexp/jobs.py)."""
+    net = ["model.depth=8", "model.dropout=0.3"]
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RUN, *net, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    stop_midway(args, sweep, 1)  # in seed 0's run, which trains in a batch of its own
+    again = resexp("train", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    for seed in (0, 1):
+        alone = tmp_path / f"alone{seed}"
+        result = resexp("train", *RUN, *net, f"seed={seed}", f"hydra.run.dir={alone}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert_same_run(sweep / f"resnet8-A-dropout0.3_seed{seed}", alone)

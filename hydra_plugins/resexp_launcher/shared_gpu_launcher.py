@@ -111,7 +111,7 @@ class SharedGPULauncher(Launcher):
 
         config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(config):
-            config.hydra.job.id = config.hydra.job.num = index
+            config.hydra.job.id, config.hydra.job.num = str(index), index  # as Hydra's basic launcher
         with jobs.collected() as handed:
             returned = run_job(
                 hydra_context=self.hydra_context,

@@ -93,8 +93,8 @@ def read_batch(path: Path, layout: Layout = CIFAR10) -> tuple[torch.Tensor, torc
         with open(path, "rb") as file:
             entry = BatchUnpickler(file, encoding="latin1").load()
         count = layout.images[path.name]
-        labels = np.asarray(entry[layout.labels], dtype=np.int64).reshape(count)
-        images = np.asarray(entry["data"], dtype=np.uint8).reshape(count, 3, 32, 32)
+        labels = np.asarray(entry[layout.labels]).reshape(count)
+        images = np.asarray(entry["data"]).reshape(count, 3, 32, 32)
     except NotABatch as error:
         raise ResexpError(
             f"{path} is not a {layout.name} batch: it would call {error} as it loads, and resexp reads the batches "
@@ -105,9 +105,14 @@ def read_batch(path: Path, layout: Layout = CIFAR10) -> tuple[torch.Tensor, torc
             f"{path} is corrupt or truncated ({type(error).__name__}: {error}); "
             "delete the folder to download it again, or copy a good file there"
         ) from None
+    # Whole numbers in range, checked before they are cast: 256 would wrap to 0, a label of 2.5 become 2.
+    if images.dtype.kind not in "ui" or images.min() < 0 or images.max() > 255:
+        raise ResexpError(f"{path} has pixels that are not whole numbers in 0..255: it is not a {layout.name} batch")
+    if labels.dtype.kind not in "ui":
+        raise ResexpError(f"{path} has labels that are not whole numbers: it is not a {layout.name} batch")
     if labels.min() < 0 or labels.max() >= layout.classes:
         raise ResexpError(f"{path} has labels outside 0..{layout.classes - 1}: it is not a {layout.name} batch")
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+    return torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))
 
 
 def find_or_download(root: str, download: bool, layout: Layout = CIFAR10) -> Path:

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
@@ -203,6 +204,8 @@ def read_image(path: str) -> torch.Tensor:
         return F.pil_to_tensor(pil_loader(path))
     except OSError as error:  # PIL's UnidentifiedImageError is one; a truncated file raises another
         raise ResexpError(f"{path} is not a readable image ({error}); remove or replace it") from None
+    except Image.DecompressionBombError as error:  # over twice PIL's MAX_IMAGE_PIXELS: no photograph of ImageNet's
+        raise ResexpError(f"{path} is too large to decode ({error}); remove or replace it") from None
 
 
 def centre_crop(image: torch.Tensor, size: int, crop: int) -> torch.Tensor:
@@ -257,13 +260,14 @@ def imagenet(
     checked here is what only the folders can tell."""
     base = Path(root).expanduser().absolute()  # absolute: the messages say where it looked
     train, val = class_folder(base / "train", "training"), class_folder(base / "val", "validation")
-    if len(train.classes) > num_classes:
-        raise ResexpError(
-            f"{base / 'train'} has {len(train.classes)} classes, more than data.num_classes={num_classes}"
-        )
     if unknown := sorted(set(val.classes) - set(train.classes)):
         raise ResexpError(
             f"{base / 'val'} has classes that {base / 'train'} lacks: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
+    if len(train.classes) != num_classes:  # more: labels past the classifier; fewer: outputs nothing trains
+        raise ResexpError(
+            f"data.num_classes={num_classes}, but {base / 'train'} has {len(train.classes)} class folders; "
+            f"set data.num_classes={len(train.classes)}"
         )
     if batch_size > len(train):
         raise ResexpError(

@@ -69,6 +69,15 @@ def transition(in_channels: int, out_channels: int, dropout_rate: float) -> nn.S
     )
 
 
+def block_inputs(layers: int, growth_rate: int, bottleneck: bool, compression: float) -> list[int]:
+    """The maps that enter each dense block: the stem's, then what each transition keeps."""
+    # §3: the stem makes 16 maps, or twice the growth rate for DenseNet-BC (their code: 2k for all)
+    inputs = [2 * growth_rate if bottleneck else 16]
+    for _ in range(BLOCKS_PER_NET - 1):
+        inputs.append(math.floor(compression * (inputs[-1] + layers * growth_rate)))  # their code rounds down
+    return inputs
+
+
 class DenseNet(nn.Module):
     """Stem, dense blocks (each followed by a transition but the last), BN and ReLU, global average
     pooling and the classifier: the same stem/stages/final/fc as resexp's ResNet, for the probes."""
@@ -83,8 +92,7 @@ class DenseNet(nn.Module):
         dropout_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        # §3: the stem makes 16 maps, or twice the growth rate for DenseNet-BC (their code: 2k for all)
-        channels = 2 * growth_rate if bottleneck else 16
+        channels, *kept = block_inputs(layers, growth_rate, bottleneck, compression)
         self.stem = nn.Sequential(conv(3, channels, 3))  # its BN and ReLU begin the first layer
         stages = []
         for index in range(BLOCKS_PER_NET):
@@ -93,9 +101,8 @@ class DenseNet(nn.Module):
                 block.append(DenseLayer(channels, growth_rate, bottleneck, dropout_rate))
                 channels += growth_rate
             if index < BLOCKS_PER_NET - 1:
-                out = math.floor(compression * channels)  # their code rounds down
-                block.append(transition(channels, out, dropout_rate))
-                channels = out
+                block.append(transition(channels, kept[index], dropout_rate))
+                channels = kept[index]
             stages.append(nn.Sequential(*block))
         self.stages = nn.Sequential(*stages)
         self.final = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
@@ -134,6 +141,12 @@ class DenseNetSpec:
             raise ResexpError(f"model.growth_rate={self.growth_rate!r} must be a positive integer (theirs: 12, 24, 40)")
         if not 0.0 < self.compression <= 1.0:
             raise ResexpError(f"model.compression={self.compression!r} must be in (0, 1] (DenseNet-C: 0.5; 1: none)")
+        inputs = block_inputs(self.layers_per_block(), self.growth_rate, self.block == "bottleneck", self.compression)
+        if min(inputs) < 1:
+            raise ResexpError(
+                f"model.compression={self.compression!r} leaves a transition no maps to pass on (the dense blocks "
+                f"would take {inputs} maps); choose a larger one (DenseNet-C's: 0.5)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ResexpError(f"model.dropout={self.dropout!r} is not a rate; choose one in [0, 1) (theirs: 0.2)")
         if not self.residual:
@@ -177,6 +190,13 @@ class DenseNetSpec:
     @property
     def name(self) -> str:
         return densenet_name(self.depth, self.block, self.growth_rate, self.compression, self.dropout)
+
+    @property
+    def widest(self) -> int:
+        """The most channels a layer reads or writes: the last concatenation of the widest block."""
+        layers = self.layers_per_block()
+        inputs = block_inputs(layers, self.growth_rate, self.block == "bottleneck", self.compression)
+        return max(max(inputs) + layers * self.growth_rate, 4 * self.growth_rate)
 
     @property
     def shortcut_option(self) -> str | None:

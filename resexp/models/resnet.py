@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 BLOCKS = ("basic", "bottleneck")
+GATE_BIAS_LIMIT = 100.0  # |model.gate_bias|: sigmoid(±100) is 0 or 1 to float32's precision
 # Where a downsampling bottleneck block strides: in its first 1x1 conv, as the paper's ResNet-50/101/152
 # do (Table 1's 3.8/7.6/11.3 G multiply-adds), or in its 3x3 conv, torchvision's "ResNet v1.5", whose
 # weights and published accuracies are of that block (4.1/7.8/11.5 G).
@@ -213,6 +214,16 @@ class NetSpec:
             raise ResexpError(
                 f"model.gate_bias={self.gate_bias!r} is not a number; choose a finite one (default {GATE_BIAS:g})"
             )
+        if not -GATE_BIAS_LIMIT <= self.gate_bias <= GATE_BIAS_LIMIT:
+            raise ResexpError(
+                f"model.gate_bias={self.gate_bias!r} must be a number in [-{GATE_BIAS_LIMIT:g}, {GATE_BIAS_LIMIT:g}]: "
+                f"beyond, the gates are shut or open to float32's last bit (default {GATE_BIAS:g})"
+            )
+        if self.gate_bias != GATE_BIAS and self.shortcut != "gated":
+            raise ResexpError(
+                f"model.gate_bias={self.gate_bias:g} sets the gates of shortcut=gated, and shortcut is "
+                f"{self.shortcut}: add shortcut=gated, or leave model.gate_bias at {GATE_BIAS:g}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ResexpError(f"model.dropout={self.dropout!r} is not a rate; choose one in [0, 1) (WRN's: 0.3)")
         if self.dropout and self.block != "basic":
@@ -244,6 +255,14 @@ class NetSpec:
     def shortcut_option(self) -> str | None:
         """The option a run's metrics, report and TensorBoard show: None for a plain net, which has none."""
         return self.shortcut if self.residual else None
+
+    @property
+    def widest(self) -> int:
+        """The most channels a layer reads or writes: a bottleneck's 4x expansion, or ResNeXt's grouped 3x3
+        conv, of the widest stage."""
+        return max(self.widths or WIDTHS[self.stem]) * max(
+            4 if self.block == "bottleneck" else 1, self.cardinality * self.base_width // 64
+        )
 
     def model_values(self) -> dict[str, Any]:
         """The model keys this net is made of, as a checkpoint records them."""
