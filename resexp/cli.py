@@ -300,7 +300,12 @@ def train(rest: list[str]) -> None:
     from hydra.core.plugins import Plugins
 
     from resexp import config, distributed, record
+    from resexp.step import CUBLAS_WORKSPACE
 
+    # Deterministic cuBLAS reads its workspace setting when it first runs, which in a sweep may be before
+    # the deterministic runs train (their batch comes later): set before any run. Eight 4 MiB workspaces,
+    # which a ResNet's one matmul (its classifier) does not miss.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     check_modes(rest)
     if not distributed.start().main:  # under torchrun: rank 0 writes Hydra's record of the run
         rest = [*rest, "hydra.output_subdir=null"]

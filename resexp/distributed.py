@@ -80,9 +80,7 @@ def start(environ: dict[str, str] | None = None) -> World:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     cuda = torch.cuda.is_available() and dist.is_nccl_available()
     if cuda:
-        # NCCL's watchdog cannot run beside a captured allreduce (torch.cuda.graphs docs, "Usage with
-        # DistributedDataParallel"); its errors still end the run
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+        graph_safe_nccl(environ)
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     # Freed before the interpreter's teardown, which would otherwise end a process that finished its
@@ -93,6 +91,15 @@ def start(environ: dict[str, str] | None = None) -> World:
     dist.broadcast_object_list(started, src=0)  # ${resexp.now:} (resexp/resolvers.py), Hydra issue #2070
     STARTED = started[0]
     return WORLD
+
+
+def graph_safe_nccl(environ: dict[str, str]) -> None:
+    """NCCL's settings for an allreduce captured in a CUDA graph (the DDP step, resexp/step.py): the torch.cuda
+    graphs docs ("Usage with DistributedDataParallel") ask for async error handling off, which torchrun
+    turns on in every process it starts (TORCH_NCCL_ASYNC_ERROR_HANDLING=1), so that it is set here, not
+    defaulted. Without it a rank whose peer died waits in its allreduce instead of raising, until the
+    launcher stops it (torchrun stops the others when one process ends)."""
+    environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
 
 
 def device(name: str) -> torch.device | None:

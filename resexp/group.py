@@ -35,7 +35,7 @@ from torch import nn
 
 from resexp.models.densenet import Concatenate
 from resexp.models.resnet import ZeroPadShortcut
-from resexp.step import EagerStep, Stats, Step, at_least_fp32, autocast, fastest, set_lr
+from resexp.step import EagerStep, Stats, Step, at_least_fp32, autocast, fastest, on_stream, set_lr
 
 
 class GroupedZeroPad(ZeroPadShortcut):
@@ -229,6 +229,7 @@ def make_group_step(
         (batch, len(models) * channels, *size),
         (len(models), batch),
         cuda_graph and not skip_nonfinite,
+        compile_model,
     )
 
 
@@ -244,6 +245,7 @@ class Lockstep:
 
     def __init__(self, step: Step, optimizers: Sequence[torch.optim.Optimizer], signals: list[int]) -> None:
         self.group_step, self.optimizers, self.signals = step, optimizers, signals
+        self.stream: torch.cuda.Stream | None = None  # the group's CUDA stream beside other trainings (jobs.run_steps)
         self.stops: list[int] = []
         self.batches: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(optimizers)
         self.running, self.arrived = set(range(len(optimizers))), set()
@@ -276,7 +278,12 @@ class Lockstep:
         x, y = next(batch for batch in self.batches if batch is not None)
         batches = [batch or (torch.zeros_like(x), torch.zeros_like(y)) for batch in self.batches]
         try:
-            self.result = self.group_step(torch.cat([x for x, _ in batches], 1), torch.stack([y for _, y in batches]))
+            # on the group's stream, whichever run's thread runs it, in whatever stream that thread is: one
+            # that leaves the group does so after its training's stream context has ended
+            with on_stream(self.stream):
+                self.result = self.group_step(
+                    torch.cat([x for x, _ in batches], 1), torch.stack([y for _, y in batches])
+                )
         except BaseException as error:  # every waiting run raises it, not only the one that ran the step
             self.error = error
         self.stops[:] = self.signals

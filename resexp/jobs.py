@@ -89,6 +89,11 @@ class Job:
     def iterations(self) -> int:
         return 0 if self.finished is not None else self.settings.loop.schedule.iterations
 
+    @property
+    def algorithms(self) -> tuple[bool, str]:
+        """What it sets of torch's algorithm settings (step.choose_algorithms), which are the process's."""
+        return self.settings.deterministic, self.settings.loop.precision
+
 
 def held_already(place: Place, resume: bool, identity: dict[str, Any]) -> tuple[Metrics | None, dict | None]:
     """What the run's directory holds: (metrics, None) when the run finished, (None, checkpoint) to continue,
@@ -119,7 +124,6 @@ def prepare(settings: RunSettings) -> Job:
     if finished is not None:
         log.info("%s finished already (%s): nothing to do", name, settings.place.run_dir / runs.METRICS)
         return Job(settings, name, finished=finished)
-    choose_algorithms(settings.deterministic)
     check_size(net, settings.device)
     torch.manual_seed(settings.seed)  # weight initialisation; the data stream has a generator of its own
     model = net.build().to(settings.device, memory_format=torch.channels_last)  # the layout of the images
@@ -267,6 +271,14 @@ def draws_at_random(job: Job) -> bool:
     return job.finished is None and any(isinstance(m, nn.Dropout) and m.p > 0 for m in job.model.modules())
 
 
+def can_join(batch: list[Job], job: Job) -> bool:
+    """Whether `job` may train at once with the runs of `batch` (hydra_plugins/resexp_launcher/): where
+    none of them draws from torch's global generator (draws_at_random), and all set torch's algorithm
+    settings alike (deterministic, fp32's TF32: choose_algorithms), which are the process's."""
+    together = [other for other in [*batch, job] if other.finished is None]
+    return not any(draws_at_random(other) for other in together) and len({other.algorithms for other in together}) <= 1
+
+
 def train_as_one(jobs: list[Job], group_runs: bool) -> list[list[int]]:
     """Which runs (their indices in `jobs`) train as one: with `group_runs` the runs of each group key, and
     every other run (finished ones too) alone."""
@@ -291,6 +303,7 @@ class RunStep:
     stops: list[int]
     leave: Callable[[], None] = lambda: None
     stream: torch.cuda.Stream | None = None
+    group: Lockstep | None = None  # the group it trains in, which runs each group step on the group's stream
 
 
 def group_steps(group: list[Job], signals: list[int]) -> list[RunStep]:
@@ -301,7 +314,9 @@ def group_steps(group: list[Job], signals: list[int]) -> list[RunStep]:
     lockstep = Lockstep(step, optimizers, signals)
     log.info("%s train as one network (hydra.launcher.group_runs)", ", ".join(job.label for job in group))
     return [
-        RunStep(functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k))
+        RunStep(
+            functools.partial(lockstep.step, k), lockstep.stops, functools.partial(lockstep.leave, k), group=lockstep
+        )
         for k in range(len(group))
     ]
 
@@ -330,6 +345,8 @@ def run_steps(jobs: list[Job], group_runs: bool, signals: list[int]) -> list[Run
         for members in groups:
             stream = new_stream(jobs[members[0]].settings.device)
             steps.update({index: dataclasses.replace(steps[index], stream=stream) for index in members})
+            if (group := steps[members[0]].group) is not None:
+                group.stream = stream
     return [steps[index] for index in range(len(jobs))]
 
 
@@ -359,6 +376,13 @@ def train(jobs: list[Job], group_runs: bool = False) -> list[float]:
             run_step.leave()
             thread.name = named
 
+    algorithms = {job.algorithms for job in jobs if job.finished is None}
+    if len(algorithms) > 1:  # the launcher never makes such a batch (can_join)
+        raise ResexpError(
+            f"runs trained at once share torch's algorithm settings, and these differ: {sorted(algorithms)}"
+        )
+    for deterministic, precision in algorithms:
+        choose_algorithms(deterministic, precision)
     try:
         with stop_requests() as signals, displays([(job.label, job.iterations) for job in jobs]) as screens:
             each = list(zip(range(len(jobs)), screens, run_steps(jobs, group_runs, signals)))  # work()'s arguments

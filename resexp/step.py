@@ -11,6 +11,7 @@ updating) the same step function runs eagerly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -21,12 +22,14 @@ import torch
 from torch import nn
 
 from resexp import distributed
+from resexp.errors import first_line
 
 log = logging.getLogger("resexp")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EAGER_STEPS_BEFORE_CAPTURE = 3  # warm-up before capture (torch.cuda.graphs docs: a few iterations on a side stream)
 # under DDP: "at least 11 DDP-enabled eager iterations" (torch.cuda.graphs docs, "Usage with DistributedDataParallel")
 EAGER_STEPS_BEFORE_CAPTURE_DDP = 11
+CUBLAS_WORKSPACE = ":4096:8"  # eight 4 MiB workspaces per cuBLAS handle: its deterministic configuration
 
 # What a step returns, on the device: (summed loss, wrong predictions, images) of its batch, to add up
 # between log points without a host sync.
@@ -40,15 +43,19 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
     return x, y.to(device, non_blocking=True)
 
 
-def choose_algorithms(deterministic: bool) -> None:
+def choose_algorithms(deterministic: bool, precision: str = "fp32") -> None:
     """cuDNN autotuning (fixed input shapes: it picks the fastest kernels once), or, for `deterministic`,
     torch's deterministic algorithms: on a GPU two runs of one seed then agree bit for bit. An op with no
-    deterministic version warns rather than ending the run."""
+    deterministic version warns rather than ending the run. And fp32 as fp32: CUDA's convolutions would
+    run in TensorFloat-32 (10 bits of mantissa) by default; bf16 runs keep TF32 for what autocast leaves in
+    fp32. All of these are the process's, not a run's: runs trained at once share them (jobs.train)."""
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        # what deterministic cuBLAS needs, before cuBLAS first runs (resexp/cli.py sets it at the start)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:
@@ -116,34 +123,37 @@ class EagerStep:
         return self.step(x, y)
 
 
+def warm_up(
+    eager: EagerStep, optimizers: Sequence[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor, steps: int
+) -> None:
+    """A few eager steps before a capture, on a side stream (torch.cuda.graphs docs): cuDNN picks its kernels,
+    the optimizer makes its momentum buffers (DDP its buckets). They are undone. An error here is the
+    step's own (a bug, bad settings), raised as it is."""
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side), undone(eager.model, *optimizers):
+        for _ in range(steps):
+            eager(x, y)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+
+
 class GraphedStep:
     """The step as one CUDA graph, captured when built and replayed at every call: a copy of the batch
     into the graph's fixed inputs and one launch. The results it returns are overwritten by the next
     call. Build it before training starts, and before other threads train: no other work may reach the
     GPU during a capture (a shared-GPU sweep builds its runs' steps one after another)."""
 
-    def __init__(
-        self,
-        eager: EagerStep,
-        optimizers: Sequence[torch.optim.Optimizer],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        warm_up: int = EAGER_STEPS_BEFORE_CAPTURE,
-    ) -> None:
+    def __init__(self, eager: EagerStep, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Capture `eager` on the batch (x, y), after warm_up."""
         self.eager = eager
-        # A few eager steps first, on a side stream (torch.cuda.graphs docs): cuDNN picks its kernels, the
-        # optimizer makes its momentum buffers (DDP its buckets). They are undone. The capture itself
-        # computes nothing.
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), undone(eager.model, *optimizers):
-            for _ in range(warm_up):
-                eager(x, y)
-        torch.cuda.current_stream(x.device).wait_stream(side)
         self.x, self.y = x.clone(), y.clone()  # the graph's inputs, fixed in memory from now on
         self.graph = torch.cuda.CUDAGraph()
         eager.model.zero_grad(set_to_none=True)  # the captured backward allocates and writes them
-        with torch.cuda.graph(self.graph):
+        # A capture stream of its own for each graph (torch.cuda.graph shares one by default): cuBLAS keys
+        # its workspaces by stream, and the runs of a shared-GPU batch replay their graphs at once, on
+        # streams of their own (pytorch/pytorch#193402 reports graphs sharing one).
+        self.capture_stream = torch.cuda.Stream(x.device)
+        with torch.cuda.graph(self.graph, stream=self.capture_stream):
             self.result = eager.step(self.x, self.y)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Stats:
@@ -156,12 +166,18 @@ class GraphedStep:
 @contextmanager
 def undone(model: nn.Module, *optimizers: torch.optim.Optimizer) -> Iterator[None]:
     """The steps taken inside leave no trace: weights, BN statistics and momentum are put back in place
-    (the same tensors, which a graph captured afterwards reads), so warm-up steps change nothing."""
+    (the same tensors, which a graph captured afterwards reads), and torch's generators where they were
+    (dropout's masks), so warm-up steps change nothing."""
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     params = [(optimizer, p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
     momenta = [optimizer.state.get(p, {}).get("momentum_buffer") for optimizer, p in params]
     momenta = [None if m is None else m.clone() for m in momenta]
+    cuda = torch.cuda.is_initialized()
+    drawn = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else []  # dropout's masks
     yield
+    torch.set_rng_state(drawn[0])
+    if cuda:
+        torch.cuda.set_rng_state_all(drawn[1])
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             tensor.copy_(weights[name])
@@ -187,24 +203,65 @@ def make_step(
     """The fastest step that can run here: a CUDA graph on CUDA when asked for and possible, else eager.
     `batch_shape` (B, C, H, W) sizes the graph's inputs: this process's share of the batch. Under several
     processes the forward pass is DDP's (resexp/distributed.py), built on the stream that a capture then
-    follows, and a capture that fails is logged and the step runs eagerly. `compile_model` puts
-    torch.compile's fused kernels (BN, ReLU and the addition in one) inside the step. Build it after
-    restoring a checkpoint."""
+    follows, and a capture that fails (a torch or NCCL that cannot capture DDP's allreduce) trains eagerly
+    on every rank, saying why. `compile_model` puts torch.compile's fused kernels (BN, ReLU and the addition
+    in one) inside the step. Build it after restoring a checkpoint."""
     graph = cuda_graph and not skip_nonfinite and next(model.parameters()).is_cuda
-    side = torch.cuda.Stream() if graph and torch.distributed.is_initialized() else None
-    with on_stream(side):  # "DDP must be constructed in a side-stream context" for a capture (torch.cuda.graphs docs)
-        forward = distributed.parallel(model)
-    if side is not None:
-        torch.cuda.current_stream().wait_stream(side)
-    forward = torch.compile(forward) if compile_model else forward
-    eager = EagerStep(step_function(forward, optimizer, precision, skip_nonfinite), model)
-    if side is None:
-        return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), graph)
+    ddp = graph and torch.distributed.is_initialized()
+
+    def eager_step() -> EagerStep:
+        # "DDP must be constructed in a side-stream context" for a capture (torch.cuda.graphs docs)
+        side = torch.cuda.Stream() if ddp else None
+        with on_stream(side):
+            forward = distributed.parallel(model)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        forward = torch.compile(forward) if compile_model else forward
+        return EagerStep(step_function(forward, optimizer, precision, skip_nonfinite), model)
+
+    eager = eager_step()
+    if not ddp:
+        return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), graph, compile_model)
+    inputs = graph_inputs(model, batch_shape, (batch_shape[0],))
+    use_lr_tensors(optimizer, inputs[0].device)
+    warm_up(eager, [optimizer], *inputs, EAGER_STEPS_BEFORE_CAPTURE_DDP)  # its errors are the step's: raised
+    if (step := captured_on_every_rank(functools.partial(GraphedStep, eager, *inputs), inputs[0].device)) is not None:
+        return step
+    # Eager, with a DDP made anew: a capture that failed mid-backward left the reducer in the middle of an
+    # iteration, and the old DDP's hooks go with it.
+    del eager
+    return eager_step()
+
+
+def captured_on_every_rank(capture: Callable[[], Step], device: torch.device) -> Step | None:
+    """`capture()` (DDP's step as a CUDA graph), or None where the capture itself raises a RuntimeError on
+    any rank (a torch or NCCL that cannot capture DDP's allreduce), said in one log line: the ranks agree
+    first, since a rank training eagerly beside others that replay graphs would wait for them forever.
+    Any other error is raised."""
     try:
-        return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), graph, EAGER_STEPS_BEFORE_CAPTURE_DDP)
-    except RuntimeError as error:  # torch or NCCL too old to capture DDP's allreduce: correct, only slower
-        log.warning("the CUDA graph of the DDP step could not be captured (%s); training eagerly", error)
-        return eager
+        step, reason = capture(), None
+    except RuntimeError as error:
+        step, reason = None, first_line(error)
+    if not distributed.any_rank(reason is not None, device):
+        return step
+    log.warning(
+        "the CUDA graph of the DDP step could not be captured (%s); training eagerly, several times slower",
+        reason or "on another rank",
+    )
+    return None
+
+
+def graph_inputs(
+    model: nn.Module, x_shape: tuple[int, ...], y_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for warming up and capturing (any will do: undone): zeros of the parameters' float type (a
+    float64 net's in the tests) and layout, on their device. The graph's inputs keep that type: each batch
+    is copied into them."""
+    parameter = next(model.parameters())
+    x = torch.zeros(x_shape, device=parameter.device, dtype=parameter.dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    return x, torch.zeros(y_shape, dtype=torch.int64, device=parameter.device)
 
 
 def fastest(
@@ -213,19 +270,24 @@ def fastest(
     x_shape: tuple[int, ...],
     y_shape: tuple[int, ...],
     cuda_graph: bool,
-    warm_up: int = EAGER_STEPS_BEFORE_CAPTURE,
+    compiled: bool = False,
 ) -> Step:
     """`eager` captured as a CUDA graph when asked for and on CUDA, else itself; the optimizers read
-    their rates from device tensors either way (use_lr_tensors)."""
+    their rates from device tensors either way (use_lr_tensors). A `compiled` step that stays eager is
+    compiled here, by one step undone: in the thread that builds it, before the runs of a shared-GPU batch
+    train in threads of their own, which would otherwise all compile at once (Dynamo is not made for
+    concurrent first compiles)."""
     device = next(eager.model.parameters()).device
     for optimizer in optimizers:
         use_lr_tensors(optimizer, device)
+    inputs = graph_inputs(eager.model, x_shape, y_shape)
     if not cuda_graph or device.type != "cuda":
+        if compiled:
+            with undone(eager.model, *optimizers):
+                eager(*inputs)
         return eager
-    # Any batch will do for warming up and capturing (undone): zeros, not the data stream's next.
-    x = torch.zeros(x_shape, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.zeros(y_shape, dtype=torch.int64, device=device)
-    return GraphedStep(eager, optimizers, x, y, warm_up)
+    warm_up(eager, optimizers, *inputs, EAGER_STEPS_BEFORE_CAPTURE)
+    return GraphedStep(eager, *inputs)
 
 
 def new_stream(device: torch.device) -> torch.cuda.Stream | None:

@@ -82,6 +82,64 @@ def test_a_sweep_larger_than_max_runs_trains_in_batches(tmp_path):
     assert result.stdout.index("resnet20-A_seed0: done") < result.stdout.index("resnet20-A_seed1: it 2/4")  # in turn
 
 
+def test_runs_that_set_torchs_algorithms_otherwise_train_in_batches_of_their_own(tmp_path, monkeypatch):
+    """Deterministic algorithms and fp32's TF32 are the process's settings: runs of one batch, which train at
+    once, would all train with the last-prepared run's. Each run trains with its own."""
+    import threading
+
+    import torch
+
+    from resexp import jobs
+
+    seen, loop = {}, jobs.train_loop
+
+    def recording(model, *args, **kwargs):
+        seen[threading.current_thread().name] = torch.are_deterministic_algorithms_enabled()
+        return loop(model, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "train_loop", recording)
+    sweep = tmp_path / "sweep"
+    args = ["-m", *SHRINK, "model.depth=8", "deterministic=true,false", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    try:
+        result = resexp("train", *args, cwd=tmp_path)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert result.returncode == 0, result.stderr
+    expected = {
+        f"resnet8-A_deterministic-{flag}_seed{seed}": flag == "True" for flag in ("True", "False") for seed in (0, 1)
+    }
+    assert seen == expected
+
+
+def test_compiled_eager_steps_of_a_batch_compile_before_its_threads_start(tmp_path, monkeypatch):
+    """Dynamo is not made for first compiles in several threads at once: a compiled step that stays eager
+    (the CPU, on_nonfinite=skip, cuda_graph=false) is compiled, by one step undone, where it is built."""
+    import threading
+
+    import torch
+
+    first_calls = []
+
+    def compile_recording(module, **options):  # torch.compile, without compiling: the thread of each first call
+        calls = []
+
+        def compiled(*args, **kwargs):
+            if not calls:
+                first_calls.append(threading.current_thread().name)
+            calls.append(1)
+            return module(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_recording)
+    sweep = tmp_path / "sweep"
+    result = resexp(
+        "train", "-m", *SHRINK, "model.depth=8", "compile=true", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert first_calls == ["MainThread", "MainThread"]
+
+
 def test_default_run_directory_names_the_net(tmp_path):
     result = resexp("train", *SHRINK, "model=resnet32", "shortcut=B", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

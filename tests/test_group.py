@@ -232,3 +232,37 @@ def test_a_stopped_group_checkpoints_its_runs_at_one_iteration_and_resumes_them_
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("resuming") == 2 and "train as one network" in again.stdout
     assert [json.loads((run / "metrics.json").read_text())["iterations"] for run in runs_dirs] == [RUN_ITERATIONS] * 2
+
+
+def test_a_group_step_runs_on_the_groups_stream_also_when_a_leaving_run_sets_it_off(monkeypatch):
+    """A run that leaves its group does so after its training's stream context has ended: the group step
+    it sets off must still run on the group's stream, where the other runs' reads are ordered."""
+    from resexp import group
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            entered.append(self.stream)
+
+        def __exit__(self, *args):
+            return False
+
+    monkeypatch.setattr(group, "on_stream", Recorder)
+    pairs = nets(2)
+    step = make_group_step(
+        [m for m, _ in pairs], [o for _, o in pairs], (8, 3, 32, 32), precision="fp32", cuda_graph=False
+    )
+    lockstep = Lockstep(step, [o for _, o in pairs], [])
+    lockstep.stream = "the group's stream"  # what jobs.run_steps gives a group training beside others
+    xs, ys = batches(2, 0)
+    worker = threading.Thread(target=lockstep.step, args=(0, xs[0], ys[0]))
+    worker.start()
+    while not lockstep.arrived:
+        threading.Event().wait(0.01)
+    lockstep.leave(1)  # run 1 leaves, from outside any stream: run 0 waits, so this runs the group step
+    worker.join(timeout=60)
+    assert entered == ["the group's stream"] and lockstep.rounds == 1

@@ -152,3 +152,78 @@ def test_precision_choices():
     assert pick_precision("bf16", CPU) == "bf16"
     with pytest.raises(ResexpError, match="precision='fp16' is not an option; choose auto, fp32, bf16"):
         pick_precision("fp16", CPU)
+
+
+# --- What the CUDA-only code decides, shown on the CPU (issue 31)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_graphs_inputs_take_the_parameters_float_type_and_layout(dtype):
+    """A float64 net (the tests' reference computations) captured with float32 inputs failed at its first
+    convolution: the inputs follow the parameters."""
+    from resexp.step import graph_inputs
+
+    model, _ = net_and_sgd(dtype=dtype)
+    x, y = graph_inputs(model, (4, 3, 32, 32), (4,))
+    assert x.dtype == dtype and y.dtype == torch.int64 and x.is_contiguous(memory_format=torch.channels_last)
+    model(x)  # the step's first op takes them
+
+
+def test_a_failed_capture_of_the_ddp_step_is_named_agreed_by_the_ranks_and_any_other_error_raised(monkeypatch, caplog):
+    from resexp import distributed, step
+
+    def refused():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+
+    asked = []
+    monkeypatch.setattr(distributed, "any_rank", lambda flag, device: asked.append(flag) or flag)
+    assert step.captured_on_every_rank(refused, CPU) is None
+    assert "could not be captured (CUDA error: operation not permitted when stream is capturing)" in caplog.text
+    sentinel = object()
+    assert step.captured_on_every_rank(lambda: sentinel, CPU) is sentinel
+    assert asked == [True, False]  # every rank says how its capture went, whether it failed or not
+    # Another rank's capture failed: this one falls back with it, though its own capture went well.
+    monkeypatch.setattr(distributed, "any_rank", lambda flag, device: True)
+    assert step.captured_on_every_rank(lambda: sentinel, CPU) is None and "on another rank" in caplog.text
+
+    def bug():
+        raise ValueError("a bug in the step, not the capture")
+
+    with pytest.raises(ValueError, match="a bug in the step"):
+        step.captured_on_every_rank(bug, CPU)
+
+
+def test_undone_steps_leave_torchs_generator_where_it_was():
+    """Warm-up steps of a net with dropout draw masks from torch's generator: undone, they leave it as they
+    found it, so a run's masks do not shift by its warm-up (nor a resumed run's by its own)."""
+    torch.manual_seed(0)
+    model = build_model(8, True, "basic", "cifar", "identity", 10, dropout=0.3).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before, state = weights(model), torch.get_rng_state()
+    step = EagerStep(step_function(model, optimizer, "fp32"), model)
+    with undone(model, optimizer):
+        for seed in range(3):
+            step(*batch(seed))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_nccl_is_made_graph_safe_even_where_torchrun_set_otherwise():
+    from resexp.distributed import graph_safe_nccl
+
+    environ = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}  # what torchrun gives each process it starts
+    graph_safe_nccl(environ)
+    assert environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
+
+
+def test_fp32_means_fp32_and_bf16_keeps_tensorfloat32():
+    from resexp.step import choose_algorithms
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        choose_algorithms(False, "fp32")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        choose_algorithms(False, "bf16")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

@@ -74,16 +74,18 @@ class SharedGPULauncher(Launcher):
         waiting: list[Prepared] = []  # prepared for a batch that was full: the first of the next one
         while pending or waiting:
             # A batch takes runs in sweep order while they make at most max_runs trainings (a group is
-            # one), so a sweep of five seeds per net does not split a net's seeds across batches.
+            # one), so a sweep of five seeds per net does not split a net's seeds across batches, and
+            # while they may train at once (jobs.can_join: dropout trains alone, and torch's algorithm
+            # settings are the process's).
             batch, waiting = waiting, []
             try:
                 while pending and not waiting:
                     run = self.prepare(*pending.pop(0))
-                    alone = any(jobs.draws_at_random(job) for _, job, _ in [*batch, run])
+                    prepared = [job for _, job, _ in batch]
                     if (
                         batch
-                        and alone
-                        or jobs.networks_to_train([job for _, job, _ in [*batch, run]], self.group_runs) > self.max_runs
+                        and not jobs.can_join(prepared, run[1])
+                        or jobs.networks_to_train([*prepared, run[1]], self.group_runs) > self.max_runs
                     ):
                         waiting = [run]
                     else:
