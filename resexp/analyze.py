@@ -19,6 +19,7 @@ from resexp import probes
 from resexp.evaluate import SavedRun, built, weights
 from resexp.files import atomic_write_text, staged
 from resexp.plots import save_figure
+from resexp.runs import plain_events
 
 POOLING = "std per channel over images and positions, averaged over channels; eval mode, test images"
 
@@ -50,6 +51,8 @@ def logged_gradients(run_dir: Path) -> list[dict[str, Any]]:
     """The gradient norms by layer that the run logged while it trained (grad_norms_every), oldest first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not plain_events(run_dir):
+        return []
     events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})  # 0: every point
     events.Reload()
     if "gradient norm/by layer" not in events.Tags()["histograms"]:

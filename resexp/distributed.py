@@ -97,8 +97,8 @@ def graph_safe_nccl(environ: dict[str, str]) -> None:
     """NCCL's settings for an allreduce captured in a CUDA graph (the DDP step, resexp/step.py): the torch.cuda
     graphs docs ("Usage with DistributedDataParallel") ask for async error handling off, which torchrun
     turns on in every process it starts (TORCH_NCCL_ASYNC_ERROR_HANDLING=1), so that it is set here, not
-    defaulted. Without it a rank whose peer died waits in its allreduce instead of raising, until the
-    launcher stops it (torchrun stops the others when one process ends)."""
+    defaulted. Its cost: with it off, a rank whose peer died waits in its allreduce instead of raising,
+    until the launcher stops it (torchrun stops the others when one process ends)."""
     environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
 
 

@@ -23,7 +23,7 @@ from resexp.files import atomic_write
 from resexp.models import NetSpec, Spec, check_size
 from resexp.models.resnet import torchvision_keys
 from resexp.runs import CHECKPOINT
-from resexp.step import at_least_fp32, autocast, to_device
+from resexp.step import at_least_fp32, autocast, choose_algorithms, to_device
 
 
 @torch.inference_mode()
@@ -101,6 +101,7 @@ def evaluate_run(run: SavedRun, device: torch.device, precision: str) -> list[di
     """The error of the run's latest weights on each held-out set of its data: single view (the test
     set of CIFAR-10, ImageNet's validation images' centre crops), and ImageNet's 10-crop testing (§3.4)
     as the test set. One row per set."""
+    choose_algorithms(False, precision)  # fp32 as fp32: no TensorFloat-32 on CUDA
     state, iteration = weights(run)
     model = built(run, state)
     model.to(device, memory_format=torch.channels_last)

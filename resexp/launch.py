@@ -6,9 +6,10 @@ what the user sees resexp's own: one line and resexp's exit code for a refusal, 
 traceback. Here torchrun's launch (torch.distributed.run.run, the same code and flags) runs inside resexp:
 its logs are quiet, each process writes its one line into the error file torchrun gives it
 (TORCHELASTIC_ERROR_FILE, which torchrun's own report also shows) instead of printing it, and this
-process prints one line from them: the first process to fail, or to stop, and what it says (a refusal,
-the resume command after a stop), naming a process that a signal killed. Its exit code is that
-process's: 2 for bad input, 128 + N for signal N.
+process prints one line from them: what the first process to fail said (a refusal), or, where a signal
+killed it, which rank that was and what the lowest rank here said (the command that resumes); after a
+stop, what the lowest rank said. Its exit code is the first failed process's, or the stop's: 2 for bad
+input, 1 for a lost process, 128 + N for signal N.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -91,12 +93,17 @@ def torchrun(flags: list[str], rest: list[str]) -> NoReturn:
     os.environ[LAUNCHED] = " ".join(flags)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice for its processes, without its banner
     log_dir = Path(tempfile.mkdtemp(prefix="resexp-torchrun-"))
-    code, killed = 0, []
+    code, killed, first_local = 0, [], None
     try:
         run(parse_args([*flags, "--log-dir", str(log_dir), "--module", "resexp", "train", *rest]))
     except ChildFailedError as error:
-        rank, first = error.get_first_failure()  # the others were stopped by torchrun (SIGTERM) after it
-        code = exit_code(first.exitcode)
+        # A process killed from outside (not by torchrun's SIGTERM to the rest) is what the others' lost
+        # peer was, whichever exit torchrun saw first; else the first failure (torchrun stopped the others)
+        killed_outside = [
+            (r, f) for r, f in sorted(error.failures.items()) if f.exitcode < 0 and f.exitcode != -signal.SIGTERM
+        ]
+        rank, first = killed_outside[0] if killed_outside else error.get_first_failure()
+        code, first_local = exit_code(first.exitcode), first.local_rank
         if first.exitcode < 0:  # killed from outside (the OOM killer, a SIGKILL): it could say nothing itself
             killed = [f"rank {rank} was killed by {first.signal_name()}"]
     except SignalException as stop:  # a stop asked of this process, which torchrun passed to every process
@@ -104,7 +111,9 @@ def torchrun(flags: list[str], rest: list[str]) -> NoReturn:
     finally:
         said = lines(log_dir)
         shutil.rmtree(log_dir, ignore_errors=True)
-    told = [*killed, *([said[min(said)]] if said else [])]  # the lowest local rank's line: rank 0's on its node
+    # the first failed process's own line, else the lowest local rank's (rank 0's, on its node)
+    line = said.get(first_local) or (said[min(said)] if said else None)
+    told = [*killed, *([line] if line else [])]
     if told:
         print(f"resexp: {'; '.join(told)}", file=sys.stderr)
     sys.exit(code)

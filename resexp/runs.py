@@ -148,10 +148,18 @@ def find_runs(directories: list[Path], marks: tuple[str, ...] = (METRICS, f"{HYD
     return sorted(found)
 
 
+def plain_events(run_dir: Path) -> bool:
+    """Whether the run's TensorBoard files are regular files, which TensorBoard's reader may read: it
+    follows links, and a FIFO or a device would block it, or never end."""
+    return all(path.is_file() and not path.is_symlink() for path in run_dir.glob(f"{EVENTS}*"))
+
+
 def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     # TensorBoard's event reader: imported here, since training never reads curves back
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not plain_events(run_dir):
+        return {}
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     tags = set(events.Tags().get("scalars", []))

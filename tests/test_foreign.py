@@ -225,6 +225,16 @@ def test_a_checkpoint_or_metrics_that_is_a_fifo_is_refused_instead_of_blocking(t
     assert f"{runs.METRICS} is not a regular file" in (run_dir / "results.md").read_text()
 
 
+def test_tensorboard_files_that_are_links_or_fifos_are_not_read(tmp_path, handed):
+    """TensorBoard's reader follows links and would wait on a FIFO forever: such a run has no curves."""
+    run_dir = copy_of(handed, tmp_path / "run")
+    os.mkfifo(run_dir / "events.out.tfevents.1700000000.host.1.0")
+    (run_dir / "events.out.tfevents.1700000001.host.1.0").symlink_to("/dev/zero")
+    assert runs.read_curves(run_dir) == {}
+    report = resexp("report", str(run_dir), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+
+
 # --- The runs of the relatives, read back
 
 
