@@ -131,6 +131,10 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
             ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
             ax.set_ylabel("error (%)")
             ax.grid(alpha=0.3)
+            if not ax.get_legend_handles_labels()[0]:  # finished runs whose TensorBoard files were not read
+                ax.text(0.5, 0.5, "no curves: the runs' TensorBoard files are missing or unreadable",
+                        ha="center", va="center", fontsize="small", transform=ax.transAxes)  # fmt: skip
+                continue
             ax.legend(  # beside the panel, never over the curves (high errors fill the whole panel)
                 loc="upper left",
                 bbox_to_anchor=(1.01, 1.0),
