@@ -38,8 +38,8 @@ from resexp.launch import lost_peer
 from resexp.logs import Board, Display, displays, log
 from resexp.models import Spec, check_size, count_parameters
 from resexp.runs import Metrics, Place
-from resexp.step import Step, choose_algorithms, make_step, new_stream, on_stream
-from resexp.train import Loop, Remedies, restore, restore_rng_states, rng_states, stop_requests
+from resexp.step import Step, choose_algorithms, make_step, new_stream, on_stream, restore_rng_states, rng_states
+from resexp.train import Loop, Remedies, restore, stop_requests
 from resexp.train import train as train_loop
 
 

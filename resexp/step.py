@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,6 +164,17 @@ class GraphedStep:
         return self.result
 
 
+def rng_states() -> dict[str, Any]:
+    """torch's generators, the CPU's and each GPU's: what dropout draws its masks from."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 @contextmanager
 def undone(model: nn.Module, *optimizers: torch.optim.Optimizer) -> Iterator[None]:
     """The steps taken inside leave no trace: weights, BN statistics and momentum are put back in place
@@ -172,12 +184,9 @@ def undone(model: nn.Module, *optimizers: torch.optim.Optimizer) -> Iterator[Non
     params = [(optimizer, p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
     momenta = [optimizer.state.get(p, {}).get("momentum_buffer") for optimizer, p in params]
     momenta = [None if m is None else m.clone() for m in momenta]
-    cuda = torch.cuda.is_initialized()
-    drawn = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else []  # dropout's masks
+    drawn = rng_states()  # dropout's masks
     yield
-    torch.set_rng_state(drawn[0])
-    if cuda:
-        torch.cuda.set_rng_state_all(drawn[1])
+    restore_rng_states(drawn)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             tensor.copy_(weights[name])

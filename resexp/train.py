@@ -23,7 +23,7 @@ from resexp.evaluate import evaluate
 from resexp.logs import Board, Display, NoWriter, log, open_writer, write_gradient_norms
 from resexp.probes import response_layers, stage_names, step_gradient_norms
 from resexp.runs import CHECKPOINT
-from resexp.step import Step, set_lr, to_device
+from resexp.step import Step, restore_rng_states, rng_states, set_lr, to_device
 
 MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
 
@@ -124,16 +124,6 @@ def stop_requests() -> Iterator[list[int]]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def rng_states() -> dict[str, Any]:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["cpu"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, saved: dict[str, Any]) -> None:
