@@ -334,6 +334,8 @@ def train(rest: list[str]) -> None:
         told = outcome(error.error if isinstance(error, JobFailed) else error)
         if told is None:
             raise  # a bug: its whole traceback
+        if isinstance(error, Interrupted) and error.iteration is not None:  # every rank stopped at this step
+            distributed.finish()
         fail(*told)
 
 

@@ -270,11 +270,15 @@ def leave() -> None:
 
 
 def finish() -> None:
-    """The end of a run under several processes: every rank waits for the others, then leaves the process
-    group. A rank that left while another still spoke to it could end the other with an abort from gloo's
-    threads, after a run that finished."""
+    """The end of a run under several processes, finished or stopped at an agreed step: every rank waits for
+    the others, then leaves the process group. A rank that left while another still spoke to it could end
+    the other with an abort from gloo's threads ("terminate called without an active exception", seen
+    after a stop). A rank already gone: the others leave all the same."""
     if dist.is_initialized():
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
         leave()
 
 
