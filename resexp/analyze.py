@@ -71,7 +71,7 @@ def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str
     initial = run.net.build().to(device)
     data = run.data(batch_size=run.batch_size, seed=run.seed, device=device)
     test = held_out(data, budget.images)
-    train = [next(data.train) for _ in range(budget.train_batches)]
+    train = [data.training_input() for _ in range(budget.train_batches)]
     return {
         "run": str(run.run_dir),
         "net": run.net.name,

@@ -94,6 +94,8 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "data.test_size": positive_int,
     "data.crop": positive_int,
     "data.lighting_std": non_negative,
+    "data.size": positive_int,
+    "data.placement": one_of("auto", "device", "host"),
 }
 
 

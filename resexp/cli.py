@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -32,6 +33,7 @@ COMMANDS = {
     "report": "the runs under some directories as the paper's tables and figures (`resexp report --help`)",
     "eval": "the test error of trained runs from their checkpoints, single view and 10-crop (`resexp eval --help`)",
     "export": "a trained run's weights alone, and torchvision's keys where the net is torchvision's (`resexp export --help`)",
+    "prepare": "pack ImageNet's class folders, or Imagenette, once for data=imagenet_packed (`resexp prepare --help`)",
     "analyze": "why residual learning works, on trained runs: layer responses, gradients, lesions, loss landscapes (`resexp analyze --help`)",
 }
 USAGE = (
@@ -262,6 +264,49 @@ def analyze(rest: list[str]) -> None:
     print(f"figures and tables: {out}")
 
 
+def prepare(rest: list[str]) -> None:
+    from resexp import prepare
+    from resexp.config import cpu_cores
+
+    parser = argparse.ArgumentParser(prog="resexp prepare", description=prepare.__doc__.splitlines()[0])
+    parser.add_argument(
+        "source", metavar="SOURCE", help="a folder of train/<class>/* and val/<class>/* (ImageNet's), or imagenette"
+    )
+    parser.add_argument("out", type=Path, metavar="OUT", help="where the packed files go (data.root of the runs)")
+    parser.add_argument("--size", type=int, default=128, help="S, the side of the packed squares (128)")
+    parser.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out, listed in the manifest")
+    parser.add_argument("--chunk", type=int, default=256, help="images per task of a worker, and per progress record")
+    parser.add_argument(
+        "--imagenette-size", default="160px", help="which Imagenette download: full, 320px or 160px (160px)"
+    )
+    args = parser.parse_args(rest)
+    workers = cpu_cores() if args.workers is None else args.workers
+    if workers < 0:
+        fail(f"error: --workers={workers} must be 0 (decode here) or more")
+    if args.chunk < 1:
+        fail(f"error: --chunk={args.chunk} must be 1 or more")
+    out = args.out.expanduser().absolute()
+    try:
+        prepare.check_size(args.size)
+        out.mkdir(parents=True, exist_ok=True)
+        for split in prepare.sources(args.source, out, args.imagenette_size):
+            began, already = time.perf_counter(), prepare.prepared(split, out, args.size) is not None
+            manifest = prepare.pack(split, out, args.size, workers, args.skip_bad, args.chunk)
+            by = "in this process" if workers == 0 else f"with {workers} worker{'s' if workers > 1 else ''}"
+            took = "prepared already" if already else f"{time.perf_counter() - began:.1f} s {by}"
+            skipped = f", {len(manifest['skipped'])} skipped" if manifest["skipped"] else ""
+            gib = manifest["slots"] * 3 * args.size**2 / 2**30
+            print(
+                f"{split.split}: {manifest['images']:,} images in {len(manifest['classes'])} classes{skipped}, "
+                f"{gib:.2f} GiB at {args.size}x{args.size}, {took} -> {out}"
+            )
+    except ResexpError as error:
+        fail(f"error: {error}")
+    except OSError as error:
+        fail(f"error: cannot write {error.filename or out} ({error.strerror or error}); choose another OUT")
+
+
 def complete(argv: list[str]) -> None:
     """Hydra's bash completion, which calls `resexp -sc query=bash` back with the line typed so far
     (COMP_LINE): the commands while the first word is typed, then for `resexp train` Hydra's own
@@ -391,4 +436,6 @@ def dispatch(argv: list[str]) -> None:
         return export(rest)
     if command == "analyze":
         return analyze(rest)
+    if command == "prepare":
+        return prepare(rest)
     train(rest)

@@ -37,7 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from resexp import checkpoint, distributed, record, resolvers, schemas
 from resexp.checks import check_values, one_of
-from resexp.data import cifar10, cifar100, imagenet, synthetic
+from resexp.data import cifar10, cifar100, imagenet, imagenet_packed, synthetic
 from resexp.errors import ResexpError
 from resexp.evaluate import READ, SavedRun
 from resexp.files import read_bytes, why_not
@@ -55,6 +55,7 @@ DATA_BUILDERS: dict[str, tuple[Callable[..., Any], type]] = {
     "resexp.data.cifar10": (cifar10, schemas.Cifar10Schema),
     "resexp.data.cifar100": (cifar100, schemas.Cifar10Schema),
     "resexp.data.imagenet": (imagenet, schemas.ImageNetSchema),
+    "resexp.data.imagenet_packed": (imagenet_packed, schemas.PackedSchema),
     "resexp.data.synthetic": (synthetic, schemas.SyntheticSchema),
 }
 OPTIMIZERS: dict[str, tuple[Callable[..., Any], type]] = {"torch.optim.SGD": (torch.optim.SGD, schemas.SGDSchema)}

@@ -147,6 +147,7 @@ def prepare(settings: RunSettings) -> Job:
         cuda_graph=settings.cuda_graph,
         compile_model=settings.compile,
         skip_nonfinite=loop.on_nonfinite == "skip",
+        **({"prepare": data.transform, "batch_dtype": data.batch_dtype} if data.transform is not None else {}),
     )
     # Runs alike in all but the seed, on one device and at one iteration, can train as one group; so can
     # plain and residual twins with option A's shortcuts, which have no weights (resexp/group.py).
@@ -154,6 +155,8 @@ def prepare(settings: RunSettings) -> Job:
     same = {key: value for key, value in settings.identity.items() if key not in may_differ}
     done = resumed["progress"]["iteration"] if resumed is not None else 0
     group_key = json.dumps([same, str(settings.device), step_options, done], default=str)
+    if data.transform is not None:  # its batches are made the net's input in its own step (packed ImageNet)
+        group_key = f"alone: {settings.place.run_dir}"
     params = count_parameters(model)
     on = (
         str(settings.device)

@@ -243,7 +243,9 @@ class Board:
         hparams = {
             key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in hparams.items()
         }
-        figure = {"cifar10": "Fig. 6", "imagenet": "Fig. 4"}.get(data or "")
+        figure = {"cifar10": "Fig. 6", "imagenet": "Fig. 4", "imagenet_packed": "Fig. 4", "imagenette": "Fig. 4"}.get(
+            data or ""
+        )
         return cls(hparams, net.depth, net.residual, figure)
 
     def compare_tag(self, tag: str) -> str:

@@ -82,9 +82,14 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
 }
 
 
+# Packed ImageNet is the paper's ImageNet experiment on smaller images (resexp/data/packed.py): its rows
+# show the paper's numbers, marked as trained otherwise (recipe_differences), never compared silently.
+RESIZED = {"imagenet_packed": "imagenet"}
+
+
 def lookup(dataset: str | None, net: str) -> PaperResult | None:
     """The paper's result for this net on this dataset; None where the paper has no such run."""
-    return RESULTS.get((dataset or "", net))
+    return RESULTS.get((RESIZED.get(dataset or "", dataset or ""), net))
 
 
 # The paper's recipe on each dataset (§4.2, §3.4): iterations, batch size, base learning rate. A run
@@ -98,20 +103,31 @@ DATA_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
     "imagenet": "ImageNet",
+    "imagenet_packed": "ImageNet",  # its figure says how it was packed (recipe_differences)
+    "imagenette": "Imagenette (10 ImageNet classes)",
     "synthetic": "random images (data=synthetic)",
 }
 
 
 def recipe_differences(
-    dataset: str | None, net: str, iterations: int | None, batch_size: int | None, lr: float | None
+    dataset: str | None,
+    net: str,
+    iterations: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    size: int | None = None,
 ) -> list[str]:
     """How a run's recipe differs from the one its number was trained with: the authors' own for a net
-    that has one (Wide ResNet, ResNeXt, DenseNet), else the paper's on its dataset ([] where they agree)."""
-    if dataset not in RECIPES:
+    that has one (Wide ResNet, ResNeXt, DenseNet), else the paper's on its dataset ([] where they agree);
+    a packed run's squares of `size` pixels, against the paper's full images."""
+    paper_data = RESIZED.get(dataset or "", dataset)
+    if paper_data not in RECIPES:
         return ["other data"]
     family = re.match(r"[a-z]*", net)[0]
-    paper_iterations, paper_batch, paper_lr = OWN_RECIPES.get(family, RECIPES[dataset])
+    paper_iterations, paper_batch, paper_lr = OWN_RECIPES.get(family, RECIPES[paper_data])
     differences = []
+    if dataset in RESIZED:
+        differences.append(f"packed {size or '?'}x{size or '?'} squares (paper: 224 crops of full images)")
     if iterations is not None and iterations != paper_iterations:
         differences.append(f"{iterations:,} iterations (paper {paper_iterations:,})")
     if batch_size is not None and batch_size != paper_batch:

@@ -20,7 +20,12 @@ from resexp.paper import DATA_NAMES, recipe_differences
 from resexp.runs import Run
 
 # Per dataset: the file's name, the paper's figure of these curves, the held-out curve it draws bold.
-FIGURES = {"cifar10": ("figure6", "Fig. 6", "error/test"), "imagenet": ("figure4", "Fig. 4", "error/val")}
+FIGURES = {
+    "cifar10": ("figure6", "Fig. 6", "error/test"),
+    "imagenet": ("figure4", "Fig. 4", "error/val"),
+    "imagenet_packed": ("figure4_packed", "Fig. 4", "error/val"),  # the paper's experiment on smaller images
+    "imagenette": ("figure4_imagenette", "Fig. 4", "error/val"),  # its nets on 10 of ImageNet's classes
+}
 OTHER = ("figure", None, "error/test")
 
 
@@ -62,7 +67,11 @@ def title(data: str, runs: list[Run]) -> str:
     recipe differs from the paper's where it does."""
     figure = FIGURES.get(data, OTHER)[1]
     differences = sorted(
-        {text for run in runs for text in recipe_differences(data, run.net, run.iterations, run.batch_size, run.lr)}
+        {
+            text
+            for run in runs
+            for text in recipe_differences(data, run.net, run.iterations, run.batch_size, run.lr, run.size)
+        }
     )
     name = DATA_NAMES.get(data, data)
     if not differences:

@@ -127,6 +127,7 @@ class Run:
     iterations: int | None = None  # its recipe: what a report compares with the paper's
     batch_size: int | None = None
     lr: float | None = None
+    size: int | None = None  # the side of a packed run's squares (data.size)
     final: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (iteration, %) points
 
@@ -171,6 +172,7 @@ READ_BACK = {
     **{f"model.{key}": schemas.field_types(schemas.ModelSchema)[key] for key in NAME_KEYS},
     **{key: schemas.field_types(schemas.TrainSchema)[key] for key in ("shortcut", "seed")},
     **{f"schedule.{key}": schemas.field_types(schemas.ScheduleSchema)[key] for key in ("iterations", "batch_size")},
+    "data.size": int,  # packed ImageNet's squares (resexp/data/packed.py): part of its recipe
 }
 # What a run's name, its data's and its shortcut's may be, read back from a metrics.json or a saved config
 # that may come from anyone: a report writes them into tables (Markdown, CSV) and figures, where anything
@@ -240,6 +242,7 @@ def read_run(run_dir: Path) -> Run:
     run = Run(
         run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
     )
+    run.size = config.get("data.size")
     run.curves = read_curves(run_dir)
     if not (run_dir / METRICS).exists():
         planned = config.get("schedule.iterations") or "?"

@@ -79,14 +79,24 @@ class Cifar10Schema(DataSchema):  # conf/data/cifar10.yaml
 
 
 @dataclass
-class ImageNetSchema(DataSchema):  # conf/data/imagenet.yaml
+class ImageNetRecipeSchema(DataSchema):  # what both ImageNet paths have: §3.4's augmentation
     root: str = MISSING
     scale: list[int] = MISSING
     crop: int = MISSING
     test_size: int = MISSING
     lighting_std: float = MISSING
     mean: list[float] = MISSING
+
+
+@dataclass
+class ImageNetSchema(ImageNetRecipeSchema):  # conf/data/imagenet.yaml
     workers: Any = MISSING  # auto or a number: OmegaConf 2.3 has no unions, so resexp/config.py tells
+
+
+@dataclass
+class PackedSchema(ImageNetRecipeSchema):  # conf/data/imagenet_packed.yaml, imagenette.yaml
+    size: int = MISSING
+    placement: str = MISSING
 
 
 @dataclass
@@ -125,13 +135,15 @@ class SharedGPULauncherSchema:  # conf/hydra/launcher/shared_gpu.yaml
     group_runs: bool = MISSING
 
 
-KEYS_OF = (TrainSchema, ModelSchema, SGDSchema, ScheduleSchema, Cifar10Schema, ImageNetSchema, SyntheticSchema)
+KEYS_OF = (TrainSchema, ModelSchema, SGDSchema, ScheduleSchema, Cifar10Schema, ImageNetSchema, PackedSchema)
+KEYS_OF += (SyntheticSchema,)
 KEYS_OF += (SharedGPULauncherSchema,)  # every schema whose fields a wrong-type error can name
 SCHEMAS = {  # the names the YAML files' defaults lists give them
     "resexp_train": TrainSchema,
     "resexp_cifar10": Cifar10Schema,
     "resexp_cifar100": Cifar10Schema,  # the same keys
     "resexp_imagenet": ImageNetSchema,
+    "resexp_imagenet_packed": PackedSchema,
     "resexp_synthetic": SyntheticSchema,
     "resexp_shared_gpu_launcher": SharedGPULauncherSchema,
 }

@@ -92,13 +92,16 @@ def step_function(
     optimizer: torch.optim.Optimizer,
     precision: str,
     skip_nonfinite: bool = False,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], Stats]:
-    """The training step as a function of one batch. Gradients must be None (zero_grad(set_to_none=True))
+    """The training step as a function of one batch, which `prepare` (the data's transform, if any) first
+    makes the net's input: inside the step, so that a CUDA graph captures it too. Gradients must be None (zero_grad(set_to_none=True))
     when it starts: backward then writes them instead of adding to them. With `skip_nonfinite`, a
     non-finite loss leaves the weights alone (a host sync per step, so never captured); under several
     processes, a non-finite loss on any of them (all skip together: DDP's backward waits for every rank)."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> Stats:
+        x = x if prepare is None else prepare(x)  # in fp32: autocast is for the net
         with autocast(x.device, precision):
             out = forward(x)  # (B, num_classes)
         loss = nn.functional.cross_entropy(at_least_fp32(out), y)
@@ -208,13 +211,16 @@ def make_step(
     cuda_graph: bool,
     compile_model: bool = False,
     skip_nonfinite: bool = False,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_dtype: torch.dtype | None = None,
 ) -> Step:
     """The fastest step that can run here: a CUDA graph on CUDA when asked for and possible, else eager.
-    `batch_shape` (B, C, H, W) sizes the graph's inputs: this process's share of the batch. Under several
-    processes the forward pass is DDP's (resexp/distributed.py), built on the stream that a capture then
-    follows, and a capture that fails (a torch or NCCL that cannot capture DDP's allreduce) trains eagerly
-    on every rank, saying why. `compile_model` puts torch.compile's fused kernels (BN, ReLU and the addition
-    in one) inside the step. Build it after restoring a checkpoint."""
+        `batch_shape` (B, C, H, W) sizes the graph's inputs: this process's share of the batch. Under several
+        processes the forward pass is DDP's (resexp/distributed.py), built on the stream that a capture then
+        follows, and a capture that fails (a torch or NCCL that cannot capture DDP's allreduce) trains eagerly
+        on every rank, saying why. `compile_model` puts torch.compile's fused kernels (BN, ReLU and the addition
+        in one) inside the step. `prepare` makes each batch, of `batch_dtype` where that is not the net's, the
+    net's input inside the step (Data.transform). Build it after restoring a checkpoint."""
     graph = cuda_graph and not skip_nonfinite and next(model.parameters()).is_cuda
     ddp = graph and torch.distributed.is_initialized()
 
@@ -226,12 +232,12 @@ def make_step(
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         forward = torch.compile(forward) if compile_model else forward
-        return EagerStep(step_function(forward, optimizer, precision, skip_nonfinite), model)
+        return EagerStep(step_function(forward, optimizer, precision, skip_nonfinite, prepare), model)
 
     eager = eager_step()
     if not ddp:
-        return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), graph, compile_model)
-    inputs = graph_inputs(model, batch_shape, (batch_shape[0],))
+        return fastest(eager, [optimizer], batch_shape, (batch_shape[0],), graph, compile_model, batch_dtype)
+    inputs = graph_inputs(model, batch_shape, (batch_shape[0],), batch_dtype)
     use_lr_tensors(optimizer, inputs[0].device)
     warm_up(eager, [optimizer], *inputs, EAGER_STEPS_BEFORE_CAPTURE_DDP)  # its errors are the step's: raised
     if (step := captured_on_every_rank(functools.partial(GraphedStep, eager, *inputs), inputs[0].device)) is not None:
@@ -261,13 +267,13 @@ def captured_on_every_rank(capture: Callable[[], Step], device: torch.device) ->
 
 
 def graph_inputs(
-    model: nn.Module, x_shape: tuple[int, ...], y_shape: tuple[int, ...]
+    model: nn.Module, x_shape: tuple[int, ...], y_shape: tuple[int, ...], x_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch for warming up and capturing (any will do: undone): zeros of the parameters' float type (a
-    float64 net's in the tests) and layout, on their device. The graph's inputs keep that type: each batch
-    is copied into them."""
+    """A batch for warming up and capturing (any will do: undone): zeros of `x_dtype`, or of the parameters'
+    float type (a float64 net's in the tests), in their layout, on their device. The graph's inputs keep that
+    type: each batch is copied into them."""
     parameter = next(model.parameters())
-    x = torch.zeros(x_shape, device=parameter.device, dtype=parameter.dtype).contiguous(
+    x = torch.zeros(x_shape, device=parameter.device, dtype=x_dtype or parameter.dtype).contiguous(
         memory_format=torch.channels_last
     )
     return x, torch.zeros(y_shape, dtype=torch.int64, device=parameter.device)
@@ -280,6 +286,7 @@ def fastest(
     y_shape: tuple[int, ...],
     cuda_graph: bool,
     compiled: bool = False,
+    x_dtype: torch.dtype | None = None,
 ) -> Step:
     """`eager` captured as a CUDA graph when asked for and on CUDA, else itself; the optimizers read
     their rates from device tensors either way (use_lr_tensors). A `compiled` step that stays eager is
@@ -289,7 +296,7 @@ def fastest(
     device = next(eager.model.parameters()).device
     for optimizer in optimizers:
         use_lr_tensors(optimizer, device)
-    inputs = graph_inputs(eager.model, x_shape, y_shape)
+    inputs = graph_inputs(eager.model, x_shape, y_shape, x_dtype)
     if not cuda_graph or device.type != "cuda":
         if compiled:
             with undone(eager.model, *optimizers):

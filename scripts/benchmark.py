@@ -3,6 +3,7 @@
     python scripts/benchmark.py                                  # ResNet-20/56/110 and plain-56
     python scripts/benchmark.py --nets resnet56 --compile --json bench.json
     python scripts/benchmark.py --no-common --group 5                # five seeds as one network
+    python scripts/benchmark.py --imagenet PACKED JPEGS --nets resnet18 --batch-size 256  # packed vs JPEG-fed
     python scripts/benchmark.py --no-common --twins --nets plain20 plain32 plain44 plain56 \
         resnet20 resnet32 resnet44 resnet56 resnet110                # Fig. 6's sweep, twins grouped
 
@@ -219,6 +220,48 @@ def together_ms(nets: list[str], args: argparse.Namespace, device: torch.device,
     return timed(in_threads(runs, [new_stream(device) for _ in runs]), args.steps, args.warmup, device)
 
 
+def imagenet_ms(net: str, data: str, overrides: list[str], args: argparse.Namespace, device: torch.device) -> float:
+    """ms per training step of an ImageNet net (plain18 ... resnet34) fed by `data`: imagenet (JPEGs decoded
+    by DataLoader workers) or imagenet_packed (squares held on the device, windows sampled inside the step),
+    with the config's `overrides`; the step as `resexp train` builds it (a CUDA graph on CUDA)."""
+    from resexp.config import DATA_BUILDERS, builder
+
+    build = builder(compose(f"data={data}", f"data.num_classes={args.classes}", *overrides), "data", DATA_BUILDERS)
+    stream = build(batch_size=args.batch_size, seed=0, device=device)
+    residual, depth = net.startswith("resnet"), int(net.removeprefix("resnet").removeprefix("plain"))
+    model = build_model(depth, residual, "basic", "imagenet", "identity", args.classes)
+    model = model.to(device, memory_format=torch.channels_last)
+    extra = {"prepare": stream.transform, "batch_dtype": stream.batch_dtype} if stream.transform else {}
+    shape = (args.batch_size, *stream.image_shape)
+    step = make_step(model, sgd(model), shape, precision=pick_precision("auto", device), cuda_graph=True, **extra)
+    batches = stream.train
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            step(*to_device(*next(batches), device))
+
+    return timed(run_steps, args.steps, args.warmup, device)
+
+
+def imagenet_table(args: argparse.Namespace, device: torch.device) -> None:
+    """--imagenet PACKED JPEGS: each net's step fed by the packed squares against the same step at the same
+    resolution fed by JPEG folders (scale, crop and test size scaled by R/224), `--workers` decoding."""
+    packed, jpegs = args.imagenet
+    size = args.size
+    resolution = round(size * 224 / 256)
+    ratio = resolution / 224
+    jpeg = [f"data.root={jpegs}", f"data.workers={args.workers}", f"data.crop={resolution}"]
+    jpeg += [f"data.scale=[{round(256 * ratio)},{round(480 * ratio)}]", f"data.test_size={round(256 * ratio)}"]
+    table = Table(title=f"ms per step, batch {args.batch_size}, {resolution}x{resolution}, {device}")
+    for column in ("net", f"JPEGs ({args.workers} workers)", "packed", "speed-up", "images/s (packed)"):
+        table.add_column(column, justify="right")
+    for net in args.nets:
+        fed = imagenet_ms(net, "imagenet", jpeg, args, device)
+        held = imagenet_ms(net, "imagenet_packed", [f"data.root={packed}", f"data.size={size}"], args, device)
+        table.add_row(net, f"{fed:.1f}", f"{held:.1f}", f"{fed / held:.1f}x", f"{1000 * args.batch_size / held:,.0f}")
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -256,9 +299,19 @@ def main() -> None:
     parser.add_argument("--no-common", action="store_true", help="skip the common recipe (resexp's paths only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--imagenet",
+        nargs=2,
+        metavar=("PACKED", "JPEGS"),
+        help="instead: ImageNet nets (--nets plain18 ... resnet34) fed by packed squares against JPEG folders",
+    )
+    parser.add_argument("--size", type=int, default=128, help="with --imagenet: S of the packed files (128: R=112)")
+    parser.add_argument("--classes", type=int, default=1000, help="with --imagenet: the folders' classes (1000)")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.backends.cudnn.benchmark = True  # as resexp train sets it; the common recipe gets it too
+    if args.imagenet:
+        return imagenet_table(args, device)
 
     rows = []
     for net in args.nets:

@@ -1,10 +1,13 @@
-"""Images per second of resexp's ImageNet input pipeline (resexp/data/imagenet_folders.py): the augmented
-training stream, the centre crops and the ten crops, with the settings of conf/data/imagenet.yaml. An ImageNet run is bound by
-this rate when the GPU is faster; it tells how many `data.workers` a run needs.
+"""Images per second of resexp's ImageNet input pipelines: JPEGs decoded by DataLoader workers
+(resexp/data/imagenet_folders.py: the augmented training stream, the centre crops and the ten crops, with the
+settings of conf/data/imagenet.yaml), and packed squares augmented on the device (resexp/data/packed.py). A
+run is bound by these rates when the GPU is faster; they tell how many `data.workers` a JPEG run needs.
 
     python scripts/imagenet_loader.py ROOT [--workers 0 4 16] [--batches 20]
+    python scripts/imagenet_loader.py ROOT --packed DIR --size 128 [--device cuda] [--threads 1 2]
 
-ROOT holds train/<wnid>/ and val/<wnid>/ (the 104-image sample works: link both to its val/).
+ROOT holds train/<wnid>/ and val/<wnid>/ (the 104-image sample works: link both to its val/); DIR is what
+`resexp prepare ROOT DIR --size S` wrote. On the CPU the packed rate is per thread count (one core each).
 """
 
 from __future__ import annotations
@@ -14,19 +17,31 @@ import itertools
 import time
 
 import torch
-from hydra.utils import instantiate
 
-from resexp.config import compose
+from resexp.config import DATA_BUILDERS, builder, compose
+
+CPU = torch.device("cpu")
 
 
-def rate(batches, limit: int) -> float:
-    """Images/s over up to `limit` batches, after one untimed batch (worker start-up)."""
+def rate(batches, limit: int, work=lambda x: x, device: torch.device = CPU) -> float:
+    """Images/s over up to `limit` batches, each through `work`, after one untimed batch (start-up)."""
     batches = iter(batches)
-    next(batches)
+    work(next(batches)[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     started, images = time.perf_counter(), 0
-    for _, labels in itertools.islice(batches, limit):
+    for x, labels in itertools.islice(batches, limit):
+        work(x)
         images += len(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return images / (time.perf_counter() - started)
+
+
+def data(name: str, overrides: list[str], args: argparse.Namespace, device: torch.device):
+    overrides = [f"data.num_classes={args.classes}", f"data.eval_batch_size={args.batch_size}", *overrides]
+    build = builder(compose(f"data={name}", *overrides), "data", DATA_BUILDERS)
+    return build(batch_size=args.batch_size, seed=0, device=device)
 
 
 def main() -> None:
@@ -35,15 +50,32 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to time")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
+    parser.add_argument("--classes", type=int, default=1000, help="the folders' classes (the sample: 104)")
+    parser.add_argument("--packed", metavar="DIR", help="also time the packed squares that resexp prepare wrote here")
+    parser.add_argument("--size", type=int, default=128, help="S of the packed files (128: training at 112x112)")
+    parser.add_argument("--device", default="cpu", help="where the packed squares are augmented: cpu or cuda")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU threads for the packed path on cpu")
     args = parser.parse_args()
+    print(f"JPEGs, batch {args.batch_size}:")
     print(f"{'workers':>8} {'train img/s':>12} {'centre img/s':>13} {'ten-crop img/s':>15}")
-    settings = compose("data=imagenet").data  # the config a run uses
     for workers in args.workers:
-        build = instantiate(settings, root=args.root, workers=workers, eval_batch_size=args.batch_size)
-        data = build(batch_size=args.batch_size, seed=0, device=torch.device("cpu"))
-        train = rate(data.train, args.batches)
-        centre, ten = rate(data.evals["val"], args.batches), rate(data.final["test"], args.batches)
+        jpegs = data("imagenet", [f"data.root={args.root}", f"data.workers={workers}"], args, CPU)
+        train = rate(jpegs.train, args.batches)
+        centre, ten = rate(jpegs.evals["val"], args.batches), rate(jpegs.final["test"], args.batches)
         print(f"{workers:>8} {train:>12.0f} {centre:>13.0f} {ten:>15.0f}")
+    if not args.packed:
+        return
+    device = torch.device(args.device)
+    print(
+        f"packed at {args.size}x{args.size} on {device}, batch {args.batch_size} (gather, draws, windows, colour, mean):"
+    )
+    for threads in args.threads if device.type == "cpu" else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        packed = data("imagenet_packed", [f"data.root={args.packed}", f"data.size={args.size}"], args, device)
+        train = rate(packed.train, args.batches, packed.transform, device)
+        centre = rate(packed.evals["val"], args.batches, device=device)
+        ten = rate(packed.final["test"], args.batches, device=device)
+        print(f"{threads:>3} threads: train {train:,.0f} img/s, centre {centre:,.0f} img/s, ten-crop {ten:,.0f} img/s")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def cifar_root() -> Path:
     return Path(root)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
     """The sample's class folders, from RESEXP_DATA (set by .ci/run)."""
     folder = Path(os.environ.get("RESEXP_DATA", "/nonexistent")) / "imagenet-sample"

@@ -166,13 +166,16 @@ def test_validation_split_logs_val_error(tmp_path):
         ("-m model.depth=20,26 hydra.launcher.max_runs=0", ["hydra.launcher.max_runs=0 must be a positive integer"]),
         (
             "data=imagenet1k",
-            ["data='imagenet1k' is not one of the data configs", "cifar10, cifar100, imagenet, synthetic"],
+            [
+                "data='imagenet1k' is not one of the data configs",
+                "cifar10, cifar100, imagenet, imagenet_packed, imagenette, synthetic",
+            ],
         ),
         (
             "experiment=fig7",
             [
                 "experiment='fig7' is not one of the experiment configs",
-                "cifar10_fig6, cifar10_gating, cifar10_preact, cifar10_relatives, cifar10_table6, imagenet_table2, imagenet_table3",
+                "cifar10_fig6, cifar10_gating, cifar10_preact, cifar10_relatives, cifar10_table6, imagenet_packed_budget",
             ],
         ),
         ("shortcut=X", ["shortcut='X' is not an option", "identity (A), projection (B), full (C) or gated"]),

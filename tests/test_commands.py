@@ -34,7 +34,7 @@ def complete(tmp_path, monkeypatch, line):
 
 
 def test_bash_completion_answers_for_resexp_train(tmp_path, monkeypatch):
-    assert complete(tmp_path, monkeypatch, "resexp ") == ["train", "report", "eval", "export", "analyze"]
+    assert complete(tmp_path, monkeypatch, "resexp ") == ["train", "report", "eval", "export", "prepare", "analyze"]
     assert "model=" in complete(tmp_path, monkeypatch, "resexp train mo")
     options = complete(tmp_path, monkeypatch, "resexp train model=plain5")
     assert options == ["model=plain56"]

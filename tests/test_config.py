@@ -66,8 +66,10 @@ def test_every_model_composes_with_every_dataset(model, data):
     # The paper's schedule for the data: §4.2 for CIFAR (warm-up from 110 layers), §3.4 for ImageNet;
     # random images: CIFAR's, short, with the drops at the same fractions of the run.
     expected = {"imagenet": (600_000, (150_000, 300_000)), "synthetic": (200, (100, 150))}
+    expected |= {"imagenet_packed": expected["imagenet"], "imagenette": (4440, (1110, 2220))}  # 120 epochs
     assert (plan.iterations, plan.milestones) == expected.get(data, (64_000, (32_000, 48_000)))
-    assert (plan.warmup_lr is not None) == (data != "imagenet" and cfg.model.depth >= 110)
+    imagenet = data in ("imagenet", "imagenet_packed", "imagenette")  # their schedules have no warm-up
+    assert (plan.warmup_lr is not None) == (not imagenet and cfg.model.depth >= 110)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -13,7 +13,7 @@ from torch import nn
 
 from resexp import checkpoint
 from resexp.data import imagenet
-from resexp.data.imagenet_folders import EIGENVALUES, EIGENVECTORS, lighting
+from resexp.data.crops import EIGENVALUES, EIGENVECTORS, lighting
 from resexp.errors import ResexpError
 from resexp.evaluate import evaluate
 

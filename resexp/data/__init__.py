@@ -17,4 +17,11 @@ def imagenet(**settings: Any) -> Data:
     return build(**settings)
 
 
-__all__ = ["Data", "Shard", "cifar10", "cifar100", "imagenet", "synthetic"]
+def imagenet_packed(**settings: Any) -> Data:
+    """ImageNet (or Imagenette) as packed by `resexp prepare` (resexp/data/packed.py: its arguments there)."""
+    from resexp.data.packed import imagenet_packed as build
+
+    return build(**settings)
+
+
+__all__ = ["Data", "Shard", "cifar10", "cifar100", "imagenet", "imagenet_packed", "synthetic"]

@@ -14,7 +14,6 @@ the end, the standard 10-crop testing of Tables 2 and 3 (logged as the test erro
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -27,6 +26,7 @@ from torchvision.datasets.folder import pil_loader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from resexp.data.crops import lighting
 from resexp.data.loaders import WHOLE, Data, Shard, normalize
 from resexp.errors import ResexpError
 
@@ -34,26 +34,6 @@ try:  # deprecated in torchvision 0.29 in favour of TorchCodec; without it PIL d
     from torchvision.io import ImageReadMode, decode_image, read_file
 except ImportError:
     decode_image = None
-
-# AlexNet's colour augmentation (Krizhevsky et al. 2012, cited in §3.4): the principal components of
-# ImageNet's RGB pixel values (in [0, 1]), as published with fb.resnet.torch.
-EIGENVALUES = (0.2175, 0.0188, 0.0045)
-EIGENVECTORS = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))  # columns
-
-
-@functools.cache
-def scaled_components(device: torch.device) -> torch.Tensor:
-    """The principal components (columns) times their eigenvalues, made once per device: not a copy to
-    the device every training step."""
-    return torch.tensor(EIGENVECTORS, device=device) * torch.tensor(EIGENVALUES, device=device)
-
-
-def lighting(x: torch.Tensor, std: float, generator: torch.Generator, shard: Shard = WHOLE) -> torch.Tensor:
-    """Add to every pixel of each image the same random mix of the principal components, weighted by
-    their eigenvalues and one N(0, std) draw per component and image (x: a `shard` of the global batch,
-    whose draws are all made)."""
-    alpha = shard.of(torch.randn((len(x) * shard.count, 3), generator=generator, device=x.device)) * std
-    return x + (alpha @ scaled_components(x.device).T)[:, :, None, None]
 
 
 class FolderImages(Dataset):

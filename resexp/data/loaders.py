@@ -8,7 +8,7 @@ checkpointed and resumed exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,37 +68,28 @@ def augment(x: torch.Tensor, generator: torch.Generator, shard: Shard = WHOLE) -
     return padded[images, planes, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-class TrainBatches:
-    """Endless augmented training batches. Each epoch is a fresh permutation of the training images
-    (sampling without replacement); a last batch smaller than `batch_size` is dropped, so every step
-    sees a full batch, as the paper's iteration counts assume. `batch_size` is the global batch, of
-    which a `shard` is served."""
+class Epochs:
+    """Global batches of places in `count` items: each epoch a fresh permutation (sampling without
+    replacement), a last batch smaller than `batch_size` dropped, so every step sees a full batch, as the
+    paper's iteration counts assume; of each, the `shard`'s slice. The permutations come from `generator`,
+    which the batches' augmentation draws from too: the state resumes both."""
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        mean: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        shard: Shard = WHOLE,
-    ) -> None:
-        self.images, self.labels, self.mean, self.batch_size, self.shard = images, labels, mean, batch_size, shard
-        self.generator = torch.Generator(device=images.device).manual_seed(seed)
-        self.order = torch.empty(0, dtype=torch.int64, device=images.device)  # this epoch's permutation
-        self.position = 0  # images of `order` already served
+    def __init__(self, count: int, batch_size: int, seed: int, device: torch.device, shard: Shard = WHOLE) -> None:
+        self.count, self.batch_size, self.shard = count, batch_size, shard
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.int64, device=device)  # this epoch's permutation
+        self.position = 0  # places of `order` already served
         self.epoch = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_places(self) -> torch.Tensor:
         if self.position + self.batch_size > len(self.order):
-            self.order = torch.randperm(len(self.labels), generator=self.generator, device=self.images.device)
+            self.order = torch.randperm(self.count, generator=self.generator, device=self.order.device)
             self.position, self.epoch = 0, self.epoch + 1
-        index = self.shard.of(self.order[self.position : self.position + self.batch_size])
         self.position += self.batch_size
-        return augment(normalize(self.images[index], self.mean), self.generator, self.shard), self.labels[index]
+        return self.shard.of(self.order[self.position - self.batch_size : self.position])
 
     def state_dict(self) -> dict:
         return {
@@ -110,8 +101,29 @@ class TrainBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.order = state["order"].to(self.images.device)
+        self.order = state["order"].to(self.order.device)
         self.position, self.epoch = state["position"], state["epoch"]
+
+
+class TrainBatches(Epochs):
+    """Endless augmented training batches of in-memory images (Epochs): `batch_size` is the global
+    batch, of which a `shard` is served."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        shard: Shard = WHOLE,
+    ) -> None:
+        super().__init__(len(labels), batch_size, seed, images.device, shard)
+        self.images, self.labels, self.mean = images, labels, mean
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.next_places()
+        return augment(normalize(self.images[index], self.mean), self.generator, self.shard), self.labels[index]
 
 
 @dataclass
@@ -147,10 +159,20 @@ class Data:
     # evaluated over the run: "test", and "val" with a split
     evals: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]
     num_train: int  # images trained on
-    image_shape: tuple[int, int, int]  # (channels, height, width) of a training image
+    image_shape: tuple[int, int, int]  # (channels, height, width) of a training image as served
     # evaluated once, at the end
     final: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     top5: bool = False  # also log the top-5 error (ImageNet)
+    # Makes a served training batch the net's input on the device, inside the step (and so inside its CUDA
+    # graph): packed ImageNet's crops (resexp/data/packed.py). None: batches are served ready.
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    batch_dtype: torch.dtype | None = None  # the type of a served training batch, where it is not the net's
+
+    def training_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch as the net takes it, outside a step (resexp analyze): through
+        `transform` where batches are served raw, at once, since a transform reads the batch's draws."""
+        x, y = next(self.train)
+        return (x if self.transform is None else self.transform(x)), y
 
 
 def tensor_data(

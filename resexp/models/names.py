@@ -39,7 +39,7 @@ def refuse_others(model: Mapping[str, Any], others: Mapping[str, Any], arch: str
 
 
 # The stem's width, then each stage's planes (a bottleneck stage outputs 4x its planes): §4.2 and Table 1.
-WIDTHS = {"cifar": (16, 16, 32, 64), "imagenet": (64, 64, 128, 256, 512)}
+WIDTHS = {"cifar": (16, 16, 32, 64), "imagenet": (64, 64, 128, 256, 512), "small": (64, 64, 128, 256, 512)}
 
 # ResNeXt's CIFAR nets (Xie et al. 2017, §5.3): a 64-wide stem and stages of 64/128/256 planes (256, 512
 # and 1024 channels out).
@@ -88,7 +88,7 @@ def net_name(
     paper's depth, which counts the three 1x1 projections and not the classifier: model.depth + 2),
     `resnext29-8x64d-B` for a ResNeXt (cardinality x the groups' width in the first stage; its block
     strides in the 3x3 conv, `-stride1x1` where it does not), `resnet110-gated` for gated shortcuts
-    (`-gatebias-1` for gates that start elsewhere than GATE_BIAS)."""
+    (`-gatebias-1` for gates that start elsewhere than GATE_BIAS), `resnet18-A-stem3x3` behind the small stem."""
     letter = f"-{SHORTCUTS[shortcut]}" if residual else ""
     k = widening(stem, widths) if block == "basic" else None
     if cardinality > 1:
@@ -110,6 +110,7 @@ def net_name(
         name += f"-width{base_width}"
     if residual and shortcut == "gated" and gate_bias != GATE_BIAS:
         name += f"-gatebias{gate_bias:g}"
+    name += "-stem3x3" if stem == "small" else ""  # the paper's nets behind a small-input stem (resnet.STEMS)
     return name + (f"-dropout{dropout:g}" if dropout else "")
 
 

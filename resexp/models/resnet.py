@@ -51,7 +51,11 @@ GATE_BIAS_LIMIT = 100.0  # |model.gate_bias|: sigmoid(±100) is 0 or 1 to float3
 # do (Table 1's 3.8/7.6/11.3 G multiply-adds), or in its 3x3 conv, torchvision's "ResNet v1.5", whose
 # weights and published accuracies are of that block (4.1/7.8/11.5 G).
 BOTTLENECK_STRIDES = {"1x1": "the paper's, Table 1", "3x3": "torchvision's v1.5"}
-STEMS = ("cifar", "imagenet")
+# "small": the ImageNet nets' stages behind a 3x3 stride-1 stem without max-pool, for packed ImageNet at
+# small inputs (resexp/data/packed.py), as the downsampled-ImageNet nets do (Chrabaszcz et al. 2017): at
+# 56x56 its stages see the maps of the paper's nets at 224x224, where the paper's stem would leave 2x2 maps
+# before the last stage.
+STEMS = ("cifar", "imagenet", "small")
 
 # Table 1: blocks per stage of the ImageNet nets, and the block each depth uses.
 IMAGENET_LAYERS = {
@@ -130,6 +134,8 @@ class ResNet(nn.Module):
         if stem == "cifar" and preactivation:  # the first block's BN and ReLU follow the stem's conv
             self.stem = nn.Sequential(conv(3, stem_width, 3))
         elif stem == "cifar":
+            self.stem = nn.Sequential(*conv_bn(3, stem_width, 3), nn.ReLU(inplace=True))
+        elif stem == "small":
             self.stem = nn.Sequential(*conv_bn(3, stem_width, 3), nn.ReLU(inplace=True))
         else:
             self.stem = nn.Sequential(
