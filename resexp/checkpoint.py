@@ -144,18 +144,25 @@ ADDED = {
     "model.dropout": 0.0,
     "model.gate_bias": GATE_BIAS,  # came in 0.6.0, with shortcut=gated
     "model.arch": "resnet",  # came in 0.7.0, with the DenseNets
+    "model.preact_shortcut": "resexp-0.8",  # came in 0.9.0: pre-activation shortcuts before were resexp's own
+    "schedule.warmup_iterations": None,  # came in 0.9.0: the 2015 rule was the only warm-up
+    "preprocess.normalize": "mean",  # came in 0.9.0: every CIFAR run had the 2015 paper's preprocessing
+    "preprocess.pad": "zeros",  # came in 0.9.0, likewise
 }
 
 
 def identity(values: dict[str, Any]) -> dict[str, Any]:
     """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY, and less what changes
-    nothing in its net: the bottleneck's stride in a net of basic blocks, the gates' bias without gates,
+    nothing in its net: the bottleneck's stride in a net of basic blocks, the gates' bias without gates, how
+    the shortcuts of pre-activation units are made in a net without them,
     the other family's keys (a ResNet's growth rate, a DenseNet's widths), and sync_bn in one process."""
     unused = set() if values.get("model.block") == "bottleneck" else {"model.bottleneck_stride"}
     if values.get("processes", ADDED["processes"]) == 1:  # one process's batch is the global batch
         unused.add("sync_bn")
     if str(values.get("shortcut")).lower() != "gated":
         unused.add("model.gate_bias")
+    if not values.get("model.preactivation") or values.get("model.residual") is False:
+        unused.add("model.preact_shortcut")  # only a pre-activation net with shortcuts has them
     densenet = values.get("model.arch", ADDED["model.arch"]) == "densenet"
     unused |= {f"model.{key}" for key in (RESNET_ONLY if densenet else DENSENET_ONLY)}
     return {key: value for key, value in values.items() if key not in NOT_IDENTITY | unused}

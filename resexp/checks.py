@@ -82,6 +82,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "schedule.gamma": interval(0, 1, low_open=True, high_open=False),  # the rate falls at a milestone, or stays
     "schedule.warmup_min_depth": optional(positive_int),
     "schedule.warmup_lr": positive,
+    "schedule.warmup_iterations": optional(positive_int),
     "schedule.warmup_until_error": interval(0, 100, low_open=True, high_open=False),
     "model.arch": one_of("resnet", "densenet"),
     "model.growth_rate": positive_int,
@@ -96,6 +97,8 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "data.lighting_std": non_negative,
     "data.size": positive_int,
     "data.placement": one_of("auto", "device", "host"),
+    "preprocess.normalize": one_of("mean", "meanstd"),
+    "preprocess.pad": one_of("zeros", "reflect"),
 }
 
 

@@ -91,7 +91,10 @@ def fail(message: str, code: int = 2) -> NoReturn:
     launch.error_file_line(message)  # under torchrun: for its report, or resexp's launch (resexp/launch.py)
     if not launch.quiet():  # started by `resexp train --nproc-per-node`, which prints one line for all
         rank = os.environ.get("RANK", "0")  # under torchrun each process says it: name the others
-        print(f"resexp{f' (rank {rank})' if rank != '0' else ''}: {message}", file=sys.stderr)
+        # One write of the whole line: print's two (the text, then its newline) let another rank's line
+        # land between them on a shared stderr, two lines run together (seen in the suite under torchrun)
+        sys.stderr.write(f"resexp{f' (rank {rank})' if rank != '0' else ''}: {message}\n")
+        sys.stderr.flush()
     sys.exit(code)
 
 

@@ -37,7 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from resexp import checkpoint, distributed, record, resolvers, schemas
 from resexp.checks import check_values, one_of
-from resexp.data import cifar10, cifar100, imagenet, imagenet_packed, synthetic
+from resexp.data import Preprocessing, cifar10, cifar100, imagenet, imagenet_packed, synthetic
 from resexp.errors import ResexpError
 from resexp.evaluate import READ, SavedRun
 from resexp.files import read_bytes, why_not
@@ -60,6 +60,25 @@ DATA_BUILDERS: dict[str, tuple[Callable[..., Any], type]] = {
 }
 OPTIMIZERS: dict[str, tuple[Callable[..., Any], type]] = {"torch.optim.SGD": (torch.optim.SGD, schemas.SGDSchema)}
 HYDRA_KEYS = ("_target_", "_partial_")  # Hydra's instantiate's, not the builder's
+
+
+# The builders of CIFAR-kind images, which take conf/preprocess/'s centring and padding; ImageNet has §3.4's.
+PREPROCESSED = {"resexp.data.cifar10", "resexp.data.cifar100", "resexp.data.synthetic"}
+
+
+def data_builder(cfg: DictConfig) -> Callable[..., Any]:
+    """The data's builder (builder), given the preprocessing of conf/preprocess/ where it takes one; one
+    line where another than the paper's is asked of data that has its own (ImageNet's)."""
+    data = builder(cfg, "data", DATA_BUILDERS)
+    chosen = Preprocessing(cfg.preprocess.normalize, cfg.preprocess.pad)
+    if cfg.data._target_ in PREPROCESSED:
+        return functools.partial(data, preprocessing=chosen)
+    if chosen != Preprocessing():
+        raise ResexpError(
+            f"preprocess.normalize={chosen.normalize}, preprocess.pad={chosen.pad} are for CIFAR-kind images; "
+            f"data._target_={cfg.data._target_} has the paper's own preprocessing: use preprocess=paper"
+        )
+    return data
 
 
 def is_plain(value: Any) -> bool:
@@ -215,6 +234,7 @@ def schedule(cfg: DictConfig) -> Schedule:
         # §4.2: only the deepest CIFAR nets (110 layers and up) start at the low warm-up rate.
         warmup_lr=plan.warmup_lr if warmup else None,
         warmup_until_error=plan.warmup_until_error,
+        warmup_iterations=plan.warmup_iterations,
     )
 
 
@@ -284,7 +304,7 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
     values = flat(cfg)
     check_values(values)
     net, plan, device = net_spec(cfg), schedule(cfg), pick_device(cfg.device)
-    data = builder(cfg, "data", DATA_BUILDERS)
+    data = data_builder(cfg)
     if data.keywords.get("workers") == "auto":  # one decoding process per CPU core this process may use
         data = functools.partial(data, workers=cpu_cores())
     distributed.local_batch(cfg.schedule.batch_size)  # each process's share, or a one-line error
@@ -395,18 +415,21 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
     except (HydraException, OmegaConfBaseException) as error:
         raise ResexpError(f"{overrides_path}: {schemas.error_line(error)}") from None
     try:
-        data = builder(cfg, "data", DATA_BUILDERS)
+        data = data_builder(cfg)
         builder(cfg, "optim", OPTIMIZERS)
         check_values(flat(cfg))
         net = net_spec(cfg)
     except ResexpError as error:
         raise ResexpError(f"{overrides_path} makes no run of resexp's: {error}") from None
     recorded = checkpoint.load(checkpoint_path, layout=READ)["identity"]
+    then = {**checkpoint.ADDED, **recorded}
     if isinstance(net, NetSpec):  # the stride its bottlenecks were trained with (its conf/ may predate the key)
-        stride = {**checkpoint.ADDED, **recorded}["model.bottleneck_stride"]
-        net = dataclasses.replace(net, bottleneck_stride=stride)
+        net = dataclasses.replace(net, bottleneck_stride=then["model.bottleneck_stride"])
+        if net.preactivation:  # and its pre-activation shortcuts: a run of 0.8 or before has resexp's own
+            net = dataclasses.replace(net, preact_shortcut=then["model.preact_shortcut"])
     now = {**net.model_values(), "shortcut": net.shortcut, "data.num_classes": net.num_classes}
-    if found := checkpoint.differences({key: {**checkpoint.ADDED, **recorded}.get(key) for key in now}, now):
+    recorded_now = checkpoint.identity({key: then.get(key) for key in now})
+    if found := checkpoint.differences(recorded_now, checkpoint.identity(now)):
         raise ResexpError(
             f"{checkpoint_path} holds another net than {overrides_path} makes with this conf/ ({'; '.join(found)})"
         )

@@ -46,7 +46,8 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
     ("cifar10", "wrn28-10-B-preact"): PaperResult(4.00, "Zagoruyko & Komodakis 2016 (median of 5)"),
     ("cifar10", "wrn28-10-B-preact-dropout0.3"): PaperResult(3.89, "Zagoruyko & Komodakis 2016 (median of 5)"),
     # Xie et al. 2017, "Aggregated Residual Transformations" (arXiv:1611.05431), Table 7
-    ("cifar10", "resnext29-8x64d-B"): PaperResult(3.65, "Xie et al. 2017, Table 7"),
+    # pre-activated blocks at batch 256: what the table's CIFAR numbers came from (their code's README)
+    ("cifar10", "resnext29-8x64d-B-preact"): PaperResult(3.65, "Xie et al. 2017, Table 7"),
     # Huang et al. 2017, "Densely Connected Convolutional Networks" (arXiv:1608.06993), Table 2, with
     # augmentation (C10+, C100+); their own recipe (conf/schedule/densenet.yaml).
     **{
@@ -69,7 +70,7 @@ RESULTS: dict[tuple[str, str], PaperResult] = {
     ("cifar100", "resnet1001-B-preact"): PaperResult(22.71, "He et al. 2016, Table 3"),
     ("cifar100", "wrn28-10-B-preact"): PaperResult(19.25, "Zagoruyko & Komodakis 2016 (median of 5)"),
     ("cifar100", "wrn28-10-B-preact-dropout0.3"): PaperResult(18.85, "Zagoruyko & Komodakis 2016 (median of 5)"),
-    ("cifar100", "resnext29-8x64d-B"): PaperResult(17.77, "Xie et al. 2017, Table 7"),
+    ("cifar100", "resnext29-8x64d-B-preact"): PaperResult(17.77, "Xie et al. 2017, Table 7"),
     ("imagenet", "plain18"): PaperResult(27.94, "Table 2"),
     ("imagenet", "plain34"): PaperResult(28.54, "Table 2"),
     ("imagenet", "resnet18-A"): PaperResult(27.88, "Table 2"),
@@ -96,9 +97,15 @@ def lookup(dataset: str | None, net: str) -> PaperResult | None:
 # trained otherwise is marked in a report, not compared silently.
 RECIPES = {"cifar10": (64_000, 128, 0.1), "cifar100": (64_000, 128, 0.1), "imagenet": (600_000, 256, 0.1)}
 # The relatives' own CIFAR recipes, by the family their names begin with (resexp.models.resnet.net_name):
-# Wide ResNet's 200 epochs and ResNeXt's 300 of 50k images at batch 128, DenseNet's 300 at batch 64
+# Wide ResNet's 200 epochs of 50k images at batch 128, ResNeXt's 300 at batch 256 (the batch of its paper's
+# CIFAR numbers, their README says), DenseNet's 300 at batch 64
 # (conf/schedule/wrn.yaml, resnext.yaml, densenet.yaml).
-OWN_RECIPES = {"wrn": (78_125, 128, 0.1), "resnext": (117_188, 128, 0.1), "densenet": (234_375, 64, 0.1)}
+OWN_RECIPES = {"wrn": (78_125, 128, 0.1), "resnext": (58_594, 256, 0.1), "densenet": (234_375, 64, 0.1)}
+# Their CIFAR preprocessing (conf/preprocess/): centring, and the crops' padding. The 2015 paper's is the
+# per-pixel mean and zeros; fb.resnet.torch's, which DenseNet's and ResNeXt's code use, per-channel mean and
+# std; Wide ResNet's code also pads by reflection.
+OWN_PREPROCESSING = {"wrn": ("meanstd", "reflect"), "resnext": ("meanstd", "zeros"), "densenet": ("meanstd", "zeros")}
+PAPER_PREPROCESSING = ("mean", "zeros")
 DATA_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
@@ -116,6 +123,7 @@ def recipe_differences(
     batch_size: int | None,
     lr: float | None,
     size: int | None = None,
+    preprocess: tuple[str, str] | None = None,
 ) -> list[str]:
     """How a run's recipe differs from the one its number was trained with: the authors' own for a net
     that has one (Wide ResNet, ResNeXt, DenseNet), else the paper's on its dataset ([] where they agree);
@@ -134,4 +142,7 @@ def recipe_differences(
         differences.append(f"batch {batch_size} (paper {paper_batch})")
     if lr is not None and lr != paper_lr:
         differences.append(f"lr {lr:g} (paper {paper_lr:g})")
+    theirs = OWN_PREPROCESSING.get(family, PAPER_PREPROCESSING)
+    if preprocess is not None and paper_data != "imagenet" and tuple(preprocess) != theirs:
+        differences.append(f"preprocess {'/'.join(preprocess)} (paper {'/'.join(theirs)})")
     return differences

@@ -70,7 +70,9 @@ def title(data: str, runs: list[Run]) -> str:
         {
             text
             for run in runs
-            for text in recipe_differences(data, run.net, run.iterations, run.batch_size, run.lr, run.size)
+            for text in recipe_differences(
+                data, run.net, run.iterations, run.batch_size, run.lr, run.size, run.preprocess
+            )
         }
     )
     name = DATA_NAMES.get(data, data)

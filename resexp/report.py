@@ -60,7 +60,8 @@ def summarize(runs: list[Run]) -> list[Row]:
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         if run.finished:  # runs of one net with different recipes are different rows
-            groups.setdefault((run.data, run.net, run.iterations, run.batch_size, run.lr, run.size), []).append(run)
+            key = (run.data, run.net, run.iterations, run.batch_size, run.lr, run.size, run.preprocess)
+            groups.setdefault(key, []).append(run)
     rows = []
     for (data, net, *_), members in groups.items():
         tests = [run.final["error/test"] for run in members]
@@ -81,7 +82,11 @@ def summarize(runs: list[Run]) -> list[Row]:
                 best=min(tests),
                 paper=lookup(data, net),
                 top5=mean_std(top5) if len(top5) == len(members) else None,
-                recipe=tuple(recipe_differences(data, net, first.iterations, first.batch_size, first.lr, first.size)),
+                recipe=tuple(
+                    recipe_differences(
+                        data, net, first.iterations, first.batch_size, first.lr, first.size, first.preprocess
+                    )
+                ),
             )
         )
     # Plain before residual, shallow before deep, as the paper's tables read.

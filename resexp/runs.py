@@ -28,6 +28,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resexp import schemas
+from resexp.data.loaders import NORMALIZATIONS, PADS
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write, atomic_write_text, read_bytes, read_text, why_not
 from resexp.models.names import NAME_KEYS, SHORTCUTS, canonical_shortcut, model_name
@@ -128,6 +129,7 @@ class Run:
     batch_size: int | None = None
     lr: float | None = None
     size: int | None = None  # the side of a packed run's squares (data.size)
+    preprocess: tuple[str, str] = ("mean", "zeros")  # preprocess.normalize and .pad (before 0.9.0: the paper's)
     final: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (iteration, %) points
 
@@ -173,6 +175,8 @@ READ_BACK = {
     **{key: schemas.field_types(schemas.TrainSchema)[key] for key in ("shortcut", "seed")},
     **{f"schedule.{key}": schemas.field_types(schemas.ScheduleSchema)[key] for key in ("iterations", "batch_size")},
     "data.size": int,  # packed ImageNet's squares (resexp/data/packed.py): part of its recipe
+    "preprocess.normalize": str,  # CIFAR's centring and padding (conf/preprocess/): part of the recipe too
+    "preprocess.pad": str,
 }
 # What a run's name, its data's and its shortcut's may be, read back from a metrics.json or a saved config
 # that may come from anyone: a report writes them into tables (Markdown, CSV) and figures, where anything
@@ -219,11 +223,18 @@ def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def saved_name(model: dict[str, Any], shortcut: str | None) -> str:
     """The net a saved config names, "?" where it names none that resexp makes."""
     try:
-        # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs
-        name = model_name(model, shortcut, bottleneck_stride="3x3")
+        # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs;
+        # one before 0.9.0 no preact_shortcut: its pre-activation shortcuts were resexp's own
+        name = model_name(model, shortcut, bottleneck_stride="3x3", preact_shortcut="resexp-0.8")
     except (KeyError, TypeError, ValueError, ResexpError):  # another stem, a width of 0: not a net of resexp's
         return "?"
     return name if NAME.fullmatch(name) else "?"
+
+
+def before_0_9(version: str) -> bool:
+    """Whether a metrics.json's resexp version is before 0.9.0 (what is no version, as a test's, is not)."""
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    return found is not None and (int(found[1]), int(found[2])) < (0, 9)
 
 
 def read_run(run_dir: Path) -> Run:
@@ -243,6 +254,9 @@ def read_run(run_dir: Path) -> Run:
         run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
     )
     run.size = config.get("data.size")
+    normalize, pad = config.get("preprocess.normalize", "mean"), config.get("preprocess.pad", "zeros")
+    # a saved config may come from anyone: what a report writes of it is one of resexp's names, or "?"
+    run.preprocess = (normalize if normalize in NORMALIZATIONS else "?", pad if pad in PADS else "?")
     run.curves = read_curves(run_dir)
     if not (run_dir / METRICS).exists():
         planned = config.get("schedule.iterations") or "?"
@@ -264,6 +278,8 @@ def read_run(run_dir: Path) -> Run:
         run.note = f"{METRICS} gives its {strange} as {named[strange]!r}, which is no name resexp writes"
         return run
     run.net, run.data, run.depth, run.residual = metrics.net, metrics.data, metrics.depth, metrics.residual
+    if before_0_9(metrics.resexp) and metrics.residual and "-preact" in metrics.net:
+        run.net += "-resexp-0.8"  # its shortcuts were resexp's own, not the authors' (names.PREACT_SHORTCUTS)
     run.shortcut, run.params, run.seed, run.final = metrics.shortcut, metrics.params, metrics.seed, metrics.final
     run.iterations, run.batch_size, run.lr = metrics.iterations, metrics.batch_size, metrics.lr
     run.finished = True

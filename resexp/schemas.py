@@ -35,6 +35,7 @@ class ModelSchema:  # conf/model/
     cardinality: int = 1  # ResNeXt's groups in a bottleneck's 3x3 conv; 1: the paper's block
     base_width: int = 64  # ResNeXt's channels per group for each 64 planes; 64 with cardinality 1: the paper's block
     dropout: float = 0.0  # Wide ResNet's dropout rate between a basic block's two convs; 0: none
+    preact_shortcut: str = "authors"  # preactivation=true: authors (He et al. 2016's shortcuts) or resexp-0.8 (a BN after projections, as resexp 0.8 made them)
     gate_bias: float = -6.0  # shortcut=gated: the gates' initial bias (He et al. 2016, Table 1: -6 best, 0 to -5 fail)
     growth_rate: int = 12  # model.arch=densenet: k, the maps each layer adds (Huang et al. 2017)
     compression: float = (
@@ -61,6 +62,9 @@ class ScheduleSchema:  # conf/schedule/
     warmup_min_depth: int | None = MISSING
     warmup_lr: float = MISSING
     warmup_until_error: float = MISSING
+    warmup_iterations: int | None = (
+        None  # warm up for exactly these first iterations (He et al. 2016: 400); null: until the training error is below warmup_until_error (the 2015 paper)
+    )
 
 
 @dataclass
@@ -107,8 +111,15 @@ class SyntheticSchema(DataSchema):  # conf/data/synthetic.yaml
 
 
 @dataclass
+class PreprocessSchema:  # conf/preprocess/
+    normalize: str = MISSING
+    pad: str = MISSING
+
+
+@dataclass
 class TrainSchema:  # conf/train.yaml
     data: Any = MISSING  # one of the data schemas, which each data config names itself
+    preprocess: PreprocessSchema = MISSING
     optim: SGDSchema = MISSING
     schedule: ScheduleSchema = MISSING
     model: ModelSchema = MISSING
@@ -136,7 +147,7 @@ class SharedGPULauncherSchema:  # conf/hydra/launcher/shared_gpu.yaml
 
 
 KEYS_OF = (TrainSchema, ModelSchema, SGDSchema, ScheduleSchema, Cifar10Schema, ImageNetSchema, PackedSchema)
-KEYS_OF += (SyntheticSchema,)
+KEYS_OF += (SyntheticSchema, PreprocessSchema)
 KEYS_OF += (SharedGPULauncherSchema,)  # every schema whose fields a wrong-type error can name
 SCHEMAS = {  # the names the YAML files' defaults lists give them
     "resexp_train": TrainSchema,
@@ -145,6 +156,7 @@ SCHEMAS = {  # the names the YAML files' defaults lists give them
     "resexp_imagenet": ImageNetSchema,
     "resexp_imagenet_packed": PackedSchema,
     "resexp_synthetic": SyntheticSchema,
+    "resexp_preprocess": PreprocessSchema,
     "resexp_shared_gpu_launcher": SharedGPULauncherSchema,
 }
 

@@ -26,6 +26,10 @@ from resexp.runs import CHECKPOINT
 from resexp.step import Step, restore_rng_states, rng_states, set_lr, to_device
 
 MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
+# The 2015 warm-up ends when the training error of the last WARMUP_WINDOW iterations is below its bound,
+# judged every WARMUP_WINDOW iterations whatever log_every is: judged on a few steps, an early lucky batch
+# ended it at iteration 30 with log_every=10, and ResNet-56 then collapsed to the chance loss.
+WARMUP_WINDOW = 100
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class Schedule:
     # the learning rate until the training error falls below `warmup_until_error`; None: no warm-up
     warmup_lr: float | None
     warmup_until_error: float  # % training error that ends the warm-up
+    # the warm-up's length in iterations (He et al. 2016: 400); None: until warmup_until_error (2015)
+    warmup_iterations: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class Progress:
     skipped: int = 0  # steps skipped for a non-finite loss (on_nonfinite=skip)
     logged_at: int = 0  # iteration of the last training log point
     logged_seconds: float = 0.0  # train_seconds at that point
+    warmup_window: list[float] = field(default_factory=lambda: [0.0, 0.0])  # wrong predictions, images in it
 
 
 def learning_rate(iteration: int, base_lr: float, schedule: Schedule, warming_up: bool) -> float:
@@ -81,6 +88,20 @@ def learning_rate(iteration: int, base_lr: float, schedule: Schedule, warming_up
     if warming_up and schedule.warmup_lr is not None:
         return schedule.warmup_lr
     return base_lr * schedule.gamma ** sum(iteration >= m for m in schedule.milestones)
+
+
+def warmup_over(iteration: int, schedule: Schedule, window: torch.Tensor) -> bool:
+    """Whether the warm-up ends after `iteration`: He et al. 2016's after its `warmup_iterations` ("0.01 at
+    the beginning 400 iterations"); the 2015 paper's (§4.2, ResNet-110: 0.01 "until the training error is
+    below 80%") where the training error of `window`, the last WARMUP_WINDOW iterations (summed over the
+    processes), is below the bound. The window restarts at each WARMUP_WINDOW-th iteration."""
+    if schedule.warmup_iterations is not None:
+        return iteration >= schedule.warmup_iterations
+    if iteration % WARMUP_WINDOW:
+        return False
+    wrong, seen = distributed.all_sum(window.clone()).tolist()
+    window.zero_()
+    return seen > 0 and 100 * wrong / seen < schedule.warmup_until_error
 
 
 def nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -179,10 +200,12 @@ def train(
     state = Progress(warming_up=schedule.warmup_lr is not None)
     totals = torch.zeros(3, device=device)  # since the last log point: loss sum, wrong predictions, images
     first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss, 0: none
+    window = torch.zeros(2, device=device)  # the warm-up's window: wrong predictions, images
     if resume is not None:
         state = Progress(**resume["progress"])
         if world.main:  # the sums of every rank, added to again by each: on one rank only
             totals.copy_(resume["totals"])
+            window.copy_(torch.tensor(state.warmup_window))
         log.info("resuming %s at iteration %d", path, state.iteration)
     saved_at = state.iteration if resume is not None else None  # the iteration of the checkpoint on disk
 
@@ -190,6 +213,7 @@ def train(
         nonlocal saved_at
         state.wall_seconds = wall_before + time.perf_counter() - started
         summed = distributed.all_sum(totals.clone())  # every rank's sums since the last log point
+        state.warmup_window = distributed.all_sum(window.clone()).tolist()
         if world.main:  # rank 0 writes the checkpoint of every rank: their weights are the same
             checkpoint.save(
                 path,
@@ -267,7 +291,11 @@ def train(
                 in_a_row = 0
                 first_bad.copy_(torch.where((first_bad == 0) & ~torch.isfinite(stats[0]), iteration, first_bad))
                 totals += stats
+                window += stats[1:] if state.warming_up else 0
             state.iteration = iteration
+            if state.warming_up and warmup_over(iteration, schedule, window):
+                state.warming_up = False
+                log.info("warm-up over at iteration %d", iteration)
             if loop.grad_norms_every and iteration % loop.grad_norms_every == 0 and world.main:
                 if (norms := step_gradient_norms(layers)) is not None:  # what the step just left
                     write_gradient_norms(writer, norms.tolist(), stages, iteration)
@@ -294,10 +322,6 @@ def train(
                     f"loss {state.final.get('loss/train', math.nan):.3f}  train err {state.final.get('error/train', math.nan):5.2f}%"
                     f"  lr {lr:g}  {speed:.1f} it/s",
                 )
-                if state.warming_up and state.final.get("error/train", 100) < schedule.warmup_until_error:
-                    # §4.2 (ResNet-110): 0.01 "until the training error is below 80%", then back to 0.1.
-                    state.warming_up = False
-                    log.info("warm-up over at iteration %d (train error %.1f%%)", iteration, state.final["error/train"])
             evaluating = iteration % loop.eval_every == 0 or last
             if evaluating:
                 state.train_seconds += time.perf_counter() - mark

@@ -289,14 +289,18 @@ def fake_run(
     finished: bool = True,
     points: int = 32,
     model_keys: dict[str, Any] | None = None,
+    preprocess: str | None = None,
 ) -> Path:
     """A run directory as resexp writes it (Hydra's config, TensorBoard curves, metrics.json through
     resexp.runs) with made-up numbers: curves that fall from 90% towards the final errors, with the
-    paper's drops at 50% and 75%. `batch_size`: the paper's for the data unless given."""
+    paper's drops at 50% and 75%. `batch_size`: the paper's for the data unless given; `preprocess`:
+    "normalize/pad" as saved since 0.9.0 (None: no key, as older runs, which trained with the paper's)."""
     (run_dir / runs.HYDRA).mkdir(parents=True)
     model = {"depth": depth, "residual": residual, "block": "basic", "stem": "cifar", "shortcut": "identity"}
     model.update(model_keys or {})  # e.g. block, bottleneck_stride, preactivation
     saved = {"model": model, "shortcut": shortcut, "seed": seed, "schedule": {"iterations": iterations}}
+    if preprocess is not None:
+        saved["preprocess"] = dict(zip(("normalize", "pad"), preprocess.split("/"), strict=True))
     (run_dir / runs.HYDRA / "config.yaml").write_text(yaml.safe_dump(saved))
     choices = {"hydra": {"runtime": {"choices": {"data": data}}}}
     (run_dir / runs.HYDRA / "hydra.yaml").write_text(yaml.safe_dump(choices))

@@ -14,6 +14,7 @@ from helpers import SHRINK, assert_one_line_error, resexp
 
 import resexp as package
 from resexp import checkpoint, runs
+from resexp.errors import ResexpError
 from resexp.models import NetSpec
 from resexp.models.resnet import torchvision_keys
 from resexp.step import choose_algorithms
@@ -183,3 +184,31 @@ def test_a_checkpoint_of_another_net_than_the_runs_record_is_one_line(tmp_path):
     saved_imagenet_run(tmp_path / "run", spec, ["model=resnet18"])  # the record: option A
     result = resexp("eval", str(tmp_path / "run"), cwd=tmp_path)
     assert_one_line_error(result, "shortcut: 'projection' there, 'identity' now")
+
+
+def test_a_pre_activation_run_of_resexp_0_8_is_read_as_the_net_it_trained(tmp_path):
+    """Before 0.9.0 a pre-activation net's projections had a BN and its first unit's identity read conv1's raw
+    output; its checkpoint recorded no preact_shortcut. It exports as that net, named apart from the authors'."""
+    spec = NetSpec(11, True, "bottleneck", "cifar", "projection", 10, preactivation=True, preact_shortcut="resexp-0.8")
+    ours = saved_imagenet_run(tmp_path / "run", spec, ["model=resnet164-preact", "model.depth=11"])
+    saved = torch.load(tmp_path / "run" / runs.CHECKPOINT, weights_only=True)
+    saved["identity"]["model.preactivation"] = True
+    checkpoint.save(tmp_path / "run" / runs.CHECKPOINT, saved)
+    result = resexp("export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    weights = torch.load(tmp_path / "out" / "resnet11-B-preact-resexp-0.8.pt", weights_only=True)
+    again = NetSpec(**weights["spec"]).build()
+    again.load_state_dict(weights["state_dict"])  # strict: the projections' BNs are there
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert torch.equal(ours.double().eval()(x), again.double().eval()(x))
+
+
+def test_resuming_a_pre_activation_run_of_resexp_0_8_asks_for_its_shortcuts_and_others_resume_as_before(tmp_path):
+    older = {"model.depth": 164, "model.residual": True, "model.block": "bottleneck", "model.preactivation": True,
+             "shortcut": "projection", "model.arch": "resnet"}  # fmt: skip
+    now = {**older, "model.preact_shortcut": "authors"}
+    with pytest.raises(ResexpError, match="model.preact_shortcut: 'resexp-0.8' there, 'authors' now"):
+        checkpoint.check_same_run(tmp_path / "checkpoint.pt", older, now)
+    checkpoint.check_same_run(tmp_path / "checkpoint.pt", older, {**now, "model.preact_shortcut": "resexp-0.8"})
+    original = {**older, "model.preactivation": False}  # the 2015 units: no such key, nothing changed
+    checkpoint.check_same_run(tmp_path / "checkpoint.pt", original, {**original, "model.preact_shortcut": "authors"})

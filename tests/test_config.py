@@ -26,7 +26,7 @@ DENSENET = {"densenet40-12", "densenet-bc100-12"}  # Huang et al. 2017
 # The relatives' own recipes, whatever the data: iterations, milestones, gamma, weight decay, Nesterov.
 OWN_RECIPES = {
     "wrn": (78_125, (23_438, 46_875, 62_500), 0.2, 5e-4, True),
-    "resnext": (117_188, (58_594, 87_891), 0.1, 5e-4, False),
+    "resnext": (58_594, (29_297, 43_946), 0.1, 5e-4, True),
     "densenet": (234_375, (117_188, 175_781), 0.1, 1e-4, True),
 }
 
@@ -69,7 +69,9 @@ def test_every_model_composes_with_every_dataset(model, data):
     expected |= {"imagenet_packed": expected["imagenet"], "imagenette": (4440, (1110, 2220))}  # 120 epochs
     assert (plan.iterations, plan.milestones) == expected.get(data, (64_000, (32_000, 48_000)))
     imagenet = data in ("imagenet", "imagenet_packed", "imagenette")  # their schedules have no warm-up
-    assert (plan.warmup_lr is not None) == (not imagenet and cfg.model.depth >= 110)
+    he2016 = model in ("resnet110-preact", "resnet164", "resnet164-preact", "resnet1001", "resnet1001-preact")
+    assert (plan.warmup_lr is not None) == (he2016 or not imagenet and cfg.model.depth >= 110)
+    assert plan.warmup_iterations == (400 if he2016 else None)  # theirs: 400 iterations; the 2015 rule: an error
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -87,7 +89,7 @@ def test_default_shortcut_follows_the_paper(model):
     )  # Wide ResNet: B, 1x1 convs where the width changes
     assert cfg.shortcut == expected
     assert bottleneck == (cfg.model.depth in (29, 50, 101, 152, 164, 1001))
-    assert cfg.model.preactivation == (model in PREACT | WRN)
+    assert cfg.model.preactivation == (model in PREACT | WRN | RESNEXT)  # ResNeXt: the blocks of its CIFAR numbers
 
 
 def test_root_shortcut_overrides_the_models_default():

@@ -152,13 +152,18 @@ def test_the_presets_train_with_their_authors_recipe_on_any_cifar_sized_data(mod
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.1, 0.9, True, 1e-4)
 
 
-def test_a_report_compares_a_densenet_with_its_number_beside_the_resnets(tmp_path):
+@pytest.mark.parametrize("preprocess", ["meanstd/zeros", None])
+def test_a_report_compares_a_densenet_with_its_number_beside_the_resnets(tmp_path, preprocess):
     dense = {"arch": "densenet", "block": "bottleneck", "growth_rate": 12, "compression": 0.5}
     fake_run(tmp_path / "dense", depth=100, residual=True, final_train=0.5, final_test=4.8, iterations=234_375,
-             batch_size=64, model_keys=dense)  # fmt: skip
+             batch_size=64, model_keys=dense, preprocess=preprocess)  # fmt: skip
     fake_run(tmp_path / "resnet", depth=20, residual=True, final_train=2.0, final_test=8.5)
     rows = {row.net: row for row in report([tmp_path])}
     assert rows["densenet-bc100-12"].paper.error == 4.51
+    if preprocess is None:  # an older run trained with the 2015 paper's preprocessing: not the authors' recipe
+        assert rows["densenet-bc100-12"].difference is None
+        assert rows["densenet-bc100-12"].recipe == ("preprocess mean/zeros (paper meanstd/zeros)",)
+        return
     assert rows["densenet-bc100-12"].difference == pytest.approx(4.8 - 4.51)
     assert (rows["densenet-bc100-12"].shortcut, rows["resnet20-A"].shortcut) == ("-", "A")
     svg = (tmp_path / "figure6.svg").read_text()  # the legend's and the panel's texts, kept as comments

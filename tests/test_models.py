@@ -207,17 +207,39 @@ def test_bad_model_values_name_the_value_and_the_choices(args, message):
         build_model(*args)
 
 
-# He et al. 2016, Table 3: pre-activation ResNet-164 1.7M parameters, ResNet-1001 10.2M. Given to two or
-# three digits: resexp's counts are 1,704,154 and 10,328,602 (BN's scales and shifts included; the
-# convolutions' and the classifier's weights alone are 1,679,024 and 10,178,480).
+def authors_count(block: str, units: int, widths: tuple[int, ...], classes: int = 10) -> int:
+    """Parameters of a pre-activation CIFAR net as the authors' code defines it (He et al.'s
+    resnet-1k-layers resnet-pre-act.lua; Wide ResNet's wide-resnet.lua): a 3x3 conv stem; units of BN
+    (scale, shift), ReLU and conv, bias-free; where the width changes, a bias-free 1x1 projection with no BN;
+    a last BN and the classifier."""
+    count, channels = 3 * widths[0] * 9, widths[0]
+    for planes in widths[1:]:
+        for unit in range(units):
+            out = planes * (4 if block == "bottleneck" else 1)
+            if block == "bottleneck":
+                count += 2 * channels + channels * planes + 2 * planes + planes * planes * 9 + 2 * planes + planes * out
+            else:
+                count += 2 * channels + channels * planes * 9 + 2 * planes + planes * planes * 9
+            count += channels * out if unit == 0 and channels != out else 0
+            channels = out
+    return count + 2 * channels + channels * classes + classes
+
+
+# He et al. 2016, Table 3: pre-activation ResNet-164 1.7M parameters, ResNet-1001 10.2M; their code makes
+# 1,703,258 and 10,327,706 (authors_count). resexp 0.8 had 896 more: a BN after each of the 3 projections.
 @pytest.mark.parametrize(("depth", "reported"), [(164, 1.7e6), (1001, 10.2e6)])
-def test_pre_activation_bottleneck_nets_have_the_reported_parameter_counts(depth, reported):
+def test_pre_activation_bottleneck_nets_have_the_authors_parameter_counts(depth, reported):
     with torch.device("meta"):
         residual = build_model(depth, True, "bottleneck", "cifar", "B", 10, preactivation=True)
         plain = build_model(depth, False, "bottleneck", "cifar", "B", 10, preactivation=True)
+        older = build_model(
+            depth, True, "bottleneck", "cifar", "B", 10, preactivation=True, preact_shortcut="resexp-0.8"
+        )
+    assert count_parameters(residual) == authors_count("bottleneck", (depth - 2) // 9, (16, 16, 32, 64))
     assert count_parameters(residual) == pytest.approx(reported, rel=0.015)
-    projections = sum(c_in * c_out + 2 * c_out for c_in, c_out in [(16, 64), (64, 128), (128, 256)])
+    projections = sum(c_in * c_out for c_in, c_out in [(16, 64), (64, 128), (128, 256)])
     assert count_parameters(residual) - count_parameters(plain) == projections  # the twins differ in shortcuts alone
+    assert count_parameters(older) - count_parameters(residual) == 2 * (64 + 128 + 256)  # resexp 0.8's BNs
 
 
 def test_a_pre_activation_nets_identity_path_carries_the_stems_output_through_unchanged():
@@ -231,7 +253,10 @@ def test_a_pre_activation_nets_identity_path_carries_the_stems_output_through_un
     with torch.no_grad():
         stem = model.stem(x)
         assert stem.min() < 0  # no ReLU after the stem: its BN and ReLU begin the first block
-        assert torch.equal(model.stages[0](stem), stem)  # nothing after an addition: x + 0 = x, negatives too
+        # nothing after an addition: x + 0 = x; from the first unit on, x is conv1's output after that unit's
+        # BN and ReLU, "the first activation right after conv1 and before splitting" (He et al. 2016, appendix)
+        first = model.stages[0][0]
+        assert torch.equal(model.stages[0](stem), torch.relu(first.bn1(stem)))
         stem = original.stem(x)
         assert torch.equal(original.stages[0](stem), stem)  # relu(x + 0) = x, the stem's output is a ReLU's
     names = [
@@ -262,6 +287,7 @@ def test_wide_resnets_have_their_papers_parameter_counts(depth, k, reported):
     with torch.device("meta"):
         model = build_model(depth, True, "basic", "cifar", "B", 10, preactivation=True, widths=WRN_WIDTHS[k])
     assert count_parameters(model) == pytest.approx(reported, rel=0.01)
+    assert count_parameters(model) == authors_count("basic", (depth - 2) // 6, WRN_WIDTHS[k])  # 36,479,194 for 28-10
     assert [stage[0].conv1.out_channels for stage in model.stages] == [16 * k, 32 * k, 64 * k]
 
 

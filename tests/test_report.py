@@ -200,12 +200,14 @@ def test_the_relatives_sweep_each_net_once_with_its_authors_recipe_and_number():
         "resnet164-B-preact",
         "wrn16-8-B-preact",
         "wrn28-10-B-preact",
-        "resnext29-8x64d-B",
+        "resnext29-8x64d-B-preact",
         "densenet-bc100-12",
     ]
     assert seen["densenet-bc100-12"] == (234_375, 64, 0.1) and lookup("cifar10", "densenet-bc100-12").error == 4.51
-    assert seen["wrn28-10-B-preact"] == (78_125, 128, 0.1) and seen["resnext29-8x64d-B"] == (117_188, 128, 0.1)
-    assert (lookup("cifar10", "wrn28-10-B-preact").error, lookup("cifar10", "resnext29-8x64d-B").error) == (4.00, 3.65)
+    assert seen["wrn28-10-B-preact"] == (78_125, 128, 0.1) and seen["resnext29-8x64d-B-preact"] == (58_594, 256, 0.1)
+    resnext = lookup("cifar10", "resnext29-8x64d-B-preact").error
+    assert (lookup("cifar10", "wrn28-10-B-preact").error, resnext) == (4.00, 3.65)
+    assert lookup("cifar10", "resnext29-8x64d-B") is None  # their released code's blocks: no number published
     # the 2015 recipe is another recipe for a Wide ResNet, and the WRN's for a 2015 net
     assert recipe_differences("cifar10", "wrn28-10-B-preact", 64_000, 128, 0.1) == ["64,000 iterations (paper 78,125)"]
     assert recipe_differences("cifar10", "resnet110-A", 78_125, 128, 0.1) == ["78,125 iterations (paper 64,000)"]
@@ -291,3 +293,16 @@ def test_the_figures_legend_names_each_net_as_its_paper_does():
     assert legend_name("plain", "plain20", 20, None, False) == "plain-20"
     assert legend_name("ResNet", "wrn28-10-B-preact-dropout0.3", 26, "B", False) == "WRN-28-10 pre-act dropout 0.3"
     assert legend_name("ResNet", "resnext29-8x64d-B", 29, "B", True) == "ResNeXt-29-8x64d (B)"
+
+
+def test_a_pre_activation_run_of_resexp_0_8_is_named_apart_from_the_authors_net(tmp_path):
+    keys = {"block": "bottleneck", "bottleneck_stride": "1x1", "preactivation": True}
+    for version, where in (("0.8.0", "older"), ("0.9.0", "newer")):
+        run = fake_run(tmp_path / where, depth=164, residual=True, final_train=1, final_test=5.5,
+                       shortcut="projection", model_keys=keys)  # fmt: skip
+        metrics = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps({**metrics, "resexp": version}))
+    rows = rows_by_net(report([tmp_path]))
+    assert set(rows) == {"resnet164-B-preact", "resnet164-B-preact-resexp-0.8"}
+    assert rows["resnet164-B-preact"].paper.error == 5.46  # He et al. 2016's, compared with the authors' net alone
+    assert rows["resnet164-B-preact-resexp-0.8"].paper is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from resexp.data.cifar import cifar10, cifar100
-from resexp.data.loaders import Data, Shard
+from resexp.data.loaders import Data, Preprocessing, Shard
 from resexp.data.synthetic import synthetic
 
 
@@ -24,4 +24,4 @@ def imagenet_packed(**settings: Any) -> Data:
     return build(**settings)
 
 
-__all__ = ["Data", "Shard", "cifar10", "cifar100", "imagenet", "imagenet_packed", "synthetic"]
+__all__ = ["Data", "Preprocessing", "Shard", "cifar10", "cifar100", "imagenet", "imagenet_packed", "synthetic"]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from resexp.data.loaders import WHOLE, Data, Shard, tensor_data
+from resexp.data.loaders import PAPER, WHOLE, Data, Preprocessing, Shard, tensor_data
 from resexp.errors import ResexpError
 
 
@@ -149,6 +149,7 @@ def load(
     seed: int,
     device: torch.device,
     shard: Shard = WHOLE,
+    preprocessing: Preprocessing = PAPER,
 ) -> Data:
     """The set's training and test images as batches on the device (resexp/data/loaders.py)."""
     if num_classes != layout.classes:
@@ -167,6 +168,7 @@ def load(
         seed=seed,
         device=device,
         shard=shard,
+        preprocessing=preprocessing,
     )
 
 

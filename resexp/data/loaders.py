@@ -21,15 +21,42 @@ SPLIT_SEED = 0  # the validation split is the same for every run, whatever its s
 PAD = 4  # §4.2: "4 pixels are padded on each side"
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How CIFAR images are centred and padded for their crops: the 2015 paper's (§4.2: the per-pixel mean
+    subtracted, 4 pixels of zeros, the mean's value, on each side), or a relative's authors' (conf/preprocess/:
+    fb.resnet.torch's per-channel mean and std, which DenseNet's and ResNeXt's code use; Wide ResNet's code
+    pads by reflection too)."""
+
+    normalize: str = "mean"  # mean: the per-pixel mean image subtracted; meanstd: each channel's mean and std
+    pad: str = "zeros"  # zeros (after centring: the mean) or reflect
+
+
+NORMALIZATIONS, PADS = ("mean", "meanstd"), ("zeros", "reflect")
+PAPER = Preprocessing()
+
+
+def statistics(images: torch.Tensor, normalize: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `normalize` centres (and scales) the images by, from the training images in use: the per-pixel
+    mean (3, H, W) and no std, or each channel's mean and std (3, 1, 1), in [0, 1] units."""
+    if normalize == "mean":
+        return per_pixel_mean(images), None
+    pixels = images.transpose(0, 1).reshape(3, -1).to(torch.float64) / 255
+    mean, std = pixels.mean(1), pixels.std(1)
+    return mean.to(torch.get_default_dtype())[:, None, None], std.to(torch.get_default_dtype())[:, None, None]
+
+
 def per_pixel_mean(images: torch.Tensor) -> torch.Tensor:
     """The mean image (3, H, W) in [0, 1] of the training images in use (§4.2), in torch's default
     float type (float32, unless a float64 reference computation asks for more)."""
     return (images.sum(0, dtype=torch.float64) / (255 * len(images))).to(torch.get_default_dtype())
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) to floats (of the default type) in [0, 1] with the per-pixel mean subtracted."""
-    return images.to(torch.get_default_dtype()).div_(255).sub_(mean)
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) to floats (of the default type) in [0, 1] with the mean subtracted, and divided by
+    the std where there is one (Preprocessing's meanstd)."""
+    x = images.to(torch.get_default_dtype()).div_(255).sub_(mean)
+    return x if std is None else x.div_(std)
 
 
 @dataclass(frozen=True)
@@ -50,13 +77,14 @@ class Shard:
 WHOLE = Shard()  # a process alone: every batch whole
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, shard: Shard = WHOLE) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, shard: Shard = WHOLE, pad: str = "zeros") -> torch.Tensor:
     """§4.2: pad 4 pixels on each side, crop a random window of the original size from the padded
     image or its horizontal flip; one independent draw per image. x: (B, C, H, W), mean-subtracted,
-    so the zero padding is the mean image's value; with a `shard`, x is its slice of the global batch,
-    whose draws are all made."""
+    so the zero padding is the mean image's value (`pad`=reflect: the image's own pixels mirrored, Wide
+    ResNet's); with a `shard`, x is its slice of the global batch, whose draws are all made."""
     batch, channels, height, width = x.shape
-    padded = F.pad(x, (PAD, PAD, PAD, PAD))  # (B, C, H + 8, W + 8)
+    mode = "reflect" if pad == "reflect" else "constant"
+    padded = F.pad(x, (PAD, PAD, PAD, PAD), mode=mode)  # (B, C, H + 8, W + 8)
     drawn = batch * shard.count
     dy, dx = shard.of(torch.randint(0, 2 * PAD + 1, (2, drawn), generator=generator, device=x.device).T).T
     flip = shard.of(torch.randint(0, 2, (drawn,), generator=generator, device=x.device).bool())
@@ -117,13 +145,16 @@ class TrainBatches(Epochs):
         batch_size: int,
         seed: int,
         shard: Shard = WHOLE,
+        std: torch.Tensor | None = None,
+        pad: str = "zeros",
     ) -> None:
         super().__init__(len(labels), batch_size, seed, images.device, shard)
-        self.images, self.labels, self.mean = images, labels, mean
+        self.images, self.labels, self.mean, self.std, self.pad = images, labels, mean, std, pad
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.next_places()
-        return augment(normalize(self.images[index], self.mean), self.generator, self.shard), self.labels[index]
+        x = normalize(self.images[index], self.mean, self.std)
+        return augment(x, self.generator, self.shard, self.pad), self.labels[index]
 
 
 @dataclass
@@ -137,12 +168,13 @@ class EvalSet:
     mean: torch.Tensor  # the training images' mean: test images are centred like the training ones
     batch_size: int
     shard: Shard = WHOLE
+    std: torch.Tensor | None = None  # the training images' std per channel, where they are scaled by it
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = self.batch_size * self.shard.count
         for start in range(self.shard.rank * self.batch_size, len(self.labels), step):
             end = start + self.batch_size
-            yield normalize(self.images[start:end], self.mean), self.labels[start:end]
+            yield normalize(self.images[start:end], self.mean, self.std), self.labels[start:end]
 
 
 class Batches(Protocol):
@@ -187,9 +219,11 @@ def tensor_data(
     seed: int,
     device: torch.device,
     shard: Shard = WHOLE,
+    preprocessing: Preprocessing = PAPER,
 ) -> Data:
-    """Training and evaluation batches over uint8 images; `val_size` training images are held out; a
-    `shard` of each global batch of `batch_size`, and of each evaluation. The sizes are checked at the
+    """Training and evaluation batches over uint8 images, centred and padded as `preprocessing` says;
+    `val_size` training images are held out; a `shard` of each global batch of `batch_size`, and of each
+    evaluation. The sizes are checked at the
     config edge (resexp/config.py), but for how many images there are."""
     if not 0 <= val_size < len(train_labels):
         raise ResexpError(f"data.val_size={val_size} must be between 0 and {len(train_labels) - 1}")
@@ -202,11 +236,12 @@ def tensor_data(
         sets["val"] = (train_images[held], train_labels[held])
         train_images, train_labels = train_images[kept], train_labels[kept]
     train_images, train_labels = train_images.to(device), train_labels.to(device)
-    mean = per_pixel_mean(train_images)
+    mean, std = statistics(train_images, preprocessing.normalize)
     return Data(
-        train=TrainBatches(train_images, train_labels, mean, batch_size, seed, shard),
+        train=TrainBatches(train_images, train_labels, mean, batch_size, seed, shard, std, preprocessing.pad),
         evals={
-            name: EvalSet(x.to(device), y.to(device), mean, eval_batch_size, shard) for name, (x, y) in sets.items()
+            name: EvalSet(x.to(device), y.to(device), mean, eval_batch_size, shard, std)
+            for name, (x, y) in sets.items()
         },
         num_train=len(train_labels),
         image_shape=tuple(train_images.shape[1:]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from resexp.data.loaders import WHOLE, Data, Shard, tensor_data
+from resexp.data.loaders import PAPER, WHOLE, Data, Preprocessing, Shard, tensor_data
 
 
 def synthetic(
@@ -18,6 +18,7 @@ def synthetic(
     seed: int,
     device: torch.device,
     shard: Shard = WHOLE,
+    preprocessing: Preprocessing = PAPER,
 ) -> Data:
     # Fixed content whatever the run's seed, so that runs differ only in what the seed controls.
     generator = torch.Generator().manual_seed(0)
@@ -34,4 +35,5 @@ def synthetic(
         seed=seed,
         device=device,
         shard=shard,
+        preprocessing=preprocessing,
     )

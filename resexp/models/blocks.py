@@ -29,11 +29,12 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
 
-def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    """Options B and C (§3.3, Eq. 2): y = F(x) + W_s x with W_s a strided 1x1 conv, followed by BN."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
-    )
+def projection(in_channels: int, out_channels: int, stride: int, bn: bool = True) -> nn.Sequential:
+    """Options B and C (§3.3, Eq. 2): y = F(x) + W_s x with W_s a strided 1x1 conv, followed by BN in the
+    2015 units (`bn`; torchvision's too). A pre-activation unit's projection reads the input its BN and
+    ReLU made and has no BN of its own (He et al.'s resnet-1k-layers code, Wide ResNet's likewise)."""
+    layers = [nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)]
+    return nn.Sequential(*layers, *([nn.BatchNorm2d(out_channels)] if bn else []))
 
 
 class HighwayShortcut(nn.Module):
@@ -70,6 +71,7 @@ class Skip:
     residual: bool
     option: str
     gate_bias: float = GATE_BIAS
+    projection_bn: bool = True  # a BN after a projection's 1x1 conv (the 2015 units'; see projection)
 
     def make(self, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
         """The one place where the shortcut of a block is decided (None: a plain block has none)."""
@@ -80,7 +82,7 @@ class Skip:
         if self.option == "gated":
             return HighwayShortcut(identity, in_channels, out_channels, stride, self.gate_bias)
         if self.option == "full" or (self.option == "projection" and changes):
-            return projection(in_channels, out_channels, stride)
+            return projection(in_channels, out_channels, stride, self.projection_bn)
         return identity
 
 
@@ -171,17 +173,21 @@ class PreActBasicBlock(nn.Module):
     """BN, ReLU, 3x3 conv, twice, then the addition alone (He et al. 2016, Fig. 4e). Where the
     dimensions change, the shortcut (a projection or option A's subsampling) reads the pre-activated
     input, which the residual branch reads too; elsewhere it reads the block's input itself, so that
-    the identity path carries it unchanged."""
+    the identity path carries it unchanged. So does the net's first unit, `first` (He et al. 2016,
+    appendix: "we adopt the first activation right after conv1 and before splitting into two paths")."""
 
     expansion = 1
 
-    def __init__(self, in_channels: int, planes: int, stride: int, skip: Skip, dropout_rate: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, planes: int, stride: int, skip: Skip, dropout_rate: float = 0.0, first: bool = False
+    ) -> None:
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(in_channels), conv(in_channels, planes, 3, stride)
         self.dropout = dropout(dropout_rate)  # Wide ResNet's, after the second ReLU (their Fig. 1d)
         self.bn2, self.conv2 = nn.BatchNorm2d(planes), conv(planes, planes, 3)
         self.shortcut = skip.make(in_channels, planes, stride)
-        self.changes = stride != 1 or in_channels != planes  # decided here: grouping wraps the shortcut (group.py)
+        # decided here, where the shortcut reads the pre-activated input: grouping wraps the shortcut (group.py)
+        self.changes = stride != 1 or in_channels != planes or first
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.dropout(F.relu(self.bn2(self.conv1(pre)))))
@@ -207,7 +213,15 @@ class PreActBottleneck(PreActBasicBlock):
     expansion = 4
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int, skip: Skip, stride_at: str, cardinality: int, base_width: int
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        skip: Skip,
+        stride_at: str,
+        cardinality: int,
+        base_width: int,
+        first: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         width = bottleneck_width(planes, cardinality, base_width)
@@ -219,7 +233,7 @@ class PreActBottleneck(PreActBasicBlock):
         self.conv2 = conv(width, width, 3, stride if stride_at == "3x3" else 1, cardinality)
         self.bn3, self.conv3 = nn.BatchNorm2d(width), conv(width, planes * self.expansion, 1)
         self.shortcut = skip.make(in_channels, planes * self.expansion, stride)
-        self.changes = stride != 1 or in_channels != planes * self.expansion
+        self.changes = stride != 1 or in_channels != planes * self.expansion or first
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn2(self.conv1(pre)))

@@ -16,9 +16,16 @@ GATE_BIAS = -6.0
 
 # The model keys that only one family's nets have (model.arch: resnet or densenet), with the value they
 # keep in the other's: a net refuses another value (it would change nothing), and its identity leaves them out.
+# How a pre-activation net's shortcuts are made: as He et al. 2016's code makes them (a projection with no
+# BN of its own, reading the pre-activated input, which the first unit's identity reads too), or as resexp
+# 0.8 and before made them (a BN after each projection; the first unit's identity reading conv1's output),
+# which older runs keep (resexp/checkpoint.py).
+PREACT_SHORTCUTS = ("authors", "resexp-0.8")
+
 RESNET_ONLY = {
     "bottleneck_stride": "1x1",
     "preactivation": False,
+    "preact_shortcut": "authors",
     "widths": None,
     "cardinality": 1,
     "base_width": 64,
@@ -81,6 +88,7 @@ def net_name(
     base_width: int = 64,
     dropout: float = 0.0,
     gate_bias: float = GATE_BIAS,
+    preact_shortcut: str = "authors",
 ) -> str:
     """How runs are named in logs, directories and reports: `plain56`, `resnet56-A` (shortcut: a
     canonical_shortcut name; a plain net has none), `resnet50-B-v1.5` for torchvision's bottleneck,
@@ -103,6 +111,8 @@ def net_name(
     elif block == "bottleneck":
         name += "-v1.5" if bottleneck_stride == "3x3" else ""
     name += "-preact" if preactivation else ""
+    if preactivation and residual and preact_shortcut != "authors":
+        name += f"-{preact_shortcut}"  # resnet164-B-preact-resexp-0.8: not the authors' net
     usual = RESNEXT_CIFAR_WIDTHS if cardinality > 1 and stem == "cifar" else WIDTHS[stem]
     if k is None and tuple(widths or WIDTHS[stem]) != usual:
         name += "-widths" + "-".join(map(str, widths or WIDTHS[stem]))
@@ -139,6 +149,7 @@ NAME_KEYS = (
     "base_width",
     "dropout",
     "gate_bias",
+    "preact_shortcut",
     "growth_rate",
     "compression",
 )
@@ -170,4 +181,5 @@ def model_name(model: Mapping[str, Any], shortcut: str | None, **missing: Any) -
         base_width=get("base_width", 64),
         dropout=get("dropout", 0.0),
         gate_bias=get("gate_bias", GATE_BIAS),
+        preact_shortcut=get("preact_shortcut", "authors"),
     )

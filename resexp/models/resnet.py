@@ -30,7 +30,16 @@ from resexp.models.blocks import (
     conv,
     conv_bn,
 )
-from resexp.models.names import DENSENET_ONLY, GATE_BIAS, SHORTCUTS, WIDTHS, canonical_shortcut, net_name, refuse_others
+from resexp.models.names import (
+    DENSENET_ONLY,
+    GATE_BIAS,
+    PREACT_SHORTCUTS,
+    SHORTCUTS,
+    WIDTHS,
+    canonical_shortcut,
+    net_name,
+    refuse_others,
+)
 
 # re-exported for group and probes (the blocks) and for the modules that name nets
 __all__ = [
@@ -116,16 +125,18 @@ class ResNet(nn.Module):
         base_width: int = 64,
         dropout: float = 0.0,
         gate_bias: float = GATE_BIAS,
+        preact_shortcut: str = "authors",
     ) -> None:
         super().__init__()
         stem_width, *stage_widths = widths or WIDTHS[stem]
+        authors = preact_shortcut == "authors"  # else as resexp 0.8 and before made them (PREACT_SHORTCUTS)
         block_class = {
             (False, "basic"): BasicBlock,
             (False, "bottleneck"): Bottleneck,
             (True, "basic"): PreActBasicBlock,
             (True, "bottleneck"): PreActBottleneck,
         }[preactivation, block]
-        skip = Skip(residual, shortcut, gate_bias)
+        skip = Skip(residual, shortcut, gate_bias, projection_bn=not (preactivation and authors))
         options: dict = (
             {"dropout_rate": dropout}
             if block == "basic"
@@ -133,9 +144,7 @@ class ResNet(nn.Module):
         )
         if stem == "cifar" and preactivation:  # the first block's BN and ReLU follow the stem's conv
             self.stem = nn.Sequential(conv(3, stem_width, 3))
-        elif stem == "cifar":
-            self.stem = nn.Sequential(*conv_bn(3, stem_width, 3), nn.ReLU(inplace=True))
-        elif stem == "small":
+        elif stem in ("cifar", "small"):
             self.stem = nn.Sequential(*conv_bn(3, stem_width, 3), nn.ReLU(inplace=True))
         else:
             self.stem = nn.Sequential(
@@ -146,7 +155,11 @@ class ResNet(nn.Module):
             blocks = []
             for position in range(count):
                 stride = 2 if index > 0 and position == 0 else 1
-                blocks.append(block_class(channels, planes, stride, skip, **options))
+                # the unit right after a conv-only stem shares its BN-ReLU with its shortcut (He et al. 2016)
+                first = (
+                    {"first": True} if preactivation and authors and stem == "cifar" and not (index or position) else {}
+                )
+                blocks.append(block_class(channels, planes, stride, skip, **options, **first))
                 channels = planes * block_class.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -186,6 +199,7 @@ class NetSpec:
     base_width: int = 64  # ResNeXt's channels per group for each 64 planes (bottleneck_width)
     dropout: float = 0.0  # Wide ResNet's dropout between a basic block's convs
     gate_bias: float = GATE_BIAS  # shortcut=gated: the gates' initial bias
+    preact_shortcut: str = "authors"  # PREACT_SHORTCUTS: a pre-activation net's shortcuts, the authors' or resexp 0.8's
 
     def __post_init__(self) -> None:
         layers = stage_layers(self.stem, self.block, self.depth)
@@ -230,6 +244,15 @@ class NetSpec:
                 f"model.gate_bias={self.gate_bias:g} sets the gates of shortcut=gated, and shortcut is "
                 f"{self.shortcut}: add shortcut=gated, or leave model.gate_bias at {GATE_BIAS:g}"
             )
+        if self.preact_shortcut not in PREACT_SHORTCUTS:
+            raise ResexpError(
+                f"model.preact_shortcut={self.preact_shortcut!r} is not an option; choose {' or '.join(PREACT_SHORTCUTS)}"
+            )
+        if self.preact_shortcut != "authors" and not self.preactivation:
+            raise ResexpError(
+                f"model.preact_shortcut={self.preact_shortcut} is for pre-activation nets, and model.preactivation is "
+                "false: leave it at authors"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ResexpError(f"model.dropout={self.dropout!r} is not a rate; choose one in [0, 1) (WRN's: 0.3)")
         if self.dropout and self.block != "basic":
@@ -255,7 +278,8 @@ class NetSpec:
     @property
     def variant(self) -> dict[str, Any]:
         """The fields a net of the 2015 paper leaves at their defaults (widths, groups, dropout, gates)."""
-        return {name: getattr(self, name) for name in ("widths", "cardinality", "base_width", "dropout", "gate_bias")}
+        names = ("widths", "cardinality", "base_width", "dropout", "gate_bias", "preact_shortcut")
+        return {name: getattr(self, name) for name in names}
 
     @property
     def shortcut_option(self) -> str | None:
@@ -316,7 +340,7 @@ def build_model(
     **variant: Any,
 ) -> ResNet:
     """The net these values name (the shortcut also by the paper's letter), checked against the paper's
-    choices; `variant`: NetSpec's widths, cardinality, base_width, dropout and gate_bias."""
+    choices; `variant`: NetSpec's widths, cardinality, base_width, dropout, gate_bias and preact_shortcut."""
     shortcut = canonical_shortcut(shortcut)
     return NetSpec(
         depth, residual, block, stem, shortcut, num_classes, bottleneck_stride, preactivation, **variant
