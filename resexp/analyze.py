@@ -16,10 +16,10 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headless machines
 
 from resexp import probes
-from resexp.evaluate import SavedRun, built, weights
 from resexp.files import atomic_write_text, staged
 from resexp.plots import save_figure
 from resexp.runs import plain_events
+from resexp.saved import SavedRun, built, weights
 
 POOLING = "std per channel over images and positions, averaged over channels; eval mode, test images"
 

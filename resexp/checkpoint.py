@@ -11,9 +11,9 @@ from typing import Any, BinaryIO
 
 import torch
 
+from resexp import models
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write, open_regular, why_not
-from resexp.models.names import DENSENET_ONLY, GATE_BIAS, RESNET_ONLY
 
 START_OVER = "move it away to start this run over"  # what a damaged or foreign checkpoint leaves to do
 VERSION = 2  # bump when the layout of the dict changes; older files are then refused with a message, or read as below
@@ -131,20 +131,12 @@ NOT_IDENTITY = frozenset(
 )
 
 
-# Settings of a run's identity that older checkpoints did not record, with the value they all had
-# (before 0.4.0 every bottleneck strode in its 3x3 conv, and every unit was the paper's).
+# Settings of a run's identity that older checkpoints did not record, with the value they all had: the
+# model keys' are their families' (resexp.models.OLDER).
 ADDED = {
     "sync_bn": False,
     "processes": 1,
-    "model.bottleneck_stride": "3x3",
-    "model.preactivation": False,
-    "model.widths": None,  # the widths, groups and dropout came in 0.5.0
-    "model.cardinality": 1,
-    "model.base_width": 64,
-    "model.dropout": 0.0,
-    "model.gate_bias": GATE_BIAS,  # came in 0.6.0, with shortcut=gated
-    "model.arch": "resnet",  # came in 0.7.0, with the DenseNets
-    "model.preact_shortcut": "resexp-0.8",  # came in 0.9.0: pre-activation shortcuts before were resexp's own
+    **models.OLDER,
     "schedule.warmup_iterations": None,  # came in 0.9.0: the 2015 rule was the only warm-up
     "preprocess.normalize": "mean",  # came in 0.9.0: every CIFAR run had the 2015 paper's preprocessing
     "preprocess.pad": "zeros",  # came in 0.9.0, likewise
@@ -153,18 +145,11 @@ ADDED = {
 
 def identity(values: dict[str, Any]) -> dict[str, Any]:
     """The run's identity: its settings (`a.b: value` pairs) less NOT_IDENTITY, and less what changes
-    nothing in its net: the bottleneck's stride in a net of basic blocks, the gates' bias without gates, how
-    the shortcuts of pre-activation units are made in a net without them,
-    the other family's keys (a ResNet's growth rate, a DenseNet's widths), and sync_bn in one process."""
-    unused = set() if values.get("model.block") == "bottleneck" else {"model.bottleneck_stride"}
+    nothing in its net (its family says which model keys: resexp.models.unused_keys) and sync_bn in one
+    process."""
+    unused = models.unused_keys(values)
     if values.get("processes", ADDED["processes"]) == 1:  # one process's batch is the global batch
         unused.add("sync_bn")
-    if str(values.get("shortcut")).lower() != "gated":
-        unused.add("model.gate_bias")
-    if not values.get("model.preactivation") or values.get("model.residual") is False:
-        unused.add("model.preact_shortcut")  # only a pre-activation net with shortcuts has them
-    densenet = values.get("model.arch", ADDED["model.arch"]) == "densenet"
-    unused |= {f"model.{key}" for key in (RESNET_ONLY if densenet else DENSENET_ONLY)}
     return {key: value for key, value in values.items() if key not in NOT_IDENTITY | unused}
 
 

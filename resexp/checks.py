@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from resexp import models
 from resexp.errors import ResexpError
 
 
@@ -84,9 +85,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "schedule.warmup_lr": positive,
     "schedule.warmup_iterations": optional(positive_int),
     "schedule.warmup_until_error": interval(0, 100, low_open=True, high_open=False),
-    "model.arch": one_of("resnet", "densenet"),
-    "model.growth_rate": positive_int,
-    "model.compression": interval(0, 1, low_open=True, high_open=False),  # DenseNet-C's θ; 1 keeps every map
+    "model.arch": one_of(*models.FAMILIES),  # each family checks its own keys as its spec is made
     "data._partial_": is_true,
     "data.num_classes": positive_int,
     "data.val_size": non_negative_int,

@@ -24,7 +24,7 @@ from resexp.errors import Interrupted, JobFailed, LostProcess, ResexpError
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from resexp.evaluate import SavedRun
+    from resexp.saved import SavedRun
 
 # Hydra, torch and the rest are imported once a command needs them: `resexp --help` answers at once.
 
@@ -171,8 +171,8 @@ def evaluate(rest: list[str]) -> None:
     from rich.text import Text
 
     from resexp import config
-    from resexp.evaluate import evaluate_run
     from resexp.files import atomic_write_text
+    from resexp.saved_commands import evaluate_run
 
     parser = argparse.ArgumentParser(prog="resexp eval", description=COMMANDS["eval"].split(" (")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
@@ -205,7 +205,7 @@ def evaluate(rest: list[str]) -> None:
 
 
 def export(rest: list[str]) -> None:
-    from resexp.evaluate import export_run
+    from resexp.saved_commands import export_run
 
     parser = argparse.ArgumentParser(prog="resexp export", description=COMMANDS["export"].split(" (")[0])
     parser.add_argument("--out", type=Path, metavar="DIR", help="where the files go (default: each run's directory)")

@@ -39,11 +39,11 @@ from resexp import checkpoint, distributed, record, resolvers, schemas
 from resexp.checks import check_values, one_of
 from resexp.data import Preprocessing, cifar10, cifar100, imagenet, imagenet_packed, synthetic
 from resexp.errors import ResexpError
-from resexp.evaluate import READ, SavedRun
 from resexp.files import read_bytes, why_not
 from resexp.jobs import RunSettings
-from resexp.models import NetSpec, Spec, spec_of
+from resexp.models import Spec, spec_of
 from resexp.runs import CHECKPOINT, HYDRA, Place, swept_keys
+from resexp.saved import READ, SavedRun
 from resexp.step import PRECISIONS
 from resexp.train import Loop, Remedies, Schedule
 
@@ -423,10 +423,7 @@ def saved_run(run_dir: Path, data_root: str | None) -> SavedRun:
         raise ResexpError(f"{overrides_path} makes no run of resexp's: {error}") from None
     recorded = checkpoint.load(checkpoint_path, layout=READ)["identity"]
     then = {**checkpoint.ADDED, **recorded}
-    if isinstance(net, NetSpec):  # the stride its bottlenecks were trained with (its conf/ may predate the key)
-        net = dataclasses.replace(net, bottleneck_stride=then["model.bottleneck_stride"])
-        if net.preactivation:  # and its pre-activation shortcuts: a run of 0.8 or before has resexp's own
-            net = dataclasses.replace(net, preact_shortcut=then["model.preact_shortcut"])
+    net = net.as_recorded(then)  # as it trained: its conf/ may predate a key its checkpoint recorded
     now = {**net.model_values(), "shortcut": net.shortcut, "data.num_classes": net.num_classes}
     recorded_now = checkpoint.identity({key: then.get(key) for key in now})
     if found := checkpoint.differences(recorded_now, checkpoint.identity(now)):

@@ -33,37 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resexp.models.densenet import Concatenate
-from resexp.models.resnet import ZeroPadShortcut
 from resexp.step import EagerStep, Stats, Step, at_least_fp32, autocast, fastest, on_stream, set_lr
-
-
-class GroupedZeroPad(ZeroPadShortcut):
-    """Option A's zero channels added to each copy's block of channels, not after the last copy's."""
-
-    def __init__(self, copies: int, shortcut: ZeroPadShortcut) -> None:
-        nn.Module.__init__(self)
-        self.copies, self.extra_channels, self.stride = copies, shortcut.extra_channels, shortcut.stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Padded as (B, H, W, K, C), the group's channels_last memory order, so the residual add reads
-        # both of its terms in one layout.
-        x = x[:, :, :: self.stride, :: self.stride].permute(0, 2, 3, 1).unflatten(3, (self.copies, -1))
-        return F.pad(x, (0, self.extra_channels)).flatten(3).permute(0, 3, 1, 2)
-
-
-class GroupedConcatenate(Concatenate):
-    """A DenseNet layer's concatenation in a group: each copy's new maps after its own input's, so that
-    every copy's channels stay one block (a plain torch.cat would put all the copies' new maps last)."""
-
-    def __init__(self, copies: int) -> None:
-        nn.Module.__init__(self)
-        self.copies = copies
-
-    def forward(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        # joined as (B, H, W, K, C), the group's channels_last memory order, as GroupedZeroPad pads
-        x, new = (t.permute(0, 2, 3, 1).unflatten(3, (self.copies, -1)) for t in (x, new))
-        return torch.cat([x, new], 4).flatten(3).permute(0, 3, 1, 2)
 
 
 class MaskedShortcut(nn.Module):
@@ -116,10 +86,8 @@ def grouped_module(parts: Sequence[nn.Module]) -> nn.Module | None:
             bias=first.bias is not None,
             **factory,
         )
-    elif isinstance(first, ZeroPadShortcut):
-        return GroupedZeroPad(copies, first)
-    elif isinstance(first, Concatenate):
-        return GroupedConcatenate(copies)
+    elif hasattr(first, "grouped"):  # a family's own parameter-free layer, which knows its group's layout
+        return first.grouped(copies)
     elif next(first.parameters(recurse=False), None) is None and next(first.buffers(recurse=False), None) is None:
         return None
     else:

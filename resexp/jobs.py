@@ -39,6 +39,7 @@ from resexp.logs import Board, Display, displays, log
 from resexp.models import Spec, check_size, count_parameters
 from resexp.runs import Metrics, Place
 from resexp.step import Step, choose_algorithms, make_step, new_stream, on_stream, restore_rng_states, rng_states
+from resexp.tags import TEST_ERROR, TRAIN_ERROR
 from resexp.train import Loop, Remedies, restore, stop_requests
 from resexp.train import train as train_loop
 
@@ -196,7 +197,7 @@ def description(job: Job) -> dict[str, Any]:
         "data": settings.data_config,
         "depth": net.depth,
         "residual": net.residual,
-        "shortcut": net.shortcut_option,  # None: a plain net or a DenseNet, which have none
+        "shortcut": net.shortcut_option,  # None: a plain net, or one of a family without shortcut options
         "params": job.params,
         "iterations": settings.loop.schedule.iterations,
         "batch_size": settings.batch_size,
@@ -208,7 +209,7 @@ def description(job: Job) -> dict[str, Any]:
 def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) -> float:
     """Train (or resume) the run with `step` and write its metrics.json; its final test error."""
     if job.finished is not None:
-        return job.finished.final["error/test"]
+        return job.finished.final[TEST_ERROR]
     settings, described = job.settings, description(job)
     run_dir = settings.place.run_dir
     # Right before the first step: since this run was prepared, others may have been (a shared-GPU batch:
@@ -254,21 +255,26 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
                 torch=torch.__version__,
                 python=platform.python_version(),
                 resexp=resexp.__version__,
+                spec={
+                    **settings.net.model_values(),
+                    "shortcut": settings.net.shortcut,
+                    "num_classes": settings.net.num_classes,
+                },
                 **summary,
             ),
         )
     final = summary["final"]
     log.info(
         "done: train err %.2f%%  test err %.2f%%  -> %s",
-        final["error/train"],
-        final["error/test"],
+        final[TRAIN_ERROR],
+        final[TEST_ERROR],
         run_dir / runs.METRICS,
     )
-    return final["error/test"]
+    return final[TEST_ERROR]
 
 
 def draws_at_random(job: Job) -> bool:
-    """Whether the run's training draws from torch's global generator (Wide ResNet's or DenseNet's dropout): runs
+    """Whether the run's training draws from torch's global generator (a net's dropout): runs
     trained beside it, in threads of one process, would draw from it too, in an order no rerun repeats,
     so such a run trains in a batch of its own (hydra_plugins/resexp_launcher/)."""
     return job.finished is None and any(isinstance(m, nn.Dropout) and m.p > 0 for m in job.model.modules())

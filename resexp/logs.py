@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from rich import get_console
@@ -23,89 +19,11 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from resexp import distributed
-from resexp.files import open_regular, refuse_links
+from resexp.files import open_regular
 from resexp.models import Spec
-from resexp.runs import EVENTS
+from resexp.tags import best_tag
 
 log = logging.getLogger("resexp")
-
-
-def open_writer(run_dir: Path, iteration: int) -> SummaryWriter:
-    """The run's TensorBoard writer for a session that starts after `iteration`. Where an earlier session
-    left event files (it stopped, or was killed before its first checkpoint), the new file starts with a
-    restart marker at iteration + 1 (purge_step), and TensorBoard drops every point the earlier files
-    hold from there on: those the checkpoint does not cover. TensorBoard reads a run's files in name
-    order, and a name starts with the second its file was opened; a session opened within the second
-    of the previous one's could sort before it and lose its points to that file's marker, so it waits
-    for the next second (at most one). A link planted among them is refused (resexp/files.py), and a
-    failing write (a full disk) is raised by the writer's next call, in the run's thread, not also printed
-    as the writer thread's traceback."""
-    files = sorted(run_dir.glob(f"{EVENTS}*"))
-    refuse_links(files)
-    quiet_writer_threads()
-    seconds = (path.name.removeprefix(EVENTS).split(".")[0] for path in files)
-    opened = [int(second) for second in seconds if second.isdigit()]
-    if not opened:
-        return SummaryWriter(log_dir=str(run_dir))
-    while int(time.time()) <= max(opened):
-        time.sleep(0.05)
-    return SummaryWriter(log_dir=str(run_dir), purge_step=iteration + 1)
-
-
-def quiet_writer_threads() -> None:
-    """TensorBoard's writer thread re-raises a failed write after keeping it for the writer's next call
-    (which raises it in the run's thread: resexp/train.py says it in one line): Python would also print
-    the thread's traceback. Once per process."""
-    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
-
-    previous = threading.excepthook
-    if getattr(previous, "quiets", None) is _AsyncWriterThread:
-        return
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if not isinstance(args.thread, _AsyncWriterThread):
-            previous(args)
-
-    hook.quiets = _AsyncWriterThread
-    threading.excepthook = hook
-
-
-def write_gradient_norms(writer: SummaryWriter, norms: list[float], stages: list[str], iteration: int) -> None:
-    """One step's gradient norms of the 3x3 layers (resexp/probes.py): per stage the norm over its
-    layers (SCALARS), the first layer's over the last one's, and a histogram whose buckets are the
-    layers, input side first, and whose heights are their norms: HISTOGRAMS draws norm against depth at
-    every point logged. A step with a non-finite gradient writes nothing."""
-    if not all(math.isfinite(norm) for norm in norms):
-        return
-    for stage in dict.fromkeys(stages):
-        total = math.sqrt(sum(norm * norm for norm, where in zip(norms, stages) if where == stage))
-        writer.add_scalar(f"gradient norm/{stage}", total, iteration)
-    writer.add_scalar("gradient norm/first over last", norms[0] / norms[-1] if norms[-1] else math.nan, iteration)
-    layers = range(1, len(norms) + 1)
-    writer.add_histogram_raw(
-        "gradient norm/by layer",
-        min=1,
-        max=len(norms),
-        num=sum(norms),
-        sum=sum(layer * norm for layer, norm in zip(layers, norms)),
-        sum_squares=sum(layer * layer * norm for layer, norm in zip(layers, norms)),
-        bucket_limits=list(layers),
-        bucket_counts=norms,
-        global_step=iteration,
-    )
-
-
-class NoWriter:
-    """Where a rank other than 0 writes its curves: nowhere (rank 0 writes the run's, resexp/distributed.py)."""
-
-    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Display(Protocol):
@@ -287,8 +205,3 @@ class Board:
         """The best errors as scalars at the last iteration (HPARAMS shows a metric's last value)."""
         for tag, value in best.items():
             writer.add_scalar(best_tag(tag), value, iteration)
-
-
-def best_tag(tag: str) -> str:
-    """error/test -> result/best_error_test: the lowest value of that curve."""
-    return f"result/best_{tag.replace('/', '_')}"

@@ -8,7 +8,6 @@ in the residual ones read at a glance. Several seeds of a net are averaged.
 
 from __future__ import annotations
 
-import re
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -18,48 +17,27 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headl
 from resexp.files import atomic_write
 from resexp.paper import DATA_NAMES, recipe_differences
 from resexp.runs import Run
+from resexp.tags import TEST_ERROR, TRAIN_ERROR, VAL_ERROR
 
 # Per dataset: the file's name, the paper's figure of these curves, the held-out curve it draws bold.
 FIGURES = {
-    "cifar10": ("figure6", "Fig. 6", "error/test"),
-    "imagenet": ("figure4", "Fig. 4", "error/val"),
-    "imagenet_packed": ("figure4_packed", "Fig. 4", "error/val"),  # the paper's experiment on smaller images
-    "imagenette": ("figure4_imagenette", "Fig. 4", "error/val"),  # its nets on 10 of ImageNet's classes
+    "cifar10": ("figure6", "Fig. 6", TEST_ERROR),
+    "imagenet": ("figure4", "Fig. 4", VAL_ERROR),
+    "imagenet_packed": ("figure4_packed", "Fig. 4", VAL_ERROR),  # the paper's experiment on smaller images
+    "imagenette": ("figure4_imagenette", "Fig. 4", VAL_ERROR),  # its nets on 10 of ImageNet's classes
 }
-OTHER = ("figure", None, "error/test")
+OTHER = ("figure", None, TEST_ERROR)
 
 
-def variant(net: str) -> str:
-    """What a net's name says beyond its kind, depth and shortcut letter: -preact, -v1.5, -gated, or nothing."""
-    return re.sub(r"^(plain|resnet)\d+(-[ABC])?", "", net)
+def kin(run: Run) -> str:
+    """What a run's net is beside its depth (its family's Spec.kin): one colour per depth and kin."""
+    return run.spec.kin if run.spec is not None else run.net
 
 
-# Families named after their papers (resexp.models.names.net_name), as their papers write them.
-FAMILIES = {"plain-wrn": "plain WRN-", "wrn": "WRN-", "resnext": "ResNeXt-"}
-
-
-def legend_name(label: str, net: str, depth: int | None, letter: str | None, several_options: bool) -> str:
-    """ResNet-56, plain-20, ResNet-164 pre-act, ResNet-34 (B) beside A and C; WRN-28-10 pre-act,
-    ResNeXt-29-8x64d and DenseNet-BC (L=100, k=12) as their papers name them, with their dropout."""
-    family = re.match(r"(plain-wrn|wrn|resnext)(?=\d)", net)
-    if dense := re.match(r"densenet(?:-([bc]+))?(\d+)-(\d+)", net):
-        letters, layers, k = dense.groups()
-        name = f"DenseNet{'-' + letters.upper() if letters else ''} (L={layers}, k={k})" + net[dense.end() :]
-    elif family:
-        name = FAMILIES[family[0]] + net[family.end() :]
-        name = re.sub(r"-[ABC](?=-|$)", f" ({letter})" if several_options and letter else "", name)
-    else:
-        shown = several_options and letter in ("A", "B", "C")  # a gated net says so in its name
-        name = f"{label}-{depth}" + (f" ({letter})" if shown else "") + variant(net)
-    for tag, words in (
-        ("-preact", " pre-act"),
-        ("-v1.5", " v1.5"),
-        ("-theta", ", θ "),
-        ("-dropout", " dropout "),
-        ("-gated", " gated"),
-    ):
-        name = name.replace(tag, words)
-    return name.replace("-gatebias", ", gate bias ")
+def legend_name(run: Run, several_options: bool) -> str:
+    """The legend of a run's net, as its family names it (Spec.legend): ResNet-56, plain-20, ResNet-34 (B)
+    beside A and C; its name where it has no spec."""
+    return run.spec.legend(several_options) if run.spec is not None else run.net
 
 
 def title(data: str, runs: list[Run]) -> str:
@@ -97,12 +75,12 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
         by_data[run.data].append(run)
     for data, members in sorted(by_data.items()):
         stem, _, held_out = FIGURES.get(data, OTHER)
-        held_out = held_out if any(held_out in run.curves for run in members) else "error/test"
+        held_out = held_out if any(held_out in run.curves for run in members) else TEST_ERROR
         by_net: dict[str, list[Run]] = defaultdict(list)
         for run in members:
             by_net[run.net].append(run)
         # one colour per depth, and per unit where a depth comes in several (resnet164-B, resnet164-B-preact)
-        depths = sorted({(run.depth, variant(run.net)) for run in members if run.depth is not None})
+        depths = sorted({(run.depth, kin(run)) for run in members if run.depth is not None})
         colours = {depth: f"C{index % 10}" for index, depth in enumerate(depths)}
         families = [("plain", False), ("ResNet", True)]  # the paper's panel names
         families = [
@@ -120,9 +98,9 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
             )
             several_options = len({by_net[n][0].letter for n in nets} - {"-"}) > 1  # Table 3's A/B/C side by side
             for net in nets:
-                group, colour = by_net[net], colours.get((by_net[net][0].depth, variant(net)), "k")
-                name = legend_name(label, net, group[0].depth, group[0].letter, several_options)
-                for tag, style, width in (("error/train", "--", 1.0), (held_out, "-", 2.2)):
+                group, colour = by_net[net], colours.get((by_net[net][0].depth, kin(by_net[net][0])), "k")
+                name = legend_name(group[0], several_options)
+                for tag, style, width in ((TRAIN_ERROR, "--", 1.0), (held_out, "-", 2.2)):
                     curves = [run.curves[tag] for run in group if run.curves.get(tag)]
                     if not curves:
                         continue
@@ -137,7 +115,9 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                         marker="o" if len(steps) == 1 else None,  # a curve of one evaluation is a point
                         label=name if tag == held_out else None,
                     )
-            ax.set_title(label + (" and DenseNet" if any(net.startswith("densenet") for net in nets) else ""))
+            # the paper's panel names, and the other families' whose nets share a panel with them
+            others = {by_net[net][0].spec.TITLE for net in nets if by_net[net][0].spec is not None}
+            ax.set_title(" and ".join([label, *sorted(others - {""})]))
             ax.set_xlim(0, longest / scale * 1.02)  # from the start of training, as the paper's curves
             ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
             ax.set_ylabel("error (%)")
@@ -150,10 +130,10 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                 loc="upper left",
                 bbox_to_anchor=(1.01, 1.0),
                 fontsize="small",
-                title="bold: test, dashed: train" if held_out == "error/test" else "bold: val, dashed: train",
+                title="bold: test, dashed: train" if held_out == TEST_ERROR else "bold: val, dashed: train",
                 title_fontsize="x-small",
             )
-        finals = [run.final.get(tag, 100) for run in members for tag in ("error/train", held_out)]
+        finals = [run.final.get(tag, 100) for run in members for tag in (TRAIN_ERROR, held_out)]
         for ax in (
             axes
         ):  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise

@@ -24,8 +24,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resexp.evaluate import evaluate
-from resexp.models.densenet import DenseLayer
-from resexp.models.resnet import BasicBlock, Bottleneck, PreActBasicBlock
+from resexp.models import responds_at_conv, units
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -36,7 +35,7 @@ def response_layers(model: nn.Module) -> list[tuple[nn.Conv2d, nn.Module]]:
     after the conv; a pre-activation unit (He et al. 2016) has none, and its 3x3 conv's own output is
     what it adds or hands on, as a DenseNet layer's is the maps it adds. Shortcut projections (1x1) and
     ImageNet's 7x7 stem are no 3x3 layer."""
-    if any(isinstance(module, (PreActBasicBlock, DenseLayer)) for module in model.modules()):
+    if responds_at_conv(model):
         return [(m, m) for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     layers, conv = [], None
     for module in model.modules():  # registration order: conv1, bn1, conv2, bn2, then the shortcut
@@ -115,7 +114,7 @@ def step_gradient_norms(layers: list[tuple[nn.Conv2d, nn.Module]]) -> torch.Tens
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if isinstance(module, (BasicBlock, Bottleneck, PreActBasicBlock))]
+    return units(model)
 
 
 def deletable(block: nn.Module) -> bool:

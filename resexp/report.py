@@ -23,6 +23,7 @@ from resexp.errors import ResexpError
 from resexp.files import atomic_write_text, staged
 from resexp.paper import PaperResult, lookup, recipe_differences
 from resexp.runs import HYDRA, METRICS, Run, find_runs, read_run
+from resexp.tags import TEST_ERROR, TEST_TOP5, TRAIN_ERROR
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Row:
     net: str
     depth: int | None
     residual: bool
-    shortcut: str  # the paper's letter (A, B, C), "-" for plain nets and DenseNets
+    shortcut: str  # the paper's letter (A, B, C), "-" for plain nets and nets without shortcut options
     params: int | None
     runs: int
     train: tuple[float, float]  # final training error: mean, std
@@ -64,9 +65,9 @@ def summarize(runs: list[Run]) -> list[Row]:
             groups.setdefault(key, []).append(run)
     rows = []
     for (data, net, *_), members in groups.items():
-        tests = [run.final["error/test"] for run in members]
-        trains = [run.final.get("error/train", float("nan")) for run in members]
-        top5 = [run.final["error_top5/test"] for run in members if "error_top5/test" in run.final]
+        tests = [run.final[TEST_ERROR] for run in members]
+        trains = [run.final.get(TRAIN_ERROR, float("nan")) for run in members]
+        top5 = [run.final[TEST_TOP5] for run in members if TEST_TOP5 in run.final]
         first = members[0]
         rows.append(
             Row(

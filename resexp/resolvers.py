@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from resexp import distributed
 from resexp.errors import ResexpError
-from resexp.models.names import NAME_KEYS, canonical_shortcut, model_name
+from resexp.models import DEFAULT, NAME_KEYS, canonical_shortcut, model_name
 from resexp.runs import CHECKPOINT, METRICS, swept_keys
 
 # The keys a net's name already says (its depth, plain or residual, its bottleneck's stride, its units,
@@ -58,7 +58,7 @@ def run_name(model: Mapping[str, Any], shortcut: str) -> str:
     try:
         return model_name(model, canonical_shortcut(shortcut))
     except ResexpError:
-        return f"resnet{depth}-{shortcut}"
+        return f"{model.get('arch') or DEFAULT}{depth}-{shortcut}"
 
 
 def sweep_run_name(

@@ -27,11 +27,12 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resexp import schemas
+from resexp import models, schemas
 from resexp.data.loaders import NORMALIZATIONS, PADS
 from resexp.errors import ResexpError, first_line
 from resexp.files import atomic_write, atomic_write_text, read_bytes, read_text, why_not
-from resexp.models.names import NAME_KEYS, SHORTCUTS, canonical_shortcut, model_name
+from resexp.models import NAME_KEYS, SHORTCUTS, canonical_shortcut, model_name
+from resexp.tags import TEST_ERROR, TRAIN_ERROR, VAL_ERROR
 
 HYDRA = ".hydra"  # Hydra's saved config (hydra.output_subdir)
 LOG = "train.log"  # ${hydra.job.name}.log (conf/hydra/job_logging/rich.yaml)
@@ -40,7 +41,7 @@ METRICS = "metrics.json"
 SWEEP_RECORD = "multirun.yaml"  # what Hydra writes into a sweep directory before its runs
 LOCK = ".resexp.lock"  # the advisory lock of a run or sweep directory (resexp/lock.py)
 EVENTS = "events.out.tfevents."  # TensorBoard's event files: EVENTS + the second each was opened + host, pid
-CURVES = ("error/train", "error/test", "error/val")  # what a report draws
+CURVES = (TRAIN_ERROR, TEST_ERROR, VAL_ERROR)  # what a report draws
 
 
 @dataclass
@@ -72,6 +73,9 @@ class Metrics:
     skipped_steps: int = MISSING  # steps skipped for a non-finite loss (on_nonfinite=skip)
     train_time_s: float = MISSING  # seconds in training steps, evaluation excluded
     wall_time_s: float = MISSING  # seconds of the whole run, over all its sessions
+    # the net as its family's spec makes it: `model.key: value` (Spec.model_values), the shortcut option and
+    # the classes; None before 0.9.0, whose runs' nets are read from their saved config
+    spec: dict[str, Any] | None = None
 
 
 def write_metrics(run_dir: Path, metrics: Metrics) -> None:
@@ -106,7 +110,7 @@ def parse_metrics(text: str) -> Metrics:
     except (ValueError, OmegaConfBaseException) as error:
         reason = first_line(error)
         raise ValueError(reason) from None
-    if "error/test" not in metrics.final:  # a finished run has a test error; without one the file is incomplete
+    if TEST_ERROR not in metrics.final:  # a finished run has a test error; without one the file is incomplete
         raise ValueError("no final error/test")
     return metrics
 
@@ -132,6 +136,7 @@ class Run:
     preprocess: tuple[str, str] = ("mean", "zeros")  # preprocess.normalize and .pad (before 0.9.0: the paper's)
     final: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> (iteration, %) points
+    spec: models.Spec | None = None  # the net, from metrics.json or its saved config; None where they name none
 
     @property
     def letter(self) -> str:
@@ -174,6 +179,7 @@ READ_BACK = {
     **{f"model.{key}": schemas.field_types(schemas.ModelSchema)[key] for key in NAME_KEYS},
     **{key: schemas.field_types(schemas.TrainSchema)[key] for key in ("shortcut", "seed")},
     **{f"schedule.{key}": schemas.field_types(schemas.ScheduleSchema)[key] for key in ("iterations", "batch_size")},
+    "data.num_classes": int,  # the net's classifier (the spec it is read back as)
     "data.size": int,  # packed ImageNet's squares (resexp/data/packed.py): part of its recipe
     "preprocess.normalize": str,  # CIFAR's centring and padding (conf/preprocess/): part of the recipe too
     "preprocess.pad": str,
@@ -220,15 +226,28 @@ def read_hydra(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, {key: value for key, value in choices.items() if isinstance(value, str) and NAME.fullmatch(value)}
 
 
+# What the model keys a saved config lacks were in the run that saved it (resexp.models.OLDER): a run of
+# resexp before 0.4.0 has no bottleneck_stride (its bottlenecks strode in their 3x3 convs), ...
+OLDER = {key.removeprefix("model."): value for key, value in models.OLDER.items()}
+
+
 def saved_name(model: dict[str, Any], shortcut: str | None) -> str:
     """The net a saved config names, "?" where it names none that resexp makes."""
     try:
-        # a run of resexp before 0.4.0 has no bottleneck_stride: its bottlenecks strode in their 3x3 convs;
-        # one before 0.9.0 no preact_shortcut: its pre-activation shortcuts were resexp's own
-        name = model_name(model, shortcut, bottleneck_stride="3x3", preact_shortcut="resexp-0.8")
+        name = model_name(model, shortcut, **OLDER)
     except (KeyError, TypeError, ValueError, ResexpError):  # another stem, a width of 0: not a net of resexp's
         return "?"
     return name if NAME.fullmatch(name) else "?"
+
+
+def saved_spec(model: dict[str, Any], shortcut: Any, num_classes: Any, older: bool = True) -> models.Spec | None:
+    """The net a record names (a metrics.json's spec, a saved config's model node), as its family's spec,
+    keys it lacks taking OLDER's values (`older`) or the defaults; None where it names none that resexp
+    makes (a record may come from anyone: its values are checked)."""
+    try:
+        return models.spec_of(model, shortcut, num_classes, **(OLDER if older else {}))
+    except (KeyError, TypeError, ValueError, AttributeError, ResexpError):
+        return None
 
 
 def before_0_9(version: str) -> bool:
@@ -248,11 +267,13 @@ def read_run(run_dir: Path) -> Run:
     model = {key[len("model.") :]: value for key, value in config.items() if key.startswith("model.")}
     named = depth is not None and (shortcut or not residual)
     net = saved_name(model, shortcut) if named else "?"
-    if model.get("arch") == "densenet":  # named; no shortcut option to show (DenseNetSpec.shortcut_option)
-        shortcut = None
+    spec = saved_spec(model, config.get("shortcut"), config.get("data.num_classes", 10)) if named else None
+    if spec is not None:  # a net of a family without shortcut options has none to show (Spec.shortcut_option)
+        shortcut = spec.shortcut_option
     run = Run(
         run_dir, net, choices.get("data", "?"), depth, residual, shortcut, finished=False, seed=config.get("seed")
     )
+    run.spec = spec
     run.size = config.get("data.size")
     normalize, pad = config.get("preprocess.normalize", "mean"), config.get("preprocess.pad", "zeros")
     # a saved config may come from anyone: what a report writes of it is one of resexp's names, or "?"
@@ -278,8 +299,16 @@ def read_run(run_dir: Path) -> Run:
         run.note = f"{METRICS} gives its {strange} as {named[strange]!r}, which is no name resexp writes"
         return run
     run.net, run.data, run.depth, run.residual = metrics.net, metrics.data, metrics.depth, metrics.residual
-    if before_0_9(metrics.resexp) and metrics.residual and "-preact" in metrics.net:
-        run.net += "-resexp-0.8"  # its shortcuts were resexp's own, not the authors' (names.PREACT_SHORTCUTS)
+    if metrics.spec is not None:  # since 0.9.0: the net as it trained
+        run.spec = saved_spec(
+            {key.removeprefix("model."): value for key, value in metrics.spec.items()},
+            metrics.spec.get("shortcut"),
+            metrics.spec.get("num_classes"),
+        )
+    elif before_0_9(metrics.resexp):  # named apart where its family's nets changed in 0.9.0
+        run.net = models.name_before_0_9(metrics.net, metrics.residual)
+    else:  # a metrics.json without a spec or a version: its config's missing keys are the defaults
+        run.spec = saved_spec(model, config.get("shortcut"), config.get("data.num_classes", 10), older=False)
     run.shortcut, run.params, run.seed, run.final = metrics.shortcut, metrics.params, metrics.seed, metrics.final
     run.iterations, run.batch_size, run.lr = metrics.iterations, metrics.batch_size, metrics.lr
     run.finished = True

@@ -9,38 +9,31 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 from omegaconf.errors import ValidationError
 
+from resexp import models
 
-@dataclass
-class ModelSchema:  # conf/model/
-    arch: str = "resnet"  # the family: resnet (He et al.'s, and the relatives that add) or densenet (Huang et al. 2017's, which concatenates)
-    depth: int = MISSING
-    residual: bool = MISSING
-    block: str = MISSING
-    stem: str = MISSING
-    shortcut: str = MISSING
-    bottleneck_stride: str = "1x1"  # where a downsampling bottleneck strides: 1x1 (the paper's, Table 1) or 3x3 (torchvision's v1.5); no effect on basic blocks
-    preactivation: bool = (
-        False  # true: He et al. 2016's pre-activation units (BN and ReLU before each conv, nothing after the addition)
-    )
-    widths: list[int] | None = (
-        None  # the stem's width, then each stage's planes; null: the paper's (Wide ResNet: k times wider stages)
-    )
-    cardinality: int = 1  # ResNeXt's groups in a bottleneck's 3x3 conv; 1: the paper's block
-    base_width: int = 64  # ResNeXt's channels per group for each 64 planes; 64 with cardinality 1: the paper's block
-    dropout: float = 0.0  # Wide ResNet's dropout rate between a basic block's two convs; 0: none
-    preact_shortcut: str = "authors"  # preactivation=true: authors (He et al. 2016's shortcuts) or resexp-0.8 (a BN after projections, as resexp 0.8 made them)
-    gate_bias: float = -6.0  # shortcut=gated: the gates' initial bias (He et al. 2016, Table 1: -6 best, 0 to -5 fail)
-    growth_rate: int = 12  # model.arch=densenet: k, the maps each layer adds (Huang et al. 2017)
-    compression: float = (
-        0.5  # model.arch=densenet: θ, the fraction of maps a transition keeps (DenseNet-C's 0.5; 1: all)
-    )
+# conf/model/: the keys every family has, then each family's own, typed and defaulted by its spec's
+# fields (resexp/models/__init__.py)
+ModelSchema = make_dataclass(
+    "ModelSchema",
+    [
+        ("arch", str, field(default=models.DEFAULT)),  # the family (resexp.models.FAMILIES)
+        ("depth", int, field(default=MISSING)),
+        ("residual", bool, field(default=MISSING)),
+        ("block", str, field(default=MISSING)),
+        ("stem", str, field(default=MISSING)),
+        ("shortcut", str, field(default=MISSING)),
+        ("dropout", float, field(default=0.0)),  # a dropout rate, where each family's spec says; 0: none
+        *((key, kind, field(default=default)) for key, (kind, default) in models.model_keys().items()),
+    ],
+)
+ModelSchema.__module__ = __name__  # where OmegaConf resolves its fields' annotations
 
 
 @dataclass

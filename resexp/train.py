@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from resexp import checkpoint, distributed
+from resexp.curves import Curves
 from resexp.data import Data
 from resexp.errors import Interrupted, ResexpError, first_line
 from resexp.evaluate import evaluate
-from resexp.logs import Board, Display, NoWriter, log, open_writer, write_gradient_norms
-from resexp.probes import response_layers, stage_names, step_gradient_norms
+from resexp.logs import Board, Display, log
 from resexp.runs import CHECKPOINT
 from resexp.step import Step, restore_rng_states, rng_states, set_lr, to_device
+from resexp.tags import TRAIN_ERROR, TRAIN_LOSS, held_out_tag
 
 MAX_SKIPPED_IN_A_ROW = 100  # on_nonfinite=skip gives up when the net has clearly diverged
 # The 2015 warm-up ends when the training error of the last WARMUP_WINDOW iterations is below its bound,
@@ -167,6 +168,57 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, save
             raise ValueError(f"its {part} does not fit this run ({reason})") from None
 
 
+def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, first_bad: torch.Tensor, *, weights: bool,
+                 on_nonfinite: str, iteration: int, kept: str, remedies: Remedies) -> None:  # fmt: skip
+    """Stop on a non-finite loss (`first_bad`, the first step that had one, where on_nonfinite=stop) and,
+    with `weights`, on non-finite weights, saying what is `kept` and what to do."""
+    bad = int(distributed.first_over_ranks(first_bad.clone())) if on_nonfinite == "stop" else 0
+    broken = nonfinite(model, optimizer) if weights or bad else []
+    if broken:  # the rate overflowed the weights: skipping steps cannot help
+        first = f"{broken[0]} and {len(broken) - 1} more" if len(broken) > 1 else broken[0]
+        raise ResexpError(
+            f"the weights became non-finite by iteration {iteration} ({first}); {kept}; {remedies.lower_rate}"
+        )
+    if bad:
+        raise ResexpError(
+            f"the training loss became non-finite at iteration {bad}; {kept}; {remedies.skip}; or {remedies.lower_rate}"
+        )
+
+
+def save(path: Path, identity: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, data: Data,
+         state: Progress, totals: torch.Tensor, window: torch.Tensor) -> None:  # fmt: skip
+    """The run's checkpoint at `state.iteration`, written by rank 0 for every rank (their weights are the
+    same), with every rank's sums since the last log point and in the warm-up's window."""
+    summed = distributed.all_sum(totals.clone())
+    state.warmup_window = distributed.all_sum(window.clone()).tolist()
+    if distributed.WORLD.main:
+        checkpoint.save(
+            path,
+            {
+                "identity": identity,
+                # clones: a grouped run's tensors are views into its group's (resexp/group.py), and
+                # torch.save would write the whole group's storage for each run
+                "model": {name: tensor.clone() for name, tensor in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "data": data.train.state_dict(),
+                "rng": rng_states(),
+                "progress": vars(state),
+                "totals": summed.cpu(),
+            },
+        )
+
+
+def summary(state: Progress) -> dict[str, Any]:
+    """What metrics.json says of the training (resexp/jobs.py writes it)."""
+    return {
+        "final": state.final,
+        "best": state.best,
+        "skipped_steps": state.skipped,
+        "train_time_s": state.train_seconds,
+        "wall_time_s": state.wall_seconds,
+    }
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -193,82 +245,31 @@ def train(
     Under several processes (resexp/distributed.py) every rank runs this loop in step: the sums of a log
     point are summed over the ranks, a stop request is agreed at a log point, so that every rank stops
     after the same step, and rank 0 alone writes the curves and the checkpoints."""
-    world = distributed.WORLD
-    schedule, on_nonfinite = loop.schedule, loop.on_nonfinite
-    device = next(model.parameters()).device
-    path = run_dir / CHECKPOINT
-    state = Progress(warming_up=schedule.warmup_lr is not None)
+    world, schedule, on_nonfinite = distributed.WORLD, loop.schedule, loop.on_nonfinite
+    device, path = next(model.parameters()).device, run_dir / CHECKPOINT
+    state = Progress(**resume["progress"]) if resume else Progress(warming_up=schedule.warmup_lr is not None)
     totals = torch.zeros(3, device=device)  # since the last log point: loss sum, wrong predictions, images
     first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss, 0: none
     window = torch.zeros(2, device=device)  # the warm-up's window: wrong predictions, images
     if resume is not None:
-        state = Progress(**resume["progress"])
         if world.main:  # the sums of every rank, added to again by each: on one rank only
             totals.copy_(resume["totals"])
             window.copy_(torch.tensor(state.warmup_window))
         log.info("resuming %s at iteration %d", path, state.iteration)
     saved_at = state.iteration if resume is not None else None  # the iteration of the checkpoint on disk
 
-    def save() -> None:
-        nonlocal saved_at
-        state.wall_seconds = wall_before + time.perf_counter() - started
-        summed = distributed.all_sum(totals.clone())  # every rank's sums since the last log point
-        state.warmup_window = distributed.all_sum(window.clone()).tolist()
-        if world.main:  # rank 0 writes the checkpoint of every rank: their weights are the same
-            checkpoint.save(
-                path,
-                {
-                    "identity": identity,
-                    # clones: a grouped run's tensors are views into its group's (resexp/group.py), and
-                    # torch.save would write the whole group's storage for each run
-                    "model": {name: tensor.clone() for name, tensor in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "data": data.train.state_dict(),
-                    "rng": rng_states(),
-                    "progress": vars(state),
-                    "totals": summed.cpu(),
-                },
-            )
-        saved_at = state.iteration
+    def kept() -> str:
+        return "no checkpoint was written yet" if saved_at is None else f"{path} (iteration {saved_at}) is kept"
 
-    def check_finite(weights: bool) -> None:
-        """Stop on a non-finite loss (on_nonfinite=stop) and, with `weights`, on non-finite weights."""
-        bad = int(distributed.first_over_ranks(first_bad.clone())) if on_nonfinite == "stop" else 0
-        broken = nonfinite(model, optimizer) if weights or bad else []
-        if not bad and not broken:
-            return
-        kept = "no checkpoint was written yet" if saved_at is None else f"{path} (iteration {saved_at}) is kept"
-        if broken:  # the rate overflowed the weights: skipping steps cannot help
-            first = f"{broken[0]} and {len(broken) - 1} more" if len(broken) > 1 else broken[0]
-            raise ResexpError(
-                f"the weights became non-finite by iteration {state.iteration} ({first}); {kept}; {remedies.lower_rate}"
-            )
-        raise ResexpError(
-            f"the training loss became non-finite at iteration {bad}; {kept}; {remedies.skip}; or {remedies.lower_rate}"
-        )
+    def stop_if_nonfinite(weights: bool) -> None:
+        check_finite(model, optimizer, first_bad, weights=weights, on_nonfinite=on_nonfinite,
+                     iteration=state.iteration, kept=kept(), remedies=remedies)  # fmt: skip
 
-    writer = open_writer(run_dir, state.iteration) if world.main else NoWriter()
-    board = board if world.main else None
-    error_tags = ["error/train", *(f"error/{name}" for name in {**data.evals, **data.final})]
-    if resume is None and board is not None:
-        board.describe(writer, error_tags)
-
-    def add_error(tag: str, value: float, iteration: int) -> None:
-        writer.add_scalar(tag, value, iteration)
-        if board is not None:
-            writer.add_scalar(board.compare_tag(tag), value, iteration)
-        if value < state.best.get(tag, math.inf):
-            state.best[tag], state.best[tag.replace("error/", "iteration/")] = value, iteration
-
-    started, mark, wall_before, in_a_row, lr_now = (
-        time.perf_counter(),
-        time.perf_counter(),
-        state.wall_seconds,
-        0,
-        math.nan,
-    )
-    layers = response_layers(model)  # whose gradient norms are logged (grad_norms_every)
-    stages = stage_names(model, layers)
+    held_out_names = [*data.evals, *data.final]
+    curves = Curves(run_dir, state.iteration, main=world.main, board=board, model=model, held_out=held_out_names,
+                    best=state.best, resumed=resume is not None)  # fmt: skip
+    started = mark = time.perf_counter()
+    wall_before, in_a_row, lr_now = state.wall_seconds, 0, math.nan
     try:
         model.train()
         while state.iteration < schedule.iterations:
@@ -296,9 +297,8 @@ def train(
             if state.warming_up and warmup_over(iteration, schedule, window):
                 state.warming_up = False
                 log.info("warm-up over at iteration %d", iteration)
-            if loop.grad_norms_every and iteration % loop.grad_norms_every == 0 and world.main:
-                if (norms := step_gradient_norms(layers)) is not None:  # what the step just left
-                    write_gradient_norms(writer, norms.tolist(), stages, iteration)
+            if loop.grad_norms_every and iteration % loop.grad_norms_every == 0:
+                curves.gradient_norms(iteration)  # what the step just left
             screen.advance(iteration)
             last = iteration == schedule.iterations
 
@@ -306,69 +306,51 @@ def train(
             if logging_now:
                 # the one host sync per interval; under several processes, also where they agree to stop
                 loss_sum, wrong, seen = distributed.all_sum(totals.clone()).tolist()
-                check_finite(weights=False)
+                stop_if_nonfinite(weights=False)
                 totals.zero_()
                 now = time.perf_counter()
                 state.train_seconds, mark = state.train_seconds + now - mark, now
                 if seen:
-                    state.final["error/train"], state.final["loss/train"] = 100 * wrong / seen, loss_sum / seen
-                    add_error("error/train", state.final["error/train"], iteration)
-                    writer.add_scalar("loss/train", state.final["loss/train"], iteration)
-                writer.add_scalar("lr", lr, iteration)
+                    state.final[TRAIN_ERROR], state.final[TRAIN_LOSS] = 100 * wrong / seen, loss_sum / seen
+                curves.training(iteration, state.final if seen else {}, lr)
                 speed = (iteration - state.logged_at) / max(state.train_seconds - state.logged_seconds, 1e-9)
                 state.logged_at, state.logged_seconds = iteration, state.train_seconds
-                screen.show(
-                    iteration,
-                    f"loss {state.final.get('loss/train', math.nan):.3f}  train err {state.final.get('error/train', math.nan):5.2f}%"
-                    f"  lr {lr:g}  {speed:.1f} it/s",
-                )
+                screen.show(iteration, f"loss {state.final.get(TRAIN_LOSS, math.nan):.3f}  train err "
+                            f"{state.final.get(TRAIN_ERROR, math.nan):5.2f}%  lr {lr:g}  {speed:.1f} it/s")  # fmt: skip
             evaluating = iteration % loop.eval_every == 0 or last
             if evaluating:
                 state.train_seconds += time.perf_counter() - mark
                 distributed.same_buffers(model)
-                check_finite(weights=True)
+                stop_if_nonfinite(weights=True)
                 held_out = {**data.evals, **(data.final if last else {})}
                 for name, batches in held_out.items():
                     result = evaluate(model, batches, device, loop.precision)
-                    for metric in ("error", "loss", *(("error_top5",) if data.top5 else ())):
-                        state.final[f"{metric}/{name}"] = result[metric]
-                        if metric != "error":
-                            writer.add_scalar(f"{metric}/{name}", result[metric], iteration)
-                    add_error(f"error/{name}", result["error"], iteration)
-                log.info(
-                    "it %d/%d  %s",
-                    iteration,
-                    schedule.iterations,
-                    "  ".join(f"{name} err {state.final[f'error/{name}']:.2f}%" for name in held_out),
-                )
+                    curves.held_out(name, result, iteration, state.final, data.top5)
+                errors = "  ".join(f"{name} err {state.final[held_out_tag('error', name)]:.2f}%" for name in held_out)
+                log.info("it %d/%d  %s", iteration, schedule.iterations, errors)
                 mark = time.perf_counter()  # evaluation time is not training time
-            if last and board is not None:
-                board.finish(writer, {tag: value for tag, value in state.best.items() if tag in error_tags}, iteration)
+            if last:
+                curves.finish(iteration)
             # alone, a stop request is acted on at once; several processes agree on one at log points
             stopping = bool(stops) if world.size == 1 else logging_now and distributed.any_rank(bool(stops), device)
             if iteration % loop.checkpoint_every == 0 or last or stopping:
                 if not evaluating:  # checked before the evaluation already, and no step since
                     distributed.same_buffers(model)
-                    check_finite(weights=True)
-                writer.flush()  # the curves reach disk no later than the checkpoint that covers them
-                save()
+                    stop_if_nonfinite(weights=True)
+                curves.writer.flush()  # the curves reach disk no later than the checkpoint that covers them
+                state.wall_seconds = wall_before + time.perf_counter() - started
+                save(path, identity, model, optimizer, data, state, totals, window)
+                saved_at = state.iteration
             if stopping and not last:
                 raise Interrupted(stops[0] if stops else signal.SIGTERM, iteration)
-        writer.close()  # its last points on disk, or the error of a write that failed
+        curves.writer.close()  # its last points on disk, or the error of a write that failed
     except OSError as error:  # TensorBoard's writes: the checkpoint's and the data's say their own
-        kept = "no checkpoint was written yet" if saved_at is None else f"{path} (iteration {saved_at}) is kept"
         raise ResexpError(
             f"could not write the run's TensorBoard curves in {run_dir} ({error.strerror or first_line(error)}); "
-            f"{kept}; once they can be written, the same command resumes"
+            f"{kept()}; once they can be written, the same command resumes"
         ) from None
     finally:
         with contextlib.suppress(OSError):  # after an error, that error is what is said
-            writer.close()
+            curves.writer.close()
     state.wall_seconds = wall_before + time.perf_counter() - started
-    return {
-        "final": state.final,
-        "best": state.best,
-        "skipped_steps": state.skipped,
-        "train_time_s": state.train_seconds,
-        "wall_time_s": state.wall_seconds,
-    }
+    return summary(state)

@@ -16,7 +16,7 @@ torch.compile inside the graph; `--group K` one with K runs of the net as one gr
 Then (c) all the nets at once, each in a thread on its own CUDA stream, as the shared-GPU sweep launcher
 trains them: wall time per step of all of them against the sum of (b); with `--twins` also with the
 nets of each depth grouped, as `hydra.launcher.group_runs=true` trains them.
-Random CIFAR-shaped images: speed does not depend on the pixels. Results: README "Performance".
+Random CIFAR-shaped images: speed does not depend on the pixels. Results: docs/performance.md.
 """
 
 from __future__ import annotations

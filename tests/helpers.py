@@ -25,8 +25,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from resexp import checkpoint, cli, config, distributed, runs
-from resexp.models import DenseNetSpec, build_model
-from resexp.models.names import model_name
+from resexp.models import DenseNetSpec, build_model, model_name
 from resexp.step import Step, make_step
 
 REPO = Path(__file__).resolve().parent.parent

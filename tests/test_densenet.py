@@ -20,18 +20,17 @@ from helpers import (
 )
 from torch import nn
 
-from resexp import checkpoint, paper
+from resexp import checkpoint, models, paper
 from resexp.config import net_spec, schedule
 from resexp.errors import ResexpError
-from resexp.models import ARCHS, DenseNetSpec, count_parameters, spec_of
+from resexp.models import FAMILIES, DenseNetSpec, count_parameters, spec_of
 from resexp.models.densenet import DenseLayer
-from resexp.models.names import DENSENET_ONLY, RESNET_ONLY, densenet_name
-from resexp.plots import legend_name
+from resexp.models.names import densenet_name
 from resexp.probes import lesion_study, response_layers
 from resexp.report import report
 from resexp.schemas import ModelSchema
 
-BC100 = DenseNetSpec(100, "bottleneck", 12, 0.5, 10)
+BC100 = DenseNetSpec(100, "bottleneck", 12, 0.5, num_classes=10)
 
 
 def randomize_bn(model: nn.Module) -> None:
@@ -116,14 +115,14 @@ def expected_parameters(depth: int, k: int, bottleneck: bool, theta: float, clas
     ],
 )
 def test_parameter_counts_are_their_table_2s(depth, k, block, theta, reported):
-    count = count_parameters(DenseNetSpec(depth, block, k, theta, 10).build())
+    count = count_parameters(DenseNetSpec(depth, block, k, theta, num_classes=10).build())
     assert count == expected_parameters(depth, k, block == "bottleneck", theta)
     assert round(count / 1e6, 1) == reported  # Table 2 gives millions to one decimal
 
 
 def test_densenets_are_named_as_their_paper_names_them_and_compared_with_table_2():
     assert BC100.name == "densenet-bc100-12"
-    assert DenseNetSpec(40, "basic", 12, 1.0, 10).name == "densenet40-12"
+    assert DenseNetSpec(40, "basic", 12, 1.0, num_classes=10).name == "densenet40-12"
     assert densenet_name(100, "bottleneck", 12, 1.0) == "densenet-b100-12"
     assert densenet_name(100, "basic", 12, 0.5, 0.2) == "densenet-c100-12-dropout0.2"
     assert densenet_name(100, "bottleneck", 12, 0.7) == "densenet-bc100-12-theta0.7"
@@ -135,8 +134,12 @@ def test_densenets_are_named_as_their_paper_names_them_and_compared_with_table_2
         "64,000 iterations (paper 234,375)",
         "batch 128 (paper 64)",
     ]
-    assert legend_name("ResNet", BC100.name, 100, "A", True) == "DenseNet-BC (L=100, k=12)"
-    assert legend_name("ResNet", "densenet40-12-dropout0.2", 40, "A", False) == "DenseNet (L=40, k=12) dropout 0.2"
+    assert BC100.legend(True) == "DenseNet-BC (L=100, k=12)"
+    assert (
+        DenseNetSpec(40, "basic", 12, 1.0, num_classes=10, dropout=0.2).legend(False)
+        == "DenseNet (L=40, k=12) dropout 0.2"
+    )
+    assert DenseNetSpec(100, "bottleneck", 12, 0.7, num_classes=10).legend(False) == "DenseNet-BC (L=100, k=12), θ 0.7"
 
 
 @pytest.mark.parametrize("data", ["cifar10", "cifar100", "synthetic"])
@@ -205,9 +208,14 @@ def test_a_resnet_refuses_a_densenets_keys_and_an_unknown_family_is_named():
         spec_of({"arch": "vgg", "depth": 20}, "identity", 10)
 
 
-def test_each_familys_own_keys_keep_the_schemas_defaults_in_the_other_family():
+def test_the_config_types_each_familys_own_keys_with_its_specs_defaults_and_no_two_families_share_one():
+    own = {arch: models.own_keys(family) for arch, family in models.FAMILIES.items()}
+    assert own["densenet"] == {"growth_rate": 12, "compression": 0.5}
+    assert not set(own["resnet"]) & set(own["densenet"])
     defaults = {f.name: f.default for f in dataclasses.fields(ModelSchema)}
-    assert {**RESNET_ONLY, **DENSENET_ONLY} == {key: defaults[key] for key in {**RESNET_ONLY, **DENSENET_ONLY}}
+    assert set(defaults) == {*models.COMMON, *own["resnet"], *own["densenet"]}
+    assert {key: defaults[key] for key in own["densenet"]} == own["densenet"]
+    assert {key: defaults[key] for key in own["resnet"]} == own["resnet"]
 
 
 def test_a_densenets_identity_leaves_the_resnet_keys_out_and_older_checkpoints_are_resnets():
@@ -229,14 +237,14 @@ def test_a_densenet_trains_from_the_command_line_and_exports_weights_that_load(t
     result = resexp("train", *SHRINK, *SMALL, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    spec = DenseNetSpec(10, "bottleneck", 4, 0.5, 10)
+    spec = DenseNetSpec(10, "bottleneck", 4, 0.5, num_classes=10)
     assert metrics["net"] == "densenet-bc10-4" and metrics["params"] == count_parameters(spec.build())
     assert metrics["shortcut"] is None and metrics["residual"]  # no option to show; its connections are on
     exported = resexp("export", str(run_dir), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert exported.stdout.split() == [str(tmp_path / "out" / "densenet-bc10-4.pt")]  # torchvision has none
     weights = torch.load(tmp_path / "out" / "densenet-bc10-4.pt", weights_only=True)
-    again = ARCHS[weights["arch"]](**weights["spec"]).build()
+    again = FAMILIES[weights["arch"]](**weights["spec"]).build()
     again.load_state_dict(weights["state_dict"])
     assert dataclasses.asdict(spec) == weights["spec"]
 
@@ -246,7 +254,7 @@ def test_a_densenet_with_dropout_resumes_bit_identical(tmp_path):
 
 
 def test_the_probes_read_a_densenets_3x3_layers_and_find_no_blocks_to_delete():
-    model = DenseNetSpec(10, "bottleneck", 4, 0.5, 10).build().double().eval()
+    model = DenseNetSpec(10, "bottleneck", 4, 0.5, num_classes=10).build().double().eval()
     layers = response_layers(model)
     # the stem's and each layer's 3x3 conv, each its own response (pre-activation: no BN after it)
     assert [conv.kernel_size for conv, _ in layers] == [(3, 3)] * 4 and all(conv is out for conv, out in layers)

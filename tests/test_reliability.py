@@ -30,8 +30,8 @@ from helpers import (
 from torch.utils.tensorboard import SummaryWriter
 
 from resexp import checkpoint, runs
+from resexp.curves import open_writer
 from resexp.errors import ResexpError
-from resexp.logs import open_writer
 from resexp.runs import EVENTS
 
 

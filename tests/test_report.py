@@ -286,13 +286,15 @@ def test_the_figure_tells_a_depths_units_apart(tmp_path):
 
 
 def test_the_figures_legend_names_each_net_as_its_paper_does():
-    from resexp.plots import legend_name
+    def legend(*overrides: str, letter: bool = False) -> str:
+        return net_spec(compose_config(*overrides)).legend(letter)
 
-    assert legend_name("ResNet", "resnet164-B-preact", 164, "B", False) == "ResNet-164 pre-act"
-    assert legend_name("ResNet", "resnet34-B", 34, "B", True) == "ResNet-34 (B)"  # Table 3's A, B and C side by side
-    assert legend_name("plain", "plain20", 20, None, False) == "plain-20"
-    assert legend_name("ResNet", "wrn28-10-B-preact-dropout0.3", 26, "B", False) == "WRN-28-10 pre-act dropout 0.3"
-    assert legend_name("ResNet", "resnext29-8x64d-B", 29, "B", True) == "ResNeXt-29-8x64d (B)"
+    assert legend("model=resnet164-preact") == "ResNet-164 pre-act"
+    assert legend("model=resnet34", "shortcut=B", letter=True) == "ResNet-34 (B)"  # Table 3's A, B and C side by side
+    assert legend("model=plain20", letter=True) == "plain-20"
+    assert legend("model=wrn28-10", "model.dropout=0.3") == "WRN-28-10 pre-act dropout 0.3"
+    assert legend("model=resnext29-8x64d", "model.preactivation=false", letter=True) == "ResNeXt-29-8x64d (B)"
+    assert legend("model=resnet110", "shortcut=gated", letter=True) == "ResNet-110 gated"
 
 
 def test_a_pre_activation_run_of_resexp_0_8_is_named_apart_from_the_authors_net(tmp_path):

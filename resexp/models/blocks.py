@@ -28,6 +28,24 @@ class ZeroPadShortcut(nn.Module):
         x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
+    def grouped(self, copies: int) -> GroupedZeroPad:
+        """This layer in a group of `copies` side by side along the channels (resexp/group.py)."""
+        return GroupedZeroPad(copies, self)
+
+
+class GroupedZeroPad(ZeroPadShortcut):
+    """Option A's zero channels added to each copy's block of channels, not after the last copy's."""
+
+    def __init__(self, copies: int, shortcut: ZeroPadShortcut) -> None:
+        nn.Module.__init__(self)
+        self.copies, self.extra_channels, self.stride = copies, shortcut.extra_channels, shortcut.stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Padded as (B, H, W, K, C), the group's channels_last memory order, so the residual add reads
+        # both of its terms in one layout.
+        x = x[:, :, :: self.stride, :: self.stride].permute(0, 2, 3, 1).unflatten(3, (self.copies, -1))
+        return F.pad(x, (0, self.extra_channels)).flatten(3).permute(0, 3, 1, 2)
+
 
 def projection(in_channels: int, out_channels: int, stride: int, bn: bool = True) -> nn.Sequential:
     """Options B and C (§3.3, Eq. 2): y = F(x) + W_s x with W_s a strided 1x1 conv, followed by BN in the
@@ -121,6 +139,7 @@ def bottleneck_width(planes: int, cardinality: int, base_width: int) -> int:
 class BasicBlock(nn.Module):
     """Two 3x3 convs (Fig. 2 / Fig. 5 left); the first one strides when the stage downsamples."""
 
+    unit = True  # a unit that the lesion study deletes (resexp.models.units)
     expansion = 1
 
     def __init__(self, in_channels: int, planes: int, stride: int, skip: Skip, dropout_rate: float = 0.0) -> None:
@@ -146,6 +165,7 @@ class Bottleneck(nn.Module):
     first 1x1 (the paper's) or in its 3x3 (torchvision's v1.5): BOTTLENECK_STRIDES. With cardinality > 1,
     ResNeXt's block (Xie et al. 2017, Fig. 3c): the 3x3 conv grouped, and as wide as bottleneck_width says."""
 
+    unit = True  # a unit that the lesion study deletes (resexp.models.units)
     expansion = 4
 
     def __init__(
@@ -176,6 +196,9 @@ class PreActBasicBlock(nn.Module):
     the identity path carries it unchanged. So does the net's first unit, `first` (He et al. 2016,
     appendix: "we adopt the first activation right after conv1 and before splitting into two paths")."""
 
+    unit = True  # a unit that the lesion study deletes (resexp.models.units)
+    # its 3x3 conv's own output is what it hands on: the response of Fig. 7 (resexp.models.responses_at_conv)
+    responds_at_conv = True
     expansion = 1
 
     def __init__(

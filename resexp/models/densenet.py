@@ -16,14 +16,14 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from resexp.errors import ResexpError
 from resexp.models.blocks import conv, dropout
-from resexp.models.names import RESNET_ONLY, canonical_shortcut, densenet_name, refuse_others
+from resexp.models.names import canonical_shortcut, densenet_name
 
 BLOCKS = {"basic": "DenseNet's BN-ReLU-Conv(3x3) layers", "bottleneck": "DenseNet-B's 1x1 conv to 4k maps first"}
 BLOCKS_PER_NET = 3  # their CIFAR nets' dense blocks
@@ -36,9 +36,29 @@ class Concatenate(nn.Module):
     def forward(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, new], 1)
 
+    def grouped(self, copies: int) -> GroupedConcatenate:
+        """This layer in a group of `copies` side by side along the channels (resexp/group.py)."""
+        return GroupedConcatenate(copies)
+
+
+class GroupedConcatenate(Concatenate):
+    """A DenseNet layer's concatenation in a group: each copy's new maps after its own input's, so that
+    every copy's channels stay one block (a plain torch.cat would put all the copies' new maps last)."""
+
+    def __init__(self, copies: int) -> None:
+        nn.Module.__init__(self)
+        self.copies = copies
+
+    def forward(self, x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        # joined as (B, H, W, K, C), the group's channels_last memory order, as blocks.GroupedZeroPad pads
+        x, new = (t.permute(0, 2, 3, 1).unflatten(3, (self.copies, -1)) for t in (x, new))
+        return torch.cat([x, new], 4).flatten(3).permute(0, 3, 1, 2)
+
 
 class DenseLayer(nn.Module):
     """H_l of Eq. 2: its input's maps, then `growth_rate` new ones computed from all of them."""
+
+    responds_at_conv = True  # the maps its 3x3 conv adds are its response (resexp.models.responses_at_conv)
 
     def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool, dropout_rate: float) -> None:
         super().__init__()
@@ -123,13 +143,18 @@ class DenseNet(nn.Module):
 @dataclass(frozen=True)
 class DenseNetSpec:
     """A DenseNet, as data: checked against its paper's choices when made. It has the fields of NetSpec
-    that runs, logs and reports read (depth, residual, shortcut, stem, num_classes)."""
+    that runs, logs and reports read (depth, residual, shortcut, stem, num_classes), and the family's facts
+    (resexp/models/__init__.py's Family)."""
+
+    ARCH: ClassVar[str] = "densenet"  # model.arch
+    TITLE: ClassVar[str] = "DenseNet"  # a figure's panel of its nets (beside the ResNets)
+    OLDER: ClassVar[dict[str, Any]] = {}  # it came in 0.7.0 with every key it has
 
     depth: int  # L: the weighted layers, the stem conv, the layers' convs, the transitions' and the classifier
     block: str  # BLOCKS
-    growth_rate: int  # k: the maps each layer adds
-    compression: float  # θ: the fraction of maps a transition keeps (DenseNet-C: 0.5; 1: none)
-    num_classes: int
+    growth_rate: int = 12  # k: the maps each layer adds
+    compression: float = 0.5  # θ: the fraction of maps a transition keeps (DenseNet-C: 0.5; 1: none)
+    num_classes: int = dataclasses.field(kw_only=True)
     dropout: float = 0.0  # after each conv but the stem's (their rate without data augmentation: 0.2)
     residual: bool = True  # its layers' skip connections are on; a DenseNet has no plain twin here
     shortcut: str = "identity"  # its skip connections: the layers' inputs, passed on whole
@@ -179,13 +204,49 @@ class DenseNetSpec:
         return (self.depth - 4) // step
 
     @classmethod
-    def from_model(cls, model: Mapping[str, Any], shortcut: str, num_classes: int) -> DenseNetSpec:
-        """The DenseNet a config's model node makes (the shortcut also by the paper's letter); a ResNet's key
-        set away from its default is refused."""
-        refuse_others(model, RESNET_ONLY, "densenet")
+    def from_model(cls, model: Mapping[str, Any], shortcut: str, num_classes: int, **missing: Any) -> DenseNetSpec:
+        """The DenseNet a config's model node makes (the shortcut also by the paper's letter)."""
         fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("shortcut", "num_classes")]
         values = {name: model[name] for name in fields if model.get(name) is not None}
         return cls(**values, shortcut=canonical_shortcut(shortcut), num_classes=num_classes)
+
+    @classmethod
+    def name_of(cls, model: Mapping[str, Any], shortcut: str | None, **missing: Any) -> str:
+        """The name of a config's model node, unchecked; keys it lacks take their defaults."""
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        get = {key: fields[key] if model.get(key) is None else model[key] for key in ("growth_rate", "compression")}
+        return densenet_name(model["depth"], model.get("block") or "basic", **get, dropout=model.get("dropout") or 0.0)
+
+    @staticmethod
+    def unused(values: Mapping[str, Any]) -> set[str]:
+        """No key of its own changes nothing in a DenseNet."""
+        return set()
+
+    def as_recorded(self, recorded: Mapping[str, Any]) -> DenseNetSpec:
+        """Every key it has was recorded since it came: the net as made."""
+        return self
+
+    @staticmethod
+    def renamed_0_9(name: str, residual: bool) -> str:
+        """Its nets are named as they were."""
+        return name
+
+    @property
+    def kin(self) -> str:
+        """Its name: a figure's colour for each DenseNet (NetSpec.kin)."""
+        return self.name
+
+    def legend(self, letter: bool) -> str:
+        """DenseNet (L=40, k=12), DenseNet-BC (L=100, k=12) as their paper names them, with θ and dropout."""
+        letters = ("B" if self.block == "bottleneck" else "") + ("C" if self.compression < 1 else "")
+        name = f"DenseNet{'-' + letters if letters else ''} (L={self.depth}, k={self.growth_rate})"
+        if self.compression not in (0.5, 1.0):
+            name += f", θ {self.compression:g}"
+        return name + (f" dropout {self.dropout:g}" if self.dropout else "")
+
+    def torchvision_keys(self) -> None:
+        """None: torchvision's DenseNets are ImageNet's, a CIFAR one has no torchvision twin."""
+        return None
 
     @property
     def name(self) -> str:

@@ -3,9 +3,6 @@ letters, and each family's way of naming its nets, as their papers name them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from resexp.errors import ResexpError
 
 # The shortcut options of §3.3 / Table 3, by name and by the paper's letter, and the gated identity of
@@ -14,36 +11,11 @@ SHORTCUTS = {"identity": "A", "projection": "B", "full": "C", "gated": "gated"}
 # The gates' initial bias b_T (shortcut=gated): He et al. 2016's best for ResNet-110 (their Table 1; 0 to -5 failed).
 GATE_BIAS = -6.0
 
-# The model keys that only one family's nets have (model.arch: resnet or densenet), with the value they
-# keep in the other's: a net refuses another value (it would change nothing), and its identity leaves them out.
 # How a pre-activation net's shortcuts are made: as He et al. 2016's code makes them (a projection with no
 # BN of its own, reading the pre-activated input, which the first unit's identity reads too), or as resexp
 # 0.8 and before made them (a BN after each projection; the first unit's identity reading conv1's output),
 # which older runs keep (resexp/checkpoint.py).
 PREACT_SHORTCUTS = ("authors", "resexp-0.8")
-
-RESNET_ONLY = {
-    "bottleneck_stride": "1x1",
-    "preactivation": False,
-    "preact_shortcut": "authors",
-    "widths": None,
-    "cardinality": 1,
-    "base_width": 64,
-    "gate_bias": GATE_BIAS,
-}
-DENSENET_ONLY = {"growth_rate": 12, "compression": 0.5}
-
-
-def refuse_others(model: Mapping[str, Any], others: Mapping[str, Any], arch: str) -> None:
-    """A one-line error for the first of the other family's keys that `model` sets away from its value."""
-    for key, default in others.items():
-        if model.get(key, default) != default:
-            other = "densenet" if arch == "resnet" else "resnet"
-            raise ResexpError(
-                f"model.{key}={model.get(key)!r} is for model.arch={other}; a net of model.arch={arch} has none: "
-                f"leave it at {default!r}"
-            )
-
 
 # The stem's width, then each stage's planes (a bottleneck stage outputs 4x its planes): §4.2 and Table 1.
 WIDTHS = {"cifar": (16, 16, 32, 64), "imagenet": (64, 64, 128, 256, 512), "small": (64, 64, 128, 256, 512)}
@@ -133,53 +105,3 @@ def densenet_name(depth: int, block: str, growth_rate: int, compression: float, 
     if compression not in (0.5, 1.0):
         name += f"-theta{compression:g}"
     return name + (f"-dropout{dropout:g}" if dropout else "")
-
-
-# The model keys a net's name is made of (model_name), in the order of the model presets.
-NAME_KEYS = (
-    "arch",
-    "depth",
-    "residual",
-    "block",
-    "stem",
-    "bottleneck_stride",
-    "preactivation",
-    "widths",
-    "cardinality",
-    "base_width",
-    "dropout",
-    "gate_bias",
-    "preact_shortcut",
-    "growth_rate",
-    "compression",
-)
-
-
-def model_name(model: Mapping[str, Any], shortcut: str | None, **missing: Any) -> str:
-    """net_name of a config's model node (`shortcut`: a canonical_shortcut name; None for a plain net),
-    unchecked, so that even a net the config check will refuse has a name; keys the node lacks take
-    `missing`'s values, else the 2015 paper's."""
-
-    def get(key: str, default: Any) -> Any:
-        value = model.get(key)
-        return missing.get(key, default) if value is None else value
-
-    if get("arch", "resnet") == "densenet":
-        growth_rate, compression = (get(key, DENSENET_ONLY[key]) for key in ("growth_rate", "compression"))
-        return densenet_name(model["depth"], get("block", "basic"), growth_rate, compression, get("dropout", 0.0))
-    widths = get("widths", None)
-    return net_name(
-        model["residual"],
-        model["depth"],
-        shortcut,
-        get("block", "basic"),
-        get("bottleneck_stride", "1x1"),
-        bool(get("preactivation", False)),
-        stem=get("stem", "cifar"),
-        widths=None if widths is None else tuple(widths),
-        cardinality=get("cardinality", 1),
-        base_width=get("base_width", 64),
-        dropout=get("dropout", 0.0),
-        gate_bias=get("gate_bias", GATE_BIAS),
-        preact_shortcut=get("preact_shortcut", "authors"),
-    )

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,16 +30,7 @@ from resexp.models.blocks import (
     conv,
     conv_bn,
 )
-from resexp.models.names import (
-    DENSENET_ONLY,
-    GATE_BIAS,
-    PREACT_SHORTCUTS,
-    SHORTCUTS,
-    WIDTHS,
-    canonical_shortcut,
-    net_name,
-    refuse_others,
-)
+from resexp.models.names import GATE_BIAS, PREACT_SHORTCUTS, SHORTCUTS, WIDTHS, canonical_shortcut, net_name
 
 # re-exported for group and probes (the blocks) and for the modules that name nets
 __all__ = [
@@ -184,7 +175,25 @@ class ResNet(nn.Module):
 
 @dataclass(frozen=True)
 class NetSpec:
-    """One net of the family, as data: checked against the paper's choices when made."""
+    """One net of the family, as data: checked against the paper's choices when made. The family's facts
+    that the rest of resexp asks for (resexp/models/__init__.py's Family) are its class attributes and
+    methods."""
+
+    ARCH: ClassVar[str] = "resnet"  # model.arch
+    TITLE: ClassVar[str] = ""  # a figure's panel of its nets: the paper's own ("plain", "ResNet")
+    # What older runs, whose checkpoints did not record these keys, were: before 0.4.0 every bottleneck
+    # strode in its 3x3 conv and every unit was the paper's; widths, groups and dropout came in 0.5.0, the
+    # gates' bias in 0.6.0, and pre-activation shortcuts before 0.9.0 were resexp's own.
+    OLDER: ClassVar[dict[str, Any]] = {
+        "bottleneck_stride": "3x3",
+        "preactivation": False,
+        "widths": None,
+        "cardinality": 1,
+        "base_width": 64,
+        "dropout": 0.0,
+        "gate_bias": GATE_BIAS,
+        "preact_shortcut": "resexp-0.8",
+    }
 
     depth: int  # weighted layers: 6n+2 on CIFAR, 18/34/50/101/152 on ImageNet
     residual: bool  # False: the plain twin
@@ -263,9 +272,7 @@ class NetSpec:
 
     @classmethod
     def from_model(cls, model: Mapping[str, Any], shortcut: str, num_classes: int, **missing: Any) -> NetSpec:
-        """The net a config's model node makes (keys it lacks take `missing`'s values, else the defaults);
-        a DenseNet's key set away from its default is refused."""
-        refuse_others(model, DENSENET_ONLY, "resnet")
+        """The net a config's model node makes (keys it lacks take `missing`'s values, else the defaults)."""
         values = {
             f.name: model.get(f.name, missing.get(f.name, f.default))
             for f in dataclasses.fields(cls)
@@ -273,7 +280,85 @@ class NetSpec:
         }
         if values["widths"] is not None:
             values["widths"] = tuple(values["widths"])
+        if not values["preactivation"] and "preact_shortcut" not in model:  # older values for another net's units
+            values["preact_shortcut"] = FIELDS["preact_shortcut"].default
         return cls(shortcut=canonical_shortcut(shortcut), num_classes=num_classes, **values)
+
+    @classmethod
+    def name_of(cls, model: Mapping[str, Any], shortcut: str | None, **missing: Any) -> str:
+        """The name of a config's model node, unchecked (a net the config check will refuse has one too);
+        keys the node lacks take `missing`'s values, else the defaults."""
+
+        def get(key: str) -> Any:
+            value = model.get(key)
+            return missing.get(key, NAME_DEFAULTS[key]) if value is None else value
+
+        widths = get("widths")
+        return net_name(
+            model["residual"],
+            model["depth"],
+            shortcut,
+            get("block"),
+            get("bottleneck_stride"),
+            bool(get("preactivation")),
+            stem=get("stem"),
+            widths=None if widths is None else tuple(widths),
+            **{key: get(key) for key in ("cardinality", "base_width", "dropout", "gate_bias", "preact_shortcut")},
+        )
+
+    @staticmethod
+    def unused(values: Mapping[str, Any]) -> set[str]:
+        """The model keys of a run's settings (`model.key: value`) that change nothing in its net, which its
+        identity leaves out: the bottleneck's stride in a net of basic blocks, the gates' bias without
+        gates, how pre-activation shortcuts are made in a net without them."""
+        unused = set() if values.get("model.block") == "bottleneck" else {"model.bottleneck_stride"}
+        if str(values.get("shortcut")).lower() != "gated":
+            unused.add("model.gate_bias")
+        if not values.get("model.preactivation") or values.get("model.residual") is False:
+            unused.add("model.preact_shortcut")
+        return unused
+
+    def as_recorded(self, recorded: Mapping[str, Any]) -> NetSpec:
+        """This net as a checkpoint's identity (`model.key: value`, older runs' values filled in) says it was
+        trained: its bottlenecks' stride (its conf/ may predate the key) and its pre-activation shortcuts (a
+        run of 0.8 or before has resexp's own)."""
+        net = dataclasses.replace(self, bottleneck_stride=recorded["model.bottleneck_stride"])
+        return dataclasses.replace(net, preact_shortcut=recorded["model.preact_shortcut"]) if net.preactivation else net
+
+    @staticmethod
+    def renamed_0_9(name: str, residual: bool) -> str:
+        """A pre-activation net that a run before 0.9.0 trained had resexp 0.8's shortcuts, not the
+        authors': named apart (`resnet164-B-preact-resexp-0.8`), as a saved config of it names it."""
+        return f"{name}-resexp-0.8" if residual and "-preact" in name else name
+
+    @property
+    def kin(self) -> str:
+        """What the name says beyond depth, plain or residual and the shortcut's letter (-preact, -v1.5,
+        -gated, ...): a figure gives nets of one depth and kin one colour, in both panels."""
+        return re.sub(r"^(plain|resnet)\d+(-[ABC])?", "", self.name)
+
+    def legend(self, letter: bool) -> str:
+        """ResNet-56, plain-20, ResNet-164 pre-act, ResNet-34 (B) where `letter` (A, B and C side by side);
+        WRN-28-10 pre-act and ResNeXt-29-8x64d as their papers name them, with their dropout."""
+        name, shown = self.name, letter and self.residual and self.shortcut != "gated"  # gated says so
+        family = re.match(r"(plain-wrn|wrn|resnext)(?=\d)", name)
+        if family:
+            name = LEGEND_FAMILIES[family[0]] + name[family.end() :]
+            name = re.sub(r"-[ABC](?=-|$)", f" ({SHORTCUTS[self.shortcut]})" if shown else "", name)
+        else:
+            name = f"{'ResNet' if self.residual else 'plain'}-{self.depth}"
+            name += (f" ({SHORTCUTS[self.shortcut]})" if shown else "") + self.kin
+        for tag, words in (
+            ("-preact", " pre-act"),
+            ("-v1.5", " v1.5"),
+            ("-dropout", " dropout "),
+            ("-gated", " gated"),
+        ):
+            name = name.replace(tag, words)
+        return name.replace("-gatebias", ", gate bias ")
+
+    def torchvision_keys(self) -> Callable[[str], str] | None:
+        return torchvision_keys(self)
 
     @property
     def variant(self) -> dict[str, Any]:
@@ -326,6 +411,17 @@ class NetSpec:
             self.preactivation,
             **self.variant,
         )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(NetSpec)}
+# What a model node that lacks a key is named as (NetSpec.name_of): the 2015 paper's CIFAR net.
+NAME_DEFAULTS = {
+    "block": "basic",
+    "stem": "cifar",
+    **{f.name: f.default for f in dataclasses.fields(NetSpec) if f.default is not dataclasses.MISSING},
+}
+# Families named after their papers (names.net_name), as their papers write them.
+LEGEND_FAMILIES = {"plain-wrn": "plain WRN-", "wrn": "WRN-", "resnext": "ResNeXt-"}
 
 
 def build_model(
