@@ -118,8 +118,8 @@ OLDER = {"model.arch": DEFAULT} | {
 
 
 def family_of(model: Mapping[str, Any]) -> type[Family]:
-    """The family a model node (or `model.key: value` settings) names; a one-line error for another."""
-    arch = model.get("arch", model.get("model.arch", DEFAULT)) or DEFAULT
+    """The family a config's model node names; a one-line error for another."""
+    arch = model.get("arch", DEFAULT)
     if arch not in FAMILIES:  # also refused with the config's other values (resexp/checks.py), in the same words
         raise ResexpError(f"model.arch={arch!r} is not an option; choose {' or '.join(FAMILIES)}")
     return FAMILIES[arch]
@@ -131,7 +131,7 @@ def spec_of(model: Mapping[str, Any], shortcut: str, num_classes: int, **missing
     family = family_of(model)
     for other in FAMILIES.values():
         for key, default in own_keys(other).items() if other is not family else ():
-            if key not in own_keys(family) and model.get(key, default) != default:
+            if model.get(key, default) != default:
                 raise ResexpError(
                     f"model.{key}={model.get(key)!r} is for model.arch={other.ARCH}; a net of "
                     f"model.arch={family.ARCH} has none: leave it at {default!r}"
