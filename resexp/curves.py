@@ -18,7 +18,7 @@ from resexp.files import refuse_links
 from resexp.logs import Board
 from resexp.probes import response_layers, stage_names, step_gradient_norms
 from resexp.runs import EVENTS
-from resexp.tags import HELD_OUT_METRICS, LR, TRAIN_ERROR, TRAIN_LOSS, held_out_tag, iteration_tag
+from resexp.tags import HELD_OUT_METRICS, LR, TOP5, TRAIN_ERROR, TRAIN_LOSS, held_out_tag, iteration_tag
 
 
 class Curves:
@@ -55,7 +55,7 @@ class Curves:
     ) -> None:
         """An evaluation of the held-out set `name`: its metrics (the top-5 error where `top5`) into `final`
         and the curves."""
-        for metric in HELD_OUT_METRICS[: 3 if top5 else 2]:
+        for metric in [metric for metric in HELD_OUT_METRICS if top5 or metric != TOP5]:
             final[held_out_tag(metric, name)] = result[metric]
             if metric != "error":
                 self.writer.add_scalar(held_out_tag(metric, name), result[metric], iteration)

@@ -2,7 +2,8 @@
 metrics.json's final and best values, which are the same names."""
 
 TRAIN_ERROR, TRAIN_LOSS, LR = "error/train", "loss/train", "lr"  # %, mean cross-entropy, the step's rate
-HELD_OUT_METRICS = ("error", "loss", "error_top5")  # what an evaluation gives (evaluate.evaluate's keys)
+TOP5 = "error_top5"  # % of images whose label is not among the 5 highest scores (ImageNet's)
+HELD_OUT_METRICS = ("error", "loss", TOP5)  # what an evaluation gives (evaluate.evaluate's keys)
 
 
 def held_out_tag(metric: str, name: str) -> str:
@@ -21,4 +22,4 @@ def best_tag(tag: str) -> str:
 
 
 TEST_ERROR, VAL_ERROR = held_out_tag("error", "test"), held_out_tag("error", "val")
-TEST_TOP5 = held_out_tag("error_top5", "test")
+TEST_TOP5 = held_out_tag(TOP5, "test")

@@ -418,7 +418,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(NetSpec)}
 NAME_DEFAULTS = {
     "block": "basic",
     "stem": "cifar",
-    **{f.name: f.default for f in dataclasses.fields(NetSpec) if f.default is not dataclasses.MISSING},
+    **{name: f.default for name, f in FIELDS.items() if f.default is not dataclasses.MISSING},
 }
 # Families named after their papers (names.net_name), as their papers write them.
 LEGEND_FAMILIES = {"plain-wrn": "plain WRN-", "wrn": "WRN-", "resnext": "ResNeXt-"}
