@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # torchrun's flags that `resexp train` takes (the rest of torchrun's would mean something else to Hydra's
 # parser: -m is Hydra's multirun), each followed by its value unless it is a switch.
@@ -81,6 +81,20 @@ def exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The (rank, failure) among torchrun's `failures` (its ProcessFailures) that says why the run ended.
+
+    A process killed from outside (a signal other than torchrun's own SIGTERM to the rest) is what the others'
+    lost peer was, whichever exit torchrun saw first. Else the earliest process that ended of itself (an exit
+    code > 0: a refusal, a lost peer): torchrun's SIGTERM can reach a process that was refusing too, and
+    torchrun's timestamps are whole seconds, so "earliest" alone would often name the one it killed."""
+    ranks = sorted(failures)
+    outside = [r for r in ranks if failures[r].exitcode < 0 and failures[r].exitcode != -signal.SIGTERM]
+    ended = [r for r in ranks if failures[r].exitcode > 0]
+    rank = outside[0] if outside else min(ended or ranks, key=lambda r: failures[r].timestamp)
+    return rank, failures[rank]
+
+
 def torchrun(flags: list[str], rest: list[str]) -> NoReturn:
     """Train one run over the processes `flags` ask for (torchrun's), then exit as the run ended."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -97,12 +111,7 @@ def torchrun(flags: list[str], rest: list[str]) -> NoReturn:
     try:
         run(parse_args([*flags, "--log-dir", str(log_dir), "--module", "resexp", "train", *rest]))
     except ChildFailedError as error:
-        # A process killed from outside (not by torchrun's SIGTERM to the rest) is what the others' lost
-        # peer was, whichever exit torchrun saw first; else the first failure (torchrun stopped the others)
-        killed_outside = [
-            (r, f) for r, f in sorted(error.failures.items()) if f.exitcode < 0 and f.exitcode != -signal.SIGTERM
-        ]
-        rank, first = killed_outside[0] if killed_outside else error.get_first_failure()
+        rank, first = first_failure(error.failures)
         code, first_local = exit_code(first.exitcode), first.local_rank
         if first.exitcode < 0:  # killed from outside (the OOM killer, a SIGKILL): it could say nothing itself
             killed = [f"rank {rank} was killed by {first.signal_name()}"]

@@ -1,15 +1,30 @@
-"""Fixtures: the local data copies (RESEXP_DATA, set by .ci/run), and the `gpu` marker's skip where CUDA is missing."""
+"""Fixtures: the local data copies (RESEXP_DATA, set by .ci/run); the `gpu` marker's skip where CUDA is missing;
+under pytest-xdist (`pytest -n auto`, the README's command), each worker's share of the cores, and the `slow`
+tests handed out first."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Each of N xdist workers gets 1/N of the cores: torch's threads default to all of them, and N processes each
+# spinning threads on every core train slower than one does. Set before torch starts its thread pool, and
+# inherited by the processes the tests start (resexp train, torchrun's workers).
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(workers)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if workers:  # where a plugin imported torch before this file: its pool is sized here instead
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The longest first: xdist hands tests out in this order, so the workers end together rather than one
+    # of them starting a minute of training while the other has nothing left (a stable sort keeps the rest).
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

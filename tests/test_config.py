@@ -1,3 +1,4 @@
+import functools
 import re
 
 import pytest
@@ -14,6 +15,15 @@ from resexp.train import Schedule, learning_rate
 def make_model(cfg):
     spec = net_spec(cfg)
     return spec.build(), spec.name
+
+
+@functools.cache
+def classifier_and_output(spec, size: int) -> tuple[int, tuple[int, ...]]:
+    """A net's classifier width and its output's shape for two images of `size`: built and run once per net
+    (the datasets of one class count make the same one, and resnet1202 takes a second to build)."""
+    net = spec.build().eval()
+    with torch.inference_mode():
+        return net.fc.out_features, tuple(net(torch.randn(2, 3, size, size)).shape)
 
 
 IMAGENET = {"plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
@@ -41,7 +51,7 @@ def test_the_presets_are_the_papers_nets():
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_composes_with_every_dataset(model, data):
     cfg = compose_config(f"model={model}", f"data={data}")
-    net, name = make_model(cfg)
+    name = net_spec(cfg).name
     family = next(
         (kind for kind, presets in (("wrn", WRN), ("resnext", RESNEXT), ("densenet", DENSENET)) if model in presets),
         "resnet" if cfg.model.residual else "plain",
@@ -51,12 +61,9 @@ def test_every_model_composes_with_every_dataset(model, data):
     # classifier; a DenseNet-BC says so before its depth
     depth = name.removeprefix(family).removeprefix("-bc")
     assert depth.startswith(str(cfg.model.depth + (2 if model in WRN else 0)))
-    assert net.fc.out_features == cfg.data.num_classes
     size = 224 if model == "resnet18" else 32  # ImageNet nets also run on CIFAR-sized images
-    net.eval()
-    with torch.inference_mode():
-        out = net(torch.randn(2, 3, size, size))
-    assert out.shape == (2, cfg.data.num_classes)
+    classes, shape = classifier_and_output(net_spec(cfg), size)
+    assert classes == cfg.data.num_classes and shape == (2, cfg.data.num_classes)
     plan = schedule(cfg)
     if family in OWN_RECIPES:
         optim = cfg.optim

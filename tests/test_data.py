@@ -307,6 +307,7 @@ def test_cifar100_refuses_a_folder_it_cannot_use_in_one_line(tmp_path):
         cifar.read_batch(tmp_path / "cifar-100-python" / "train", cifar.CIFAR100)
 
 
+@pytest.mark.slow
 def test_data_cifar100_trains_from_the_command_line(tmp_path):
     from helpers import resexp
 

@@ -28,7 +28,7 @@ from helpers import (
     wait_for,
 )
 
-from resexp import checkpoint, config, distributed, runs
+from resexp import checkpoint, config, distributed, launch, runs
 from resexp.data import Shard, synthetic
 from resexp.data.imagenet_folders import EpochOrder
 from resexp.errors import Interrupted
@@ -82,6 +82,7 @@ def two(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run_that_rank_0_writes(two):
     run_dir = two / "run"
     assert sorted(path.name for path in run_dir.iterdir()) == sorted(
@@ -100,6 +101,7 @@ def test_two_processes_train_one_run_that_rank_0_writes(two):
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_sync_bn_is_one_process_with_the_global_batch(tmp_path):
     """BN over the global batch makes two processes of 8 images one process of 16, to rounding: the
     float64 computations agree closely, and the float32 one of two processes is no further from the
@@ -121,6 +123,7 @@ def test_sync_bn_is_one_process_with_the_global_batch(tmp_path):
     assert largest_difference(found[2, "float32"], reference) <= 4 * own
 
 
+@pytest.mark.slow
 def test_a_sigterm_stops_both_processes_at_one_step_and_the_run_resumes_exactly(two, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RESEXP_TEST_STEP_SECONDS": "0.3"}
@@ -297,6 +300,7 @@ def sweep(tmp_path: Path, *overrides: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @needs_submitit
 def test_a_submitit_local_sweep_trains_and_names_its_runs(tmp_path):
     folder = sweep(tmp_path, "seed=7,8", "hydra/launcher=submitit_local")
@@ -353,6 +357,24 @@ def test_a_refusal_under_resexps_launch_is_one_line_and_exit_2(tmp_path):
     process = launched("schedule.batch_size=15", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     _, err = process.communicate(timeout=300)
     assert_one_line_error(subprocess.CompletedProcess([], process.returncode, "", err), "does not split over 2")
+
+
+def test_the_line_and_exit_code_are_the_process_that_ended_of_itself_not_one_torchrun_stopped(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, exitcode: int, timestamp: int) -> ProcessFailure:
+        made = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(tmp_path / "none"))
+        made.timestamp = timestamp  # torchrun's whole seconds: a tie is the common case
+        return made
+
+    refused_while_stopped = {0: failure(0, -signal.SIGTERM, 7), 1: failure(1, 2, 7)}
+    assert launch.first_failure(refused_while_stopped)[0] == 1
+    # a SIGKILL from outside names its rank even where a peer's lost-connection exit came first
+    lost = {0: failure(0, 1, 5), 1: failure(1, -signal.SIGKILL, 6)}
+    assert launch.first_failure(lost)[0] == 1
+    # of two that ended of themselves, the earlier; where only torchrun's SIGTERMs are left, the earliest
+    assert launch.first_failure({0: failure(0, 2, 9), 1: failure(1, 1, 8)})[0] == 1
+    assert launch.first_failure({0: failure(0, -signal.SIGTERM, 9), 1: failure(1, -signal.SIGTERM, 8)})[0] == 1
 
 
 def test_a_sigterm_to_resexps_launch_is_one_line_with_the_command_that_resumes(tmp_path):

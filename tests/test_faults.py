@@ -35,6 +35,7 @@ def finished(tmp_path_factory) -> Path:
 # --- Two processes, one run directory
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_training_run_is_refused_naming_the_first_and_changes_nothing(tmp_path, straight):
     run_dir = tmp_path / "run"
     first = start(run_dir)

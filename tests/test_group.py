@@ -142,6 +142,7 @@ def test_skip_nonfinite_in_a_group_skips_only_the_run_whose_loss_is_not_finite()
     assert moved == [False, True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sweep, members, grouped_as",
     [
@@ -220,6 +221,7 @@ def test_max_runs_counts_a_group_as_one_training(tmp_path):
     assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2
 
 
+@pytest.mark.slow
 def test_a_stopped_group_checkpoints_its_runs_at_one_iteration_and_resumes_them_as_a_group(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *RUN, "seed=0,1", "hydra.launcher.group_runs=true", f"hydra.sweep.dir={sweep}"]

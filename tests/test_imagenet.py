@@ -161,6 +161,7 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path, sample, workers):
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_an_imagenet_net_trains_on_imagenet_and_reports_tables_2_and_3(tmp_path, root):
     run = tmp_path / "run"
     result = resexp(

@@ -142,6 +142,7 @@ def test_a_stopped_prepare_resumes_and_ends_as_one_that_ran_through(root, packed
     assert sorted(decoded) == [0, 10, 20, 30, 40] and arrays(tmp_path, "train")[0].shape[0] == 50
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_resumes_and_ends_as_one_that_ran_through(root, packed, tmp_path):
     import signal
     import subprocess
@@ -261,6 +262,7 @@ def test_shards_of_two_ranks_serve_one_processs_batches(packed):
         assert torch.equal(torch.cat([rank.drawn for rank in ranks]), whole.drawn)
 
 
+@pytest.mark.slow
 def test_a_packed_run_trains_stops_and_resumes_bit_identically(tmp_path, packed):
     net = ["model=resnet18", "data=imagenet_packed", f"data.root={packed}", f"data.size={S}"]
     net += ["data.num_classes=104", "data.eval_batch_size=52", "schedule.batch_size=8", "schedule.iterations=30"]

@@ -54,6 +54,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, straight):
     assert_same_run(run_dir, straight)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, straight):
     run_dir = tmp_path / "run"
     rng = random.Random(5)
@@ -90,6 +91,7 @@ def test_finished_runs_are_skipped_and_never_overwritten(tmp_path, straight):
     assert (straight / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     # Hydra's basic launcher: one run after another, so the first has finished when the second is stopped.
     sweep = tmp_path / "sweep"
@@ -120,6 +122,7 @@ def test_a_resumed_multirun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     assert json.loads((second / "metrics.json").read_text())["iterations"] == RUN_ITERATIONS
 
 
+@pytest.mark.slow
 def test_a_stopped_shared_gpu_sweep_checkpoints_every_run_and_resumes_them(tmp_path):
     # The default launcher trains the runs at once: a SIGTERM stops and checkpoints all of them.
     sweep = tmp_path / "sweep"
@@ -326,6 +329,7 @@ def test_a_wide_resnet_with_dropout_resumes_bit_identical(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_dropout_sweep_on_the_shared_gpu_launcher_resumes_exactly_and_each_run_is_the_run_alone(tmp_path):
     """Dropout draws from torch's global generator, which preparing the next run of a batch reseeds: each
     run's generators are put back right before its first step (resexp/jobs.py)."""

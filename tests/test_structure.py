@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import identities
+import pytest
 from helpers import REPO
 
 PACKAGES = ("resexp", "hydra_plugins")
@@ -140,6 +141,7 @@ def test_the_models_package_has_one_door():
     assert not {door for door in entered if door.split(".")[2] in inside}, entered  # resexp.models alone
 
 
+@pytest.mark.slow
 def test_every_preset_on_every_dataset_keeps_the_identity_and_name_its_runs_recorded():
     recorded = json.loads(identities.RECORD.read_text())
     now = identities.record()
