@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headl
 from resexp import probes
 from resexp.files import atomic_write_text, staged
 from resexp.plots import save_figure
-from resexp.runs import plain_events
+from resexp.runs import plain_events, state
 from resexp.saved import SavedRun, built, weights
 
 POOLING = "std per channel over images and positions, averaged over channels; eval mode, test images"
@@ -65,8 +65,8 @@ def logged_gradients(run_dir: Path) -> list[dict[str, Any]]:
 
 def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str, Any]:
     """Every measurement of one run, as plain numbers."""
-    state, iteration = weights(run)
-    trained = built(run, state).to(device)
+    saved, iteration = weights(run)
+    trained = built(run, saved).to(device)
     torch.manual_seed(run.seed)  # the run's own initial weights (resexp/jobs.py builds them so)
     initial = run.net.build().to(device)
     data = run.data(batch_size=run.batch_size, seed=run.seed, device=device)
@@ -78,6 +78,7 @@ def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str
         "residual": run.net.residual,
         "depth": run.net.depth,
         "iteration": iteration,
+        "state": state(run.run_dir).short,  # as `resexp report` and `eval` say it
         "responses": probes.layer_responses(trained, test, device),
         "gradients": {
             "initial": probes.gradient_norms(initial, train, device),
@@ -116,14 +117,14 @@ def ratio(norms: list[float]) -> float:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| net | iteration | mean response std | grad first/last, initial | grad first/last, trained | "
+        "| net | state | iteration | mean response std | grad first/last, initial | grad first/last, trained | "
         "test err % | worst single lesion err % |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["residual"], r["depth"])):
         single = [value for value in r["lesion"]["single"] if not math.isnan(value)]
         lines.append(
-            f"| {r['net']} | {r['iteration']} | {sum(r['responses']) / len(r['responses']):.3f} | "
+            f"| {r['net']} | {r['state']} | {r['iteration']} | {sum(r['responses']) / len(r['responses']):.3f} | "
             f"{ratio(r['gradients']['initial']):.3g} | {ratio(r['gradients']['trained']):.3g} | "
             f"{r['lesion']['error']:.2f} | {max(single) if single else math.nan:.2f} |"
         )

@@ -170,11 +170,12 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any], another: str = "hydra.run.dir") -> None:
     """A checkpoint continues only the run that wrote it: the same net, shortcut, data and recipe (the
     identities: a run's settings but where and how it runs). Resuming with another number of processes
     is refused: without sync_bn, BN's statistics are over each process's share of the batch, so that the
-    number is part of the experiment (the paper's CIFAR nets: 2 GPUs of 64 images)."""
+    number is part of the experiment (the paper's CIFAR nets: 2 GPUs of 64 images). `another`: where a new
+    run would go instead (a sweep's is hydra.sweep.dir)."""
     saved, current = {**ADDED, **saved}, {**ADDED, **current}
     before, now = saved["processes"], current["processes"]
     if before != now:
@@ -185,10 +186,10 @@ def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
         )
         raise ResexpError(
             f"{path} was trained by {before} process{'es' if before > 1 else ''}, and this command runs {now}: "
-            f"resume it {how}, or use another hydra.run.dir to start a new run"
+            f"resume it {how}, or use another {another} to start a new run"
         )
     if found := differences(identity(saved), identity(current)):
         raise ResexpError(
             f"{path} belongs to another experiment ({'; '.join(found)}); "
-            "use the same settings to resume it, or another hydra.run.dir to start a new run"
+            f"use the same settings to resume it, or another {another} to start a new run"
         )

@@ -170,7 +170,7 @@ def evaluate(rest: list[str]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from resexp import config
+    from resexp import config, runs
     from resexp.files import atomic_write_text
     from resexp.saved_commands import evaluate_run
 
@@ -181,13 +181,18 @@ def evaluate(rest: list[str]) -> None:
     try:
         args, saved = trained_runs(parser, rest)
         device = config.pick_device(args.device)
-        rows = [row for run in saved for row in evaluate_run(run, device, args.precision)]
+        rows = [
+            {**row, "state": runs.state(run.run_dir).short}  # as `resexp report` and `analyze` say it
+            for run in saved
+            for row in evaluate_run(run, device, args.precision)
+        ]
     except ResexpError as error:
         fail(f"error: {error}")
-    table = Table("run", "net", "iteration", "set", "views", "top-1 err %", "top-5 err %")
+    table = Table("run", "net", "state", "iteration", "set", "views", "top-1 err %", "top-5 err %")
     for row in rows:
         top5 = f"{row['error_top5']:.2f}" if "error_top5" in row else "-"
-        cells = (row["run"], row["net"], row["iteration"], row["set"], row["views"], f"{row['error']:.2f}", top5)
+        cells = (row["run"], row["net"], row["state"], row["iteration"], row["set"], row["views"])
+        cells += (f"{row['error']:.2f}", top5)
         table.add_row(*(Text(str(cell)) for cell in cells))  # a path is text, never markup
     text = json.dumps(rows, indent=2) + "\n"
     if args.json is not None and str(args.json) == "-":
@@ -326,20 +331,27 @@ def complete(argv: list[str]) -> None:
     # the other commands take paths: the shell completes them (-o default)
 
 
-def check_modes(rest: list[str]) -> None:
-    """Hydra refuses two of -m, --cfg, --info, -sc with a traceback: say it in one line."""
+def check_modes(rest: list[str]) -> list[str]:
+    """Hydra refuses two of -m, --cfg, --info, -sc with a traceback: say it in one line. Returns the
+    overrides among `rest` (as Hydra's parser reads them: `-sc query=bash` is a flag's value)."""
     from hydra._internal.utils import get_args_parser
 
     try:
         args, _ = get_args_parser().parse_known_args(rest)
     except SystemExit:  # a malformed flag: Hydra's own parser says what is wrong
-        return
+        return []
     given = [flag for name, flag in MODES.items() if getattr(args, name)]
     if len(given) > 1:
         fail(
             f"error: {' and '.join(given)} cannot be used together; for the config of a sweep's runs, "
             "drop -m and give one run's values (`resexp train --cfg job model=plain56`)"
         )
+    if not given:  # one run: a preset that is a sweep would train one default net instead of its runs
+        from resexp import config
+
+        if said := config.sweep_preset([arg for arg in args.overrides if "=" in arg]):
+            fail(f"error: {said}")
+    return [] if args.shell_completion else [arg for arg in args.overrides if "=" in arg]  # -sc query=bash: Hydra's
 
 
 def train(rest: list[str]) -> None:
@@ -354,7 +366,12 @@ def train(rest: list[str]) -> None:
     # the deterministic runs train (their batch comes later): set before any run. Eight 4 MiB workspaces,
     # which a ResNet's one matmul (its classifier) does not miss.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    check_modes(rest)
+    if "--version" in rest:  # Hydra's flag would print Hydra's version alone
+        import resexp
+
+        print(f"resexp {resexp.__version__} (Hydra {hydra.__version__})")
+        return
+    overrides = check_modes(rest)
     if not distributed.start().main:  # under torchrun: rank 0 writes Hydra's record of the run
         rest = [*rest, "hydra.output_subdir=null"]
     config.register()
@@ -373,7 +390,7 @@ def train(rest: list[str]) -> None:
     Plugins.instance().register(SharedGPULauncher)
     try:
         with record.recorded():  # a sweep that ended before any of its runs started leaves no directory
-            config.check_choices([arg for arg in rest if "=" in arg and not arg.startswith("-")])
+            config.check_overrides(overrides)
             hydra.main(config_path=config_path, config_name="train", **config.HYDRA_MAIN)(train_task)()
         distributed.finish()  # every process is done: they leave together
     except BrokenPipeError:  # not the run directory: the reader of a pipe left (main)

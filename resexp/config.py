@@ -14,6 +14,7 @@ run's net and data again from its directory, for `resexp eval` and `resexp expor
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import importlib.resources
 import inspect
@@ -144,8 +145,9 @@ def compose(*overrides: str, hydra_node: bool = False) -> DictConfig:
         return hydra.compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
 
 
-def check_choices(overrides: list[str]) -> None:
-    """Name a bad config choice (`model=nope`) in one line, before Hydra prints its long report."""
+def check_overrides(overrides: list[str], keys: bool = True) -> None:
+    """Name a bad config choice (`model=nope`) or a key no config has (`iterations=100`, `+modle=resnet20`)
+    in one line, before Hydra prints its long report, or appends a typo that nothing reads."""
     root = config_dir()
     groups = {entry.name for entry in root.iterdir() if entry.is_dir() and entry.name not in ("hydra", "__pycache__")}
     try:
@@ -154,7 +156,13 @@ def check_choices(overrides: list[str]) -> None:
         return
     for override in parsed:
         group = override.key_or_group
-        if group not in groups or override.is_delete() or override.package is not None:
+        if override.package is not None or group.split(".")[0].split("/")[0] == "hydra":  # Hydra's own
+            continue
+        if group not in groups:
+            if keys:
+                check_key(group, sorted(groups))
+            continue
+        if override.is_delete():
             continue
         options = sorted(
             entry.name.removesuffix(".yaml") for entry in root.joinpath(group).iterdir() if entry.name.endswith(".yaml")
@@ -169,6 +177,47 @@ def check_choices(overrides: list[str]) -> None:
                 raise ResexpError(
                     f"{group}={value!r} is not one of the {group} configs; choose one of {', '.join(options)}"
                 )
+
+
+def sweep_preset(overrides: list[str]) -> str | None:
+    """Where the overrides choose an experiment preset that is a sweep (its hydra.sweeper.params), what to
+    say of it to a command without -m: it names the runs and the command that trains them."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra's own parser says what is wrong
+        return None
+    chosen = [
+        o.get_value_element_as_str() for o in parsed if o.key_or_group == "experiment" and not o.is_sweep_override()
+    ]
+    path = config_dir() / "experiment" / f"{chosen[-1]}.yaml" if chosen else None
+    if path is None or not path.is_file():  # none, or not a preset: check_overrides names the choices
+        return None
+    params = ((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("sweeper", {}).get("params") or {}
+    if not params:
+        return None
+    swept = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    runs = math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in swept)
+    return (
+        f"experiment={chosen[-1]} is a sweep of {runs} runs ({', '.join(params)}); train them with -m: "
+        f"resexp train -m experiment={chosen[-1]}"
+    )
+
+
+def check_key(key: str, groups: list[str]) -> None:
+    """A key of the command line that some config has (schemas.known_keys: any data config's counts, which
+    Hydra then checks against the chosen one), or a one-line error naming the closest real ones."""
+    known = schemas.known_keys()
+    if key in known or any(key.startswith(f"{whole}.") for whole, takes_keys in known.items() if takes_keys):
+        return
+    lasts = {whole: whole.rsplit(".", 1)[-1] for whole in known}
+    last = key.rsplit(".", 1)[-1]
+    near = [whole for whole, end in lasts.items() if end == last]  # iterations: schedule.iterations
+    if not near:  # a typo: modle (model), iteration (schedule.iterations)
+        near = difflib.get_close_matches(key, [*known, *groups], n=3, cutoff=0.75)
+        close = set(difflib.get_close_matches(last, set(lasts.values()), n=3))
+        near += [whole for whole, end in lasts.items() if end in close]
+    guess = f"; did you mean {' or '.join(list(dict.fromkeys(near))[:3])}?" if near else ""
+    raise ResexpError(f"{key} is no key of resexp's configs{guess} (`resexp train --cfg job` shows them all)")
 
 
 def flat(cfg: DictConfig) -> dict[str, Any]:
@@ -346,7 +395,18 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
         resume_command=resume_command(hydra_cfg),
         remedies=remedies(hydra_cfg, cfg.optim.lr),
         varies=sweep_values(hydra_cfg, values),
+        notes=unused(hydra_cfg, net),
     )
+
+
+def unused(hydra_cfg: DictConfig, net: Spec) -> tuple[str, ...]:
+    """What the user's command line sets that this run's net does not use (a plain net's shortcut): said
+    once, where a preset's or the default's value is not."""
+    given = [item.split("=", 1) for item in hydra_cfg.overrides.task if "=" in item]
+    shortcut = next((value for key, value in given if key.lstrip("+~") in ("shortcut", "model.shortcut")), None)
+    if shortcut is None or net.residual:
+        return ()
+    return (f"{net.name} is a plain net: shortcut={shortcut} has no effect",)
 
 
 # --- A finished or stopped run, made again from its directory (resexp eval, export, analyze)
@@ -394,7 +454,8 @@ def saved_overrides(path: Path) -> list[str]:
                 "own command line sets keys of resexp's configs to values"
             )
     try:
-        check_choices(loaded)  # a config of this conf/'s, by its name: never a path to another file
+        # a config of this conf/'s, by its name: never a path to another file (its keys are an older resexp's)
+        check_overrides(loaded, keys=False)
     except ResexpError as error:
         raise ResexpError(f"{path}: {error}") from None
     return loaded

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import platform
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from torch import nn
 import resexp
 from resexp import checkpoint, distributed, runs
 from resexp.data import Data, Shard
-from resexp.errors import Interrupted, LostProcess, ResexpError
+from resexp.errors import Interrupted, LostProcess, ResexpError, first_line
 from resexp.group import Lockstep, make_group_step
 from resexp.launch import lost_peer
 from resexp.logs import Board, Display, displays, log
@@ -67,6 +68,7 @@ class RunSettings:
     resume_command: str  # what continues it after a stop
     remedies: Remedies  # what a stop for non-finite weights or loss advises
     varies: dict[str, Any] = field(default_factory=dict)  # in a sweep, the other keys it varies, with this run's values
+    notes: tuple[str, ...] = ()  # what the user set that this run does not use, said once as it starts
 
 
 @dataclass
@@ -103,14 +105,14 @@ def held_already(place: Place, resume: bool, identity: dict[str, Any]) -> tuple[
     saved, done = place.run_dir / runs.CHECKPOINT, place.run_dir / runs.METRICS
     if not saved.exists() and not done.exists():
         return None, None
+    another = "hydra.sweep.dir" if place.in_sweep else "hydra.run.dir"
     if not resume:
-        another = "hydra.sweep.dir" if place.in_sweep else "hydra.run.dir"
         raise ResexpError(
             f"{place.run_dir} already holds a run; resume=true continues it, another {another} starts a new one"
         )
     state = checkpoint.load(saved) if saved.exists() else None
     if state is not None:
-        checkpoint.check_same_run(saved, state["identity"], identity)
+        checkpoint.check_same_run(saved, state["identity"], identity, another)
     return (runs.read_metrics(place.run_dir), None) if done.exists() else (None, state)
 
 
@@ -130,8 +132,8 @@ def prepare(settings: RunSettings) -> Job:
     model = net.build().to(settings.device, memory_format=torch.channels_last)  # the layout of the images
     if settings.sync_bn and world.size > 1:
         model = distributed.sync_batch_norm(model, settings.device)
-    if not net.residual:
-        log.info("%s is a plain net: shortcut=%s has no effect", name, net.shortcut)
+    for note in settings.notes:
+        log.info("%s", note)
     shard = Shard(world.rank, world.size)  # this process's share of every batch
     data = settings.data(batch_size=settings.batch_size, seed=settings.seed, device=settings.device, shard=shard)
     optimizer = settings.optimizer(model.parameters())
@@ -359,6 +361,19 @@ def run_steps(jobs: list[Job], group_runs: bool, signals: list[int]) -> list[Run
     return [steps[index] for index in range(len(jobs))]
 
 
+def record_ends(ended: list[tuple[Job, BaseException]]) -> None:
+    """Each run's train.log says how it ended early (runs.state reads it back for report, eval, analyze)."""
+    if not distributed.WORLD.main:  # rank 0 writes the run's files
+        return
+    for job, error in ended:
+        if isinstance(error, Interrupted):
+            name = signal.Signals(error.signum).name
+            at = f"at iteration {error.iteration}, checkpoint saved" if error.iteration is not None else "at once"
+            runs.record_end(job.settings.place.run_dir, f"stopped by {name} {at}")
+        else:
+            runs.record_end(job.settings.place.run_dir, f"failed: {first_line(error)}")
+
+
 def train(jobs: list[Job], group_runs: bool = False) -> list[float]:
     """Train prepared runs at once and return their final test errors: a lone run in this thread, several
     each in a thread of its own (and on a CUDA stream of its own, or its group's). However they end, one
@@ -404,9 +419,11 @@ def train(jobs: list[Job], group_runs: bool = False) -> list[float]:
                 for thread in threads:
                     thread.join()
     except Interrupted as stop:  # a second signal: the threads die with the process, checkpoints stay whole
+        record_ends([(job, stop) for job in jobs if job.finished is None])
         raise Interrupted(stop.signum, None, jobs[0].settings.resume_command) from None
 
     failed = [(job, outcome) for job, outcome in zip(jobs, outcomes) if isinstance(outcome, BaseException)]
+    record_ends(failed)
     for _, error in failed:
         if not isinstance(error, (ResexpError, Interrupted)):
             raise error  # a bug: its whole traceback

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headl
 
 from resexp.files import atomic_write
 from resexp.paper import DATA_NAMES, recipe_differences
-from resexp.runs import Run
+from resexp.runs import Run, experiment
 from resexp.tags import TEST_ERROR, TRAIN_ERROR, VAL_ERROR
 
 # Per dataset: the file's name, the paper's figure of these curves, the held-out curve it draws bold.
@@ -60,15 +60,34 @@ def title(data: str, runs: list[Run]) -> str:
     return f"{name}" + (f", like paper {figure} but " + ", ".join(shown) if figure and shown else "")
 
 
-def mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    """Average several runs' curves over the iterations they all logged."""
-    common = sorted(set.intersection(*(set(step for step, _ in curve) for curve in curves)))
-    values = [dict(curve) for curve in curves]
-    return common, [sum(v[step] for v in values) / len(values) for step in common]
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[list[int], list[float]]]:
+    """Several seeds' curves of one experiment as one mean curve where they logged the same iterations, else
+    each as it is: a curve is never cut to the points that others share."""
+    steps = [[step for step, _ in curve] for curve in curves]
+    if any(these != steps[0] for these in steps):
+        return [([step for step, _ in curve], [value for _, value in curve]) for curve in curves]
+    return [(steps[0], [sum(values) / len(values) for values in zip(*([v for _, v in c] for c in curves))])]
+
+
+def differences(groups: list[list[Run]]) -> list[str]:
+    """What tells apart experiments of one net (its iterations, batch, ...): a word for each group's legend,
+    "" where there is one group."""
+    if len(groups) < 2:
+        return [""] * len(groups)
+    said = [
+        (lambda r: f"{r.iterations:,} it." if r.iterations else "? it."),
+        (lambda r: f"batch {r.batch_size}"),
+        (lambda r: f"lr {r.lr:g}" if r.lr is not None else "lr ?"),
+        (lambda r: f"{r.size}px"),
+        (lambda r: "/".join(r.preprocess)),
+    ]
+    varying = [say for say in said if len({say(group[0]) for group in groups}) > 1]
+    return [", ".join(say(group[0]) for say in varying) for group in groups]
 
 
 def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
-    """Draw one figure per dataset among `runs`; returns the PNG paths (an SVG is written beside each)."""
+    """Draw one figure per dataset among `runs`; returns the PNG paths (an SVG is written beside each). One
+    curve per experiment (report.experiment: its seeds averaged), never several experiments merged."""
     written = []
     by_data: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
@@ -76,12 +95,15 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
     for data, members in sorted(by_data.items()):
         stem, _, held_out = FIGURES.get(data, OTHER)
         held_out = held_out if any(held_out in run.curves for run in members) else TEST_ERROR
-        by_net: dict[str, list[Run]] = defaultdict(list)
+        by_key: dict[tuple, list[Run]] = defaultdict(list)
         for run in members:
-            by_net[run.net].append(run)
-        # one colour per depth, and per unit where a depth comes in several (resnet164-B, resnet164-B-preact)
-        depths = sorted({(run.depth, kin(run)) for run in members if run.depth is not None})
-        colours = {depth: f"C{index % 10}" for index, depth in enumerate(depths)}
+            by_key[experiment(run)].append(run)
+        by_net: dict[str, list[list[Run]]] = defaultdict(list)
+        for key in sorted(by_key, key=str):
+            by_net[by_key[key][0].net].append(by_key[key])
+        # one colour per depth and unit (resnet164-B, resnet164-B-preact), and per recipe where a net has several
+        order = sorted(by_key, key=lambda key: (by_key[key][0].depth or 0, kin(by_key[key][0]), str(key)))
+        colours = {key: f"C{index % 10}" for index, key in enumerate(order)}
         families = [("plain", False), ("ResNet", True)]  # the paper's panel names
         families = [
             (label, residual) for label, residual in families if any(run.residual == residual for run in members)
@@ -93,30 +115,31 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
         highest = 0.0
         for ax, (label, residual) in zip(axes, families):
             nets = sorted(
-                (net for net, group in by_net.items() if group[0].residual == residual),
-                key=lambda n: by_net[n][0].depth or 0,
+                (net for net, groups in by_net.items() if groups[0][0].residual == residual),
+                key=lambda n: by_net[n][0][0].depth or 0,
             )
-            several_options = len({by_net[n][0].letter for n in nets} - {"-"}) > 1  # Table 3's A/B/C side by side
+            several_options = len({by_net[n][0][0].letter for n in nets} - {"-"}) > 1  # Table 3's A/B/C side by side
+            drawn = set()
             for net in nets:
-                group, colour = by_net[net], colours.get((by_net[net][0].depth, kin(by_net[net][0])), "k")
-                name = legend_name(group[0], several_options)
-                for tag, style, width in ((TRAIN_ERROR, "--", 1.0), (held_out, "-", 2.2)):
-                    curves = [run.curves[tag] for run in group if run.curves.get(tag)]
-                    if not curves:
-                        continue
-                    steps, values = mean_curve(curves)
-                    highest = max(highest, max(values, default=0))
-                    ax.plot(
-                        [s / scale for s in steps],
-                        values,
-                        style,
-                        color=colour,
-                        linewidth=width,
-                        marker="o" if len(steps) == 1 else None,  # a curve of one evaluation is a point
-                        label=name if tag == held_out else None,
-                    )
+                for group, differs in zip(by_net[net], differences(by_net[net])):
+                    name = legend_name(group[0], several_options) + (f" ({differs})" if differs else "")
+                    for tag, style, width in ((TRAIN_ERROR, "--", 1.0), (held_out, "-", 2.2)):
+                        curves = [run.curves[tag] for run in group if run.curves.get(tag)]
+                        for index, (steps, values) in enumerate(mean_curve(curves) if curves else []):
+                            highest = max(highest, max(values, default=0))
+                            drawn.add(tag)
+                            ax.plot(
+                                [s / scale for s in steps],
+                                values,
+                                style,
+                                color=colours[experiment(group[0])],
+                                linewidth=width,
+                                marker="o" if len(steps) == 1 else None,  # a curve of one evaluation is a point
+                                label=name if tag == held_out and index == 0 else None,
+                            )
             # the paper's panel names, and the other families' whose nets share a panel with them
-            others = {by_net[net][0].spec.TITLE for net in nets if by_net[net][0].spec is not None}
+            firsts = [by_net[net][0][0] for net in nets]
+            others = {run.spec.TITLE for run in firsts if run.spec is not None}
             ax.set_title(" and ".join([label, *sorted(others - {""})]))
             ax.set_xlim(0, longest / scale * 1.02)  # from the start of training, as the paper's curves
             ax.set_xlabel("iter. (1e4)" if scale > 1 else "iterations")
@@ -130,18 +153,23 @@ def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
                 loc="upper left",
                 bbox_to_anchor=(1.01, 1.0),
                 fontsize="small",
-                title="bold: test, dashed: train" if held_out == TEST_ERROR else "bold: val, dashed: train",
+                title=legend_title(drawn, held_out),
                 title_fontsize="x-small",
             )
         finals = [run.final.get(tag, 100) for run in members for tag in (TRAIN_ERROR, held_out)]
-        for ax in (
-            axes
-        ):  # the paper's 0-20% once every net has learned (the early epochs run off the top); all of it otherwise
+        for ax in axes:  # the paper's 0-20% once every net has learned (the early epochs run off the top)
             ax.set_ylim(0, 20 if max(finals) < 19 else min(100, highest * 1.05 + 1))
         # wrapped to the figure's width: a sweep of several recipes lists each difference
         figure.suptitle("\n".join(textwrap.wrap(title(data, members), width=75 * len(families))))
         written.append(save_figure(figure, out / f"{stem}{'' if data in FIGURES else '_' + data}.png"))
     return written
+
+
+def legend_title(drawn: set[str], held_out: str) -> str:
+    """What the line styles mean, for the styles a panel draws: a run shorter than log_every has no
+    training curve, and a legend must not promise one."""
+    said = [f"bold: {'test' if held_out == TEST_ERROR else 'val'}"] if held_out in drawn else []
+    return ", ".join(said + (["dashed: train"] if TRAIN_ERROR in drawn else []))
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 150) -> Path:

@@ -22,7 +22,7 @@ from rich.text import Text
 from resexp.errors import ResexpError
 from resexp.files import atomic_write_text, staged
 from resexp.paper import PaperResult, lookup, recipe_differences
-from resexp.runs import HYDRA, METRICS, Run, find_runs, read_run
+from resexp.runs import HYDRA, METRICS, Run, experiment, find_runs, read_run
 from resexp.tags import TEST_ERROR, TEST_TOP5, TRAIN_ERROR
 
 
@@ -37,9 +37,12 @@ class Row:
     shortcut: str  # the paper's letter (A, B, C), "-" for plain nets and nets without shortcut options
     params: int | None
     runs: int
+    iterations: int | None  # the recipe the runs share: rows of one net differ here, or in the recipe column
+    batch_size: int | None
     train: tuple[float, float]  # final training error: mean, std
     test: tuple[float, float]  # final test error: mean, std
-    best: float  # lowest final test error of the runs
+    lowest: float  # the lowest final test error among the runs (metrics.json's "best" is another thing: the
+    # lowest error a run reached during its training)
     paper: PaperResult | None
     top5: tuple[float, float] | None = None  # final top-5 test error (ImageNet): mean, std
     recipe: tuple[str, ...] = ()  # how the runs' recipe differs from the paper's: () where it is the paper's
@@ -60,9 +63,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(runs: list[Run]) -> list[Row]:
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        if run.finished:  # runs of one net with different recipes are different rows
-            key = (run.data, run.net, run.iterations, run.batch_size, run.lr, run.size, run.preprocess)
-            groups.setdefault(key, []).append(run)
+        if run.finished:
+            groups.setdefault(experiment(run), []).append(run)
     rows = []
     for (data, net, *_), members in groups.items():
         tests = [run.final[TEST_ERROR] for run in members]
@@ -78,9 +80,11 @@ def summarize(runs: list[Run]) -> list[Row]:
                 shortcut=first.letter,
                 params=first.params,
                 runs=len(members),
+                iterations=first.iterations,
+                batch_size=first.batch_size,
                 train=mean_std(trains),
                 test=mean_std(tests),
-                best=min(tests),
+                lowest=min(tests),
                 paper=lookup(data, net),
                 top5=mean_std(top5) if len(top5) == len(members) else None,
                 recipe=tuple(
@@ -114,9 +118,11 @@ COLUMNS = [
     "shortcut",
     "params",
     "runs",
+    "iterations",
+    "batch",
     "train err %",
     "test err %",
-    "best test %",
+    "lowest run test %",
     "paper %",
     "Δ vs paper",
     "recipe",
@@ -133,9 +139,11 @@ def cells(row: Row) -> list[str]:
         row.shortcut,
         params,
         str(row.runs),
+        f"{row.iterations:,}" if row.iterations else "?",
+        str(row.batch_size or "?"),
         plus_minus(row.train, row.runs),
         test,
-        f"{row.best:.2f}",
+        f"{row.lowest:.2f}",
         paper_text(row.paper),
         difference,
         "; ".join(row.recipe) or "the paper's",
@@ -172,11 +180,13 @@ def csv_text(rows: list[Row]) -> str:
             "shortcut",
             "params",
             "runs",
+            "iterations",
+            "batch_size",
             "train_error_mean",
             "train_error_std",
             "test_error_mean",
             "test_error_std",
-            "test_error_best",
+            "test_error_lowest_run",
             "paper_error",
             "paper_mean",
             "paper_source",
@@ -197,9 +207,11 @@ def csv_text(rows: list[Row]) -> str:
                 row.shortcut,
                 row.params,
                 row.runs,
+                row.iterations,
+                row.batch_size,
                 *row.train,
                 *row.test,
-                row.best,
+                row.lowest,
                 paper.error,
                 paper.mean,
                 paper.source,
@@ -214,7 +226,7 @@ def csv_text(rows: list[Row]) -> str:
 
 def report(directories: list[Path], out: Path | None = None, console: Console | None = None) -> list[Row]:
     """Print the table, write results.md, results.csv and the figure to `out` (default: the first directory)."""
-    console = console or Console(width=None if Console().is_terminal else 160)  # logs: no wrapped table
+    console = console or Console(width=None if Console().is_terminal else 200)  # logs: no wrapped table
     runs = [read_run(path) for path in find_runs(directories)]
     if not runs:
         raise ResexpError(

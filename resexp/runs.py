@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,10 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resexp import models, schemas
+from resexp import checkpoint, models, schemas
 from resexp.data.loaders import NORMALIZATIONS, PADS
 from resexp.errors import ResexpError, first_line
-from resexp.files import atomic_write, atomic_write_text, read_bytes, read_text, why_not
+from resexp.files import atomic_write, atomic_write_text, open_regular, read_bytes, read_text, why_not
 from resexp.models import NAME_KEYS, SHORTCUTS, canonical_shortcut, model_name
 from resexp.tags import TEST_ERROR, TRAIN_ERROR, VAL_ERROR
 
@@ -142,6 +144,12 @@ class Run:
     def letter(self) -> str:
         """The paper's letter for the shortcut option (A, B, C), "-" for a plain net or a DenseNet."""
         return SHORTCUTS.get(self.shortcut, "-") if self.residual else "-"
+
+
+def experiment(run: Run) -> tuple:
+    """What makes runs one experiment, whose seeds a report's row and a figure's curve average: the data, the
+    net and the recipe. Runs of one net with different recipes are different rows and curves."""
+    return (run.data, run.net, run.iterations, run.batch_size, run.lr, run.size, run.preprocess)
 
 
 def find_runs(directories: list[Path], marks: tuple[str, ...] = (METRICS, f"{HYDRA}/config.yaml")) -> list[Path]:
@@ -256,6 +264,82 @@ def before_0_9(version: str) -> bool:
     return found is not None and (int(found[1]), int(found[2])) < (0, 9)
 
 
+END = "][END] "  # how train.log marks the line that says how a run ended early (record_end)
+
+
+def record_end(run_dir: Path, text: str) -> None:
+    """Say in the run's train.log how it ended early (a stop, a failure), for `state` to read back: one
+    line, appended as the log's own are (never through a link planted in its place)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    line = f"[{stamp}{END}{' '.join(text.split())}\n".encode()
+    try:
+        fd = open_regular(run_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError:  # the run's directory is gone or not writable: its command's own line says why
+        return
+    with os.fdopen(fd, "ab") as file:
+        file.write(line)
+
+
+def last_end(run_dir: Path, tail: int = 1 << 16) -> str:
+    """What the last end record of the run's train.log says ("" where none), read from its last `tail`
+    bytes: a log may be long, and may come from anyone (the text is shown as text, never run)."""
+    try:
+        with os.fdopen(open_regular(run_dir / LOG), "rb") as file:
+            file.seek(max(0, os.fstat(file.fileno()).st_size - tail))
+            text = file.read(tail).decode(errors="replace")
+    except OSError:
+        return ""
+    ends = [line.split(END, 1)[1] for line in text.splitlines() if END in line]
+    return ends[-1][:300] if ends else ""
+
+
+@dataclass(frozen=True)
+class State:
+    """How far a run got, from what its directory holds: metrics.json (finished), its checkpoint (stopped
+    there, resumable), and the last end record of its train.log (how it stopped or failed). The one place
+    that says it: report, eval and analyze show this."""
+
+    finished: bool
+    iteration: int | None  # its checkpoint's (or its last, where finished); None: no readable checkpoint
+    planned: int | None  # schedule.iterations of its saved config
+    why: str = ""  # its train.log's end record, or why its checkpoint cannot be read
+
+    @property
+    def short(self) -> str:
+        """For a table's column: finished, or stopped at the iteration its checkpoint holds."""
+        if self.finished:
+            return "finished"
+        of = f" of {self.planned:,}" if self.planned else ""
+        return f"stopped at {self.iteration:,}{of}" if self.iteration is not None else "no checkpoint"
+
+    def __str__(self) -> str:
+        of = f" of {self.planned:,}" if self.planned else ""
+        if self.finished:
+            return f"finished ({self.iteration:,} iterations)" if self.iteration else "finished"
+        if self.iteration is not None:
+            said = f" ({self.why})" if self.why else ""
+            return f"stopped at iteration {self.iteration:,}{of}, checkpoint saved: the same command resumes it{said}"
+        return f"ended before its first checkpoint{': ' + self.why if self.why else ''}"
+
+
+def state(run_dir: Path) -> State:
+    """The State of the run in `run_dir`."""
+    planned = read_hydra(run_dir)[0].get("schedule.iterations")
+    if (run_dir / METRICS).is_file():
+        try:
+            iterations = parse_metrics(read_text(run_dir / METRICS)).iterations
+            return State(True, iterations, planned)
+        except (OSError, ValueError):
+            pass  # read as an unfinished run: its checkpoint says how far it got
+    if not (run_dir / CHECKPOINT).exists():
+        return State(False, None, planned, last_end(run_dir))
+    try:
+        progress = checkpoint.load(run_dir / CHECKPOINT, layout={"progress": dict})["progress"]
+    except ResexpError as error:
+        return State(False, None, planned, f"{error}")
+    return State(False, progress["iteration"], planned, last_end(run_dir))
+
+
 def read_run(run_dir: Path) -> Run:
     """The run in `run_dir`: from metrics.json when it finished, else from its saved config and curves."""
     config, choices = read_hydra(run_dir)
@@ -280,11 +364,7 @@ def read_run(run_dir: Path) -> Run:
     run.preprocess = (normalize if normalize in NORMALIZATIONS else "?", pad if pad in PADS else "?")
     run.curves = read_curves(run_dir)
     if not (run_dir / METRICS).exists():
-        planned = config.get("schedule.iterations") or "?"
-        reached = max((points[-1][0] for points in run.curves.values() if points), default=0)
-        run.note = (
-            f"unfinished: reached iteration {reached} of {planned}" if reached else "failed before its first log point"
-        )
+        run.note = str(state(run_dir))
         return run
     try:
         metrics = parse_metrics(read_text(run_dir / METRICS))

@@ -6,6 +6,8 @@ directory exists. The values, and what each key is for, stay in the YAML files.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import types
 import typing
@@ -196,6 +198,26 @@ def fits(value: Any, annotation: Any) -> bool:
     if annotation in (int, float):  # a bool is no number here, an int is a float
         return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
     return isinstance(value, annotation)
+
+
+@functools.cache
+def known_keys() -> dict[str, bool]:
+    """Every key of resexp's configs, dotted (`schedule.iterations`), and whether it takes keys of its own (a
+    list's items, an open node's keys); a data key counts where any data config has it."""
+    found: dict[str, bool] = {}
+
+    def walk(schema: type, prefix: str) -> None:
+        for name, kind in field_types(schema).items():
+            nested = dataclasses.is_dataclass(kind)
+            found[prefix + name] = not nested and typing.get_origin(kind) in (list, dict) or kind is Any
+            if nested:
+                walk(kind, f"{prefix}{name}.")
+
+    walk(TrainSchema, "")
+    for schema in {*SCHEMAS.values()} - {TrainSchema, PreprocessSchema, SharedGPULauncherSchema}:
+        walk(schema, "data.")
+    found["data"] = False  # a group: its options are configs, not keys
+    return found
 
 
 def field_types(schema: type) -> dict[str, Any]:

@@ -327,4 +327,6 @@ def fake_run(
             resexp="-", final=final, best={}, skipped_steps=0, train_time_s=1.0, wall_time_s=1.0,
         )  # fmt: skip
         runs.write_metrics(run_dir, metrics)
+    else:  # stopped where its curves end, as a stop leaves it: a checkpoint of that iteration (its progress)
+        checkpoint.save(run_dir / runs.CHECKPOINT, {"progress": {"iteration": stop}})
     return run_dir

@@ -220,6 +220,7 @@ def test_the_table_lists_plain_nets_then_residual_ones_by_depth_and_keeps_small_
             "residual": residual,
             "depth": depth,
             "iteration": 1,
+            "state": "finished",
             "responses": [1.0],
             "gradients": {"initial": [first, 1.0], "trained": [first, 1.0]},
             "lesion": {"error": 50.0, "single": [60.0]},

@@ -113,13 +113,14 @@ def test_a_report_resolves_nothing_in_a_saved_config_and_leaks_no_environment(tm
     (run_dir / runs.HYDRA / "hydra.yaml").write_text(
         yaml.safe_dump({"hydra": {"runtime": {"choices": {"data": leak}}}})
     )
-    with SummaryWriter(str(run_dir)) as writer:  # a point logged: the report says how far it got, of how many
+    with SummaryWriter(str(run_dir)) as writer:  # a point logged and a checkpoint: the report says how far it got
         writer.add_scalar("error/train", 50.0, 5)
+    checkpoint.save(run_dir / runs.CHECKPOINT, {"progress": {"iteration": 5}})
     result = resexp("report", str(tmp_path / "runs"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     written = (tmp_path / "runs" / "results.md").read_text()
     assert secret not in result.stdout + result.stderr + written.replace(str(tmp_path), "")
-    assert f"`{run_dir}` (?): unfinished: reached iteration 5 of ?" in written  # what is known, and no more
+    assert f"`{run_dir}` (?): stopped at iteration 5, checkpoint saved" in written  # what is known, and no more
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def test_groups_seeds_into_mean_std_and_best_with_the_papers_numbers(sweep):
     r110 = rows["resnet110-A"]
     assert r110.runs == 3
     assert r110.test == pytest.approx((6.6, 0.2))  # mean and sample std of 6.4, 6.6, 6.8
-    assert r110.best == pytest.approx(6.4)
+    assert r110.lowest == pytest.approx(6.4)
     assert r110.paper.error == 6.43 and r110.paper.mean == 6.61 and r110.paper.std == 0.16
     assert r110.difference == pytest.approx(6.6 - 6.61)  # against the paper's mean of 5 runs
     assert rows["resnet20-A"].difference == pytest.approx(8.7 - 8.75)
@@ -108,9 +108,9 @@ def test_unfinished_and_broken_runs_are_listed_not_averaged(sweep):
     rows = rows_by_net(report([sweep]))
     assert rows["resnet20-A"].runs == 2 and rows["resnet20-A"].test[0] == pytest.approx(8.7)  # the 50% runs stay out
     text = (sweep / "results.md").read_text()
-    assert "resnet20-stopped` (resnet20-A): unfinished: reached iteration 32000 of 64000" in text
+    assert "resnet20-stopped` (resnet20-A): stopped at iteration 32,000 of 64,000, checkpoint saved" in text
     assert "resnet20-truncated` (resnet20-A): metrics.json is truncated or malformed" in text
-    assert "plain20-empty` (plain20): failed before its first log point" in text
+    assert "plain20-empty` (plain20): ended before its first checkpoint" in text
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
