@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe on headless machines
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from resexp import probes
 from resexp.files import atomic_write_text, staged
 from resexp.plots import save_figure
+from resexp.report import inline
 from resexp.runs import plain_events, state
 from resexp.saved import SavedRun, built, weights
 
@@ -63,8 +70,15 @@ def logged_gradients(run_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str, Any]:
-    """Every measurement of one run, as plain numbers."""
+# What analyze does to each run, one step of its progress display each.
+STEPS = ("its weights and data", "layer responses", "gradient norms", "lesions", "loss landscape")
+
+
+def analyze_run(
+    run: SavedRun, device: torch.device, budget: Budget, step: Callable[[str], None] = lambda what: None
+) -> dict[str, Any]:
+    """Every measurement of one run, as plain numbers; `step` is told of each as it starts (STEPS)."""
+    step(STEPS[0])
     saved, iteration = weights(run)
     trained = built(run, saved).to(device)
     torch.manual_seed(run.seed)  # the run's own initial weights (resexp/jobs.py builds them so)
@@ -72,6 +86,17 @@ def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str
     data = run.data(batch_size=run.batch_size, seed=run.seed, device=device)
     test = held_out(data, budget.images)
     train = [data.training_input() for _ in range(budget.train_batches)]
+    step(STEPS[1])
+    responses = probes.layer_responses(trained, test, device)
+    step(STEPS[2])
+    gradients = {
+        "initial": probes.gradient_norms(initial, train, device),
+        "trained": probes.gradient_norms(trained, train, device),
+        "logged": logged_gradients(run.run_dir),  # one step's batch each, while it trained
+    }
+    step(STEPS[3])
+    lesion = probes.lesion_study(trained, test, device, budget.draws, run.seed)
+    step(STEPS[4])
     return {
         "run": str(run.run_dir),
         "net": run.net.name,
@@ -79,15 +104,38 @@ def analyze_run(run: SavedRun, device: torch.device, budget: Budget) -> dict[str
         "depth": run.net.depth,
         "iteration": iteration,
         "state": state(run.run_dir).short,  # as `resexp report` and `eval` say it
-        "responses": probes.layer_responses(trained, test, device),
-        "gradients": {
-            "initial": probes.gradient_norms(initial, train, device),
-            "trained": probes.gradient_norms(trained, train, device),
-            "logged": logged_gradients(run.run_dir),  # one step's batch each, while it trained
-        },
-        "lesion": probes.lesion_study(trained, test, device, budget.draws, run.seed),
+        "responses": responses,
+        "gradients": gradients,
+        "lesion": lesion,
         "landscape": landscape(trained, train, device, budget, run.seed),
     }
+
+
+@contextmanager
+def progress(total: int, console: Console) -> Iterator[Callable[[str], None]]:
+    """What analyze is doing and how long it has left, as `resexp train` shows it: on a terminal a bar with
+    the step, the time so far and an estimate of the rest; elsewhere (a pipe, a cluster's log) a line per
+    step with the time so far. Yields the function that starts a step."""
+    began, done = time.perf_counter(), [0]
+    if not console.is_terminal:
+
+        def line(what: str) -> None:
+            done[0] += 1
+            said = f"analyze {done[0]}/{total}: {what} ({time.perf_counter() - began:.0f} s so far)"
+            console.print(said, markup=False, highlight=False, soft_wrap=True)
+
+        yield line
+        return
+    columns = (TextColumn("analyze: {task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("", total=total)
+
+        def advance(what: str) -> None:
+            bar.update(task, description=escape(what), completed=done[0])
+            done[0] += 1
+
+        yield advance
+        bar.update(task, completed=total)
 
 
 def span(points: int) -> list[float]:
@@ -216,9 +264,16 @@ def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
     return drawn
 
 
-def analyze(runs: list[SavedRun], out: Path, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
-    """Measure every run, write analysis.json, analysis.md and the figures into `out`."""
-    results = [analyze_run(run, device, budget) for run in runs]
+def analyze(
+    runs: list[SavedRun], out: Path, device: torch.device, budget: Budget, console: Console | None = None
+) -> list[dict[str, Any]]:
+    """Measure every run, write analysis.json, analysis.md and the figures into `out`, showing its progress on
+    `console` (default: stdout's, as `resexp train` shows its progress; stderr is for an error's one line)."""
+    results = []
+    with progress(len(runs) * len(STEPS), console or Console(highlight=False)) as step:
+        for run in runs:
+            name = inline(run.run_dir.name)  # a directory's name may come from anyone: one printable line
+            results.append(analyze_run(run, device, budget, lambda what, name=name: step(f"{name}: {what}")))
     with staged(out) as stage:  # all of them, or none: never new files beside older ones
         atomic_write_text(stage / "analysis.json", json.dumps({"pooling": POOLING, "runs": results}, indent=2) + "\n")
         atomic_write_text(stage / "analysis.md", markdown(results))

@@ -141,3 +141,27 @@ def test_the_documented_way_to_load_an_export_gives_the_trained_net(tmp_path):
     weights = checkpoint.load(run_dir / runs.CHECKPOINT)["model"]
     assert all(torch.equal(scope["net"].state_dict()[key], tensor) for key, tensor in weights.items())
     assert not scope["net"].training
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_analyze_shows_each_step_as_it_works(tmp_path, terminal):
+    import io
+
+    from rich.console import Console
+
+    from resexp import analyze, config
+
+    run_dir = tmp_path / "run"
+    trained = resexp("train", *SHRINK, "model.depth=8", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    config.register()
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=terminal, width=200)
+    budget = analyze.Budget(images=16, train_batches=1, draws=1, points=3)
+    analyze.analyze([config.saved_run(run_dir, None)], tmp_path / "out", torch.device("cpu"), budget, console)
+    shown = screen.getvalue()
+    if terminal:  # rich's bar: the step, the count of steps and the time left
+        assert "analyze: run: loss landscape" in shown and "5/5" in shown and "\x1b[" in shown
+    else:  # a line per step, in order
+        lines = [line.split(" (")[0] for line in shown.splitlines()]
+        assert lines == [f"analyze {n}/5: run: {step}" for n, step in enumerate(analyze.STEPS, 1)]
