@@ -334,10 +334,13 @@ def remedies(hydra_cfg: DictConfig, lr: float) -> Remedies:
 
 
 def sweep_values(hydra_cfg: DictConfig, values: dict[str, Any]) -> dict[str, Any]:
-    """In a sweep, the keys it varies (runs.swept_keys) other than the net's, with this run's values."""
+    """What tells this run apart from others, with its values, other than its net: in a sweep the keys it
+    varies (runs.swept_keys); alone, what its command line sets (resolvers.set_keys), as its directory's
+    name says."""
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {}
-    keys = swept_keys(Path(hydra_cfg.sweep.dir)) or []
+        keys = resolvers.set_keys(list(hydra_cfg.overrides.task))
+    else:
+        keys = swept_keys(Path(hydra_cfg.sweep.dir)) or []
     chosen = hydra_cfg.runtime.choices
     picked = {key: values[key] if key in values else chosen.get(key) for key in keys}
     return {key: value for key, value in picked.items() if key not in resolvers.NAMED_BY_NET and value is not None}

@@ -67,7 +67,9 @@ class RunSettings:
     data_config: str | None
     resume_command: str  # what continues it after a stop
     remedies: Remedies  # what a stop for non-finite weights or loss advises
-    varies: dict[str, Any] = field(default_factory=dict)  # in a sweep, the other keys it varies, with this run's values
+    varies: dict[str, Any] = field(
+        default_factory=dict
+    )  # what else tells it apart (a sweep's other keys; a lone run's own)
     notes: tuple[str, ...] = ()  # what the user set that this run does not use, said once as it starts
 
 
@@ -229,7 +231,9 @@ def train_job(job: Job, screen: Display, stops: list[int], step: Step | None) ->
             screen=screen,
             stops=stops,
             identity=settings.identity,
-            board=Board.of_run(settings.net, settings.seed, settings.varies, settings.data_config),
+            board=Board.of_run(
+                settings.net, settings.seed, settings.varies, settings.data_config, settings.loop.schedule.iterations
+            ),
             resume=job.resumed,
             remedies=settings.remedies,
         )

@@ -95,6 +95,16 @@ def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     return rank, failures[rank]
 
 
+def meeting_point(flags: list[str]) -> list[str]:
+    """torchrun's flags, with --standalone where they give one node and no meeting point: torchrun's default
+    is a fixed port (29500), on which two runs started on one machine would meet each other; --standalone
+    takes a free port for each."""
+    where = ("--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr", "--master-port", *SWITCHES)
+    if any(flag.split("=", 1)[0].replace("_", "-") in where for flag in flags):
+        return flags
+    return [*flags, "--standalone"]
+
+
 def torchrun(flags: list[str], rest: list[str]) -> NoReturn:
     """Train one run over the processes `flags` ask for (torchrun's), then exit as the run ended."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -105,6 +115,7 @@ def torchrun(flags: list[str], rest: list[str]) -> NoReturn:
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)  # its notes on each exit: the line below says it
     os.environ[LAUNCHED] = " ".join(flags)
+    flags = meeting_point(flags)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice for its processes, without its banner
     log_dir = Path(tempfile.mkdtemp(prefix="resexp-torchrun-"))
     code, killed, first_local = 0, [], None

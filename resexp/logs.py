@@ -133,6 +133,7 @@ def displays(runs: list[tuple[str, int]], console: Console | None = None) -> Ite
 # which CUSTOM SCALARS' charts select by, since a chart picks its lines by tag, not by run. SCALARS
 # sorts its groups by name: these come after error/, loss/ and lr.
 COMPARE = "plain vs residual"
+SAID_BY_NET = ("residual", "depth", "shortcut")  # HPARAMS columns that a run's net (its name) says already
 
 
 @dataclass(frozen=True)
@@ -146,18 +147,22 @@ class Board:
     figure: str | None  # the paper's figure that sets these nets side by side (Fig. 6, Fig. 4), if any
 
     @classmethod
-    def of_run(cls, net: Spec, seed: int, varies: dict[str, Any], data: str | None) -> Board:
-        """The hyperparameters that tell runs apart, first the net's (net, residual, depth, shortcut)
-        and the seed, then the others its sweep varies (`varies`); constants are left out. The paper's
-        figure of plain against residual nets for the data: Fig. 6 on CIFAR-10, Fig. 4 on ImageNet."""
+    def of_run(cls, net: Spec, seed: int, varies: dict[str, Any], data: str | None, iterations: int) -> Board:
+        """The hyperparameters that tell runs apart, first the net's (net, residual, depth, shortcut),
+        the seed, the data and the run's length (runs of `--logdir outputs` differ in these too), then the
+        others its sweep varies (`varies`). The paper's figure of plain against residual nets for the
+        data: Fig. 6 on CIFAR-10, Fig. 4 on ImageNet."""
         hparams: dict[str, Any] = {
             "net": net.name,
             "residual": str(net.residual).lower(),  # a bool would show as 0 and 1
             "depth": net.depth,
             "shortcut": net.shortcut_option or "none",  # TensorBoard takes no None
             "seed": seed,
+            "data": data or "?",
+            "iterations": iterations,
         }
-        hparams.update({key: value for key, value in varies.items() if key not in hparams})
+        shown = {*hparams, "schedule.iterations"}  # the sweep's own key for the length shown already
+        hparams.update({key: value for key, value in varies.items() if key not in shown})
         hparams = {
             key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in hparams.items()
         }
@@ -176,23 +181,29 @@ class Board:
         per depth with its plain and residual runs, and the paper's two panels (plain nets, ResNets)."""
         metrics = [*error_tags, *(best_tag(tag) for tag in error_tags)]
         experiment, start, _ = hparams_summary(self.hparams, {tag: 0.0 for tag in metrics})  # values: the scalars
-        # TensorBoard lists hparams that differ between runs first and shows the first few; it cannot tell
-        # from one run's file, so say it: every hparam here is one that tells runs apart.
+        # TensorBoard's HPARAMS table shows five columns at first: those marked as differing between runs,
+        # then the rest, by name (TensorBoard 2.21). A run's own file cannot tell which differ, so mark those
+        # that tell runs apart: the net, the seed, the data, the length and what else the run sets; its
+        # depth, residual and shortcut (which the net's name says) are there to filter by, a tick away.
         data = HParamsPluginData.FromString(experiment.value[0].metadata.plugin_data.content)
         for info in data.experiment.hparam_infos:
-            info.differs = True
+            info.differs = info.name not in SAID_BY_NET
         experiment.value[0].metadata.plugin_data.content = data.SerializeToString()
         for record in (experiment, start):
             writer.file_writer.add_summary(record)
         figure = f" (paper {self.figure})" if self.figure else ""
         held_out = " and ".join(tag.split("/", 1)[1] for tag in error_tags[1:]) or "held-out"
+        # One chart per depth and error: one line per run, the plain net's and the ResNet's (TensorBoard
+        # colours lines by run, and a chart of both errors of both nets was four lines in two hues).
+        splits = [*(tag.split("/", 1)[1] for tag in error_tags[1:]), "train"]
         writer.add_custom_scalars(
             {
                 f"plain vs residual, by depth{figure}": {
-                    f"{self.depth} layers: training and {held_out} error (%)": [
+                    f"{self.depth} layers, {'training' if split == 'train' else split} error (%): plain against residual": [
                         "Multiline",
-                        [f"^{COMPARE}/{self.depth} layers/"],
-                    ],
+                        [f"^{COMPARE}/{self.depth} layers/[^/]+/{split}$"],
+                    ]
+                    for split in splits
                 },
                 f"plain nets and ResNets{figure}": {
                     f"plain nets: training and {held_out} error (%)": ["Multiline", [f"^{COMPARE}/[^/]+/plain/"]],

@@ -1,7 +1,9 @@
 """The config's own functions (OmegaConf resolvers in conf/): run names, and milestones that scale
 with the run. Registered before any config is composed or a saved one is read back.
 
-    ${resexp.net:MODEL,SHORTCUT}                             a lone run's directory: resnet56-A, plain56,
+    ${resexp.run:OVERRIDES,MODEL,SHORTCUT}                   a lone run's directory: the net and what else
+                                                              the command line sets (resnet56-A_seed1)
+    ${resexp.net:MODEL,SHORTCUT}                             a net's name: resnet56-A, plain56,
                                                               resnet50-B-v1.5 (MODEL: the model node)
     ${resexp.sweep_run:SWEEP_DIR,OVERRIDES,MODEL,SHORTCUT,OLD_NAME}   a sweep run's: the net and what
                                                               the sweep varies besides (resnet56-A_seed3)
@@ -23,6 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from resexp import distributed
+from resexp.checkpoint import NOT_IDENTITY
 from resexp.errors import ResexpError
 from resexp.models import DEFAULT, NAME_KEYS, canonical_shortcut, model_name
 from resexp.runs import CHECKPOINT, METRICS, swept_keys
@@ -40,6 +43,7 @@ def register() -> None:
     register_resolver = OmegaConf.register_resolver if modern else OmegaConf.register_new_resolver
     register_resolver("resexp.net", run_name, replace=True)
     register_resolver("resexp.sweep_run", sweep_run_name, replace=True)
+    register_resolver("resexp.run", lone_run_name, replace=True)
     register_resolver("resexp.at", at_fractions, replace=True)
     # cached as Hydra caches ${now:}: a sweep's runs, and submitit's jobs, which get a copy of the cache,
     # resolve the sweep's directory as it was first resolved
@@ -72,14 +76,38 @@ def sweep_run_name(
     old = Path(sweep_dir) / old_name if old_name else None
     if old is not None and ((old / CHECKPOINT).exists() or (old / METRICS).exists()):
         return old_name
+    given = given_values(overrides)
+    varies = swept_keys(Path(sweep_dir))
+    return named(model, shortcut, [key for key in (varies if varies is not None else given) if key in given], given)
+
+
+def lone_run_name(overrides: Sequence[str], model: Mapping[str, Any], shortcut: str) -> str:
+    """A lone run's directory, after its start time: the net, then `_<key><value>` for each key the command
+    line sets that makes it another experiment (`resnet20-A_seed1`, `plain56_lr0.05`), as a sweep's runs
+    are named; what changes only where or how it runs (device, resume, log_every: checkpoint.NOT_IDENTITY)
+    and Hydra's own keys are left out."""
+    return named(model, shortcut, set_keys(overrides), given_values(overrides))
+
+
+def set_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys a lone run's command line sets that make it another experiment: not those that change only
+    where or how it runs (checkpoint.NOT_IDENTITY), nor Hydra's own."""
+    return [key for key in given_values(overrides) if key not in NOT_IDENTITY and not key.startswith("hydra")]
+
+
+def given_values(overrides: Sequence[str]) -> dict[str, str]:
+    """The overrides as key: value, `+` and `~` taken off the keys."""
     given = {}
     for override in overrides:
         key, _, value = override.partition("=")
         given[key.lstrip("+~")] = value
-    varies = swept_keys(Path(sweep_dir))
-    varies = [key for key in (varies if varies is not None else given) if key in given]
+    return given
+
+
+def named(model: Mapping[str, Any], shortcut: str, keys: Sequence[str], given: Mapping[str, str]) -> str:
+    """The net's name and `_<key><value>` for each of `keys` it does not say already (its depth, its shortcut)."""
     said = NAMED_BY_NET | (SHORTCUT_KEYS if model["residual"] else set())
-    rest = [key for key in varies if key not in said]
+    rest = [key for key in keys if key not in said]
     leaves = [key.rsplit(".", 1)[-1] for key in rest]
     parts = [run_name(model, shortcut)]
     for key, leaf in zip(rest, leaves):

@@ -140,10 +140,11 @@ def test_compiled_eager_steps_of_a_batch_compile_before_its_threads_start(tmp_pa
     assert first_calls == ["MainThread", "MainThread"]
 
 
-def test_default_run_directory_names_the_net(tmp_path):
-    result = resexp("train", *SHRINK, "model=resnet32", "shortcut=B", cwd=tmp_path)
+def test_default_run_directory_names_the_net_and_what_the_command_line_set(tmp_path):
+    result = resexp("train", *SHRINK, "model=resnet32", "shortcut=B", "seed=1", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    [run] = list((tmp_path / "outputs").glob("*/*_resnet32-B"))
+    # as a sweep's runs are named: not by the keys the net's name says, nor by where or how it ran (device)
+    [run] = list((tmp_path / "outputs").glob("*/*_resnet32-B_data-synthetic_iterations4_milestones2-3_seed1"))
     assert (run / "metrics.json").is_file()
 
 

@@ -54,7 +54,7 @@ def command(processes: int, *args: str) -> list[str]:
     if processes == 1:
         return [sys.executable, str(WORKER), "train", *args]
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
-    return [*torchrun, "--master-port=0", "--rdzv-backend=c10d", str(WORKER), "train", *args]
+    return [*torchrun, "--standalone", str(WORKER), "train", *args]  # a free port: tests run side by side (-n)
 
 
 def train(processes: int, run_dir: Path, *extra: str, **instruments: str) -> subprocess.CompletedProcess:
@@ -375,6 +375,12 @@ def test_the_line_and_exit_code_are_the_process_that_ended_of_itself_not_one_tor
     # of two that ended of themselves, the earlier; where only torchrun's SIGTERMs are left, the earliest
     assert launch.first_failure({0: failure(0, 2, 9), 1: failure(1, 1, 8)})[0] == 1
     assert launch.first_failure({0: failure(0, -signal.SIGTERM, 9), 1: failure(1, -signal.SIGTERM, 8)})[0] == 1
+
+
+def test_resexps_launch_on_one_node_takes_a_free_port_unless_told_where_to_meet():
+    assert launch.meeting_point(["--nproc-per-node=2"]) == ["--nproc-per-node=2", "--standalone"]
+    for given in (["--nnodes=2", "--rdzv-endpoint=node1:29500"], ["--master_port", "29501"], ["--standalone"]):
+        assert launch.meeting_point(["--nproc-per-node=2", *given]) == ["--nproc-per-node=2", *given]
 
 
 def test_a_sigterm_to_resexps_launch_is_one_line_with_the_command_that_resumes(tmp_path):

@@ -108,8 +108,15 @@ def test_the_layout_sets_plain_against_residual_by_depth(tmp_path):
     directory, _ = sweep(tmp_path, "model=plain20,resnet20,plain32")
     plain20, resnet20, plain32 = (directory / name for name in ("plain20", "resnet20-A", "plain32"))
     depth, panels = "plain vs residual, by depth", "plain nets and ResNets"
-    assert layout(plain20)[depth] == {"20 layers: training and test error (%)": ["^plain vs residual/20 layers/"]}
-    assert layout(plain32)[depth] == {"32 layers: training and test error (%)": ["^plain vs residual/32 layers/"]}
+    # one chart per depth and error, each a line per run: plain-20's and ResNet-20's test errors, ...
+    assert layout(plain20)[depth] == {
+        "20 layers, test error (%): plain against residual": ["^plain vs residual/20 layers/[^/]+/test$"],
+        "20 layers, training error (%): plain against residual": ["^plain vs residual/20 layers/[^/]+/train$"],
+    }
+    assert list(layout(plain32)[depth]) == [
+        "32 layers, test error (%): plain against residual",
+        "32 layers, training error (%): plain against residual",
+    ]
     assert layout(resnet20)[panels]["ResNets: training and test error (%)"] == ["^plain vs residual/[^/]+/residual/"]
     # The tags those charts select: the 20-layer chart gets plain-20's and ResNet-20's curves, no others.
     tags = {name: set(scalars(directory / name)) for name in ("plain20", "resnet20-A", "plain32")}
@@ -132,9 +139,13 @@ def test_hparams_show_what_tells_runs_apart_and_the_final_and_best_errors(tmp_pa
         "depth",
         "shortcut",
         "seed",
+        "data",
+        "iterations",
         "optim.lr",
     ]
-    assert all(info.differs for info in experiment.hparam_infos)  # so TensorBoard lists and shows them first
+    # TensorBoard shows five columns at first, those marked as differing first: what the net's name says is not
+    differing = [info.name for info in experiment.hparam_infos if info.differs]
+    assert differing == ["net", "seed", "data", "iterations", "optim.lr"]
     metrics = [info.name.tag for info in experiment.metric_infos]
     assert metrics == ["error/train", "error/test", "result/best_error_train", "result/best_error_test"]
     start = hparams_data(run, hparams_metadata.SESSION_START_INFO_TAG).session_start_info
@@ -148,6 +159,8 @@ def test_hparams_show_what_tells_runs_apart_and_the_final_and_best_errors(tmp_pa
         "depth": 20,
         "shortcut": "identity",
         "seed": 0,
+        "data": "synthetic",
+        "iterations": 4,
         "optim.lr": 0.05,
     }
     curves, metrics_json = scalars(run), json.loads((run / "metrics.json").read_text())
@@ -155,8 +168,9 @@ def test_hparams_show_what_tells_runs_apart_and_the_final_and_best_errors(tmp_pa
     assert metrics_json["best"]["error/train"] == pytest.approx(min(value for _, value in curves["error/train"]))
 
 
-def test_a_lone_run_shows_the_net_and_seed_only(tmp_path):
+def test_a_lone_run_shows_the_net_its_data_and_length_and_what_its_command_line_set(tmp_path):
     run_dir = tmp_path / "run"
     assert resexp("train", *SHRINK, "model=plain20", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
     experiment = hparams_data(run_dir, hparams_metadata.EXPERIMENT_TAG).experiment
-    assert [info.name for info in experiment.hparam_infos] == ["net", "residual", "depth", "shortcut", "seed"]
+    shown = ["net", "residual", "depth", "shortcut", "seed", "data", "iterations", "schedule.milestones"]
+    assert [info.name for info in experiment.hparam_infos] == shown  # not log_every, eval_points: how it ran
