@@ -1,3 +1,4 @@
 from resexp.cli import main
 
-main()
+if __name__ == "__main__":  # not when a process of multiprocessing imports it
+    main()

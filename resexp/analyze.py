@@ -221,7 +221,9 @@ def figures(results: list[dict[str, Any]], out: Path) -> list[Path]:
             norms = point["norms"]
             axes.plot(range(1, len(norms) + 1), norms, linewidth=0.5, alpha=0.5, color=kind["color"])
     axes.set(xlabel="3x3 layer (input side first)", ylabel="gradient norm", yscale="log")
-    axes.set_title("Gradient flow (thin: points logged in training, grad_norms_every)")
+    # the thin lines exist only where a run logged points (grad_norms_every, reached): say so only then
+    logged_any = any(r["gradients"]["logged"] for r in results)
+    axes.set_title("Gradient flow" + (" (thin: points logged in training, grad_norms_every)" if logged_any else ""))
     axes.legend(fontsize=6)
     save(figure, "gradients")
 

@@ -96,6 +96,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "data.lighting_std": non_negative,
     "data.size": positive_int,
     "data.placement": one_of("auto", "device", "host"),
+    "data.decode": one_of("auto", "gpu", "cpu"),
     "preprocess.normalize": one_of("mean", "meanstd"),
     "preprocess.pad": one_of("zeros", "reflect"),
 }

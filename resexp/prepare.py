@@ -258,7 +258,11 @@ def run_tasks(tasks: list, workers: int, what: str, total: int, show: bool) -> I
             results = map(pack_chunk, tasks)
             pool = None
         else:
-            pool = multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker)
+            # forkserver, not fork: a fork copies this process's threads' locks (rich's refresh thread, torch's
+            # OpenMP pool, a test runner's I/O threads) held, and a worker could wait on one for ever (seen)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])  # imported once by the server, not by each worker
+            pool = context.Pool(workers, initializer=quiet_worker)
             results = pool.imap_unordered(pack_chunk, tasks)
         try:
             for start, bad in results:

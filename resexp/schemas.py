@@ -90,6 +90,7 @@ class ImageNetRecipeSchema(DataSchema):  # what both ImageNet paths have: §3.4'
 @dataclass
 class ImageNetSchema(ImageNetRecipeSchema):  # conf/data/imagenet.yaml
     workers: Any = MISSING  # auto or a number: OmegaConf 2.3 has no unions, so resexp/config.py tells
+    decode: str = MISSING  # where the JPEGs are decoded: auto, gpu or cpu (resexp/checks.py)
 
 
 @dataclass

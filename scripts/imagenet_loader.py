@@ -3,7 +3,7 @@
 settings of conf/data/imagenet.yaml), and packed squares augmented on the device (resexp/data/packed.py). A
 run is bound by these rates when the GPU is faster; they tell how many `data.workers` a JPEG run needs.
 
-    python scripts/imagenet_loader.py ROOT [--workers 0 4 16] [--batches 20]
+    python scripts/imagenet_loader.py ROOT [--workers 0 4 16] [--batches 20] [--decode cpu gpu] [--device cuda]
     python scripts/imagenet_loader.py ROOT --packed DIR --size 128 [--device cuda] [--threads 1 2]
 
 ROOT holds train/<wnid>/ and val/<wnid>/ (the 104-image sample works: link both to its val/); DIR is what
@@ -53,19 +53,30 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000, help="the folders' classes (the sample: 104)")
     parser.add_argument("--packed", metavar="DIR", help="also time the packed squares that resexp prepare wrote here")
     parser.add_argument("--size", type=int, default=128, help="S of the packed files (128: training at 112x112)")
-    parser.add_argument("--device", default="cpu", help="where the packed squares are augmented: cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="the training device: cpu or cuda (decode=gpu, packed)")
+    parser.add_argument(
+        "--decode", nargs="+", default=["cpu", "gpu"], help="JPEG paths to time: cpu (workers) and gpu (the device)"
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU threads for the packed path on cpu")
     args = parser.parse_args()
     print(f"JPEGs, batch {args.batch_size}:")
-    print(f"{'workers':>8} {'train img/s':>12} {'centre img/s':>13} {'ten-crop img/s':>15}")
-    for workers in args.workers:
-        jpegs = data("imagenet", [f"data.root={args.root}", f"data.workers={workers}"], args, CPU)
-        train = rate(jpegs.train, args.batches)
-        centre, ten = rate(jpegs.evals["val"], args.batches), rate(jpegs.final["test"], args.batches)
-        print(f"{workers:>8} {train:>12.0f} {centre:>13.0f} {ten:>15.0f}")
+    device = torch.device(args.device)
+    head = f"{'decode':>6} {'workers':>8} {'train img/s':>12} {'per core':>9} {'read img/s':>11} {'centre img/s':>13}"
+    print(f"{head} {'ten-crop img/s':>15}")
+    for decode, workers in itertools.product(args.decode, args.workers):
+        where = device if decode == "gpu" else CPU  # decode=cpu: the workers' pipeline alone
+        jpegs = data(
+            "imagenet", [f"data.root={args.root}", f"data.workers={workers}", f"data.decode={decode}"], args, where
+        )
+        train = rate(jpegs.train, args.batches, device=where)
+        # the workers alone: their batches before the device (decode=gpu: bytes read and crops drawn)
+        read = rate(((batch[0], batch[1]) for batch in jpegs.train.loader), args.batches)
+        centre = rate(jpegs.evals["val"], args.batches, device=where)
+        ten = rate(jpegs.final["test"], args.batches, device=where)
+        per_core = train / max(1, workers)
+        print(f"{decode:>6} {workers:>8} {train:>12.0f} {per_core:>9.0f} {read:>11.0f} {centre:>13.0f} {ten:>15.0f}")
     if not args.packed:
         return
-    device = torch.device(args.device)
     print(
         f"packed at {args.size}x{args.size} on {device}, batch {args.batch_size} (gather, draws, windows, colour, mean):"
     )

@@ -61,3 +61,24 @@ def imagenet_sample() -> Path:
     if not (folder / "val").is_dir():
         pytest.skip("RESEXP_DATA does not hold imagenet-sample/")
     return folder
+
+
+@pytest.fixture
+def imagenet_odd(tmp_path, imagenet_sample) -> Path:
+    """An ImageNet root: train/ and val/ both the sample, and in one class of each the files nvJPEG does not
+    take (greyscale, CMYK, progressive, a PNG named .JPEG: data.decode=gpu decodes them in its workers)."""
+    import shutil
+
+    from PIL import Image
+
+    base = tmp_path / "imagenet"
+    shutil.copytree(imagenet_sample / "val", base / "train")
+    shutil.copytree(imagenet_sample / "val", base / "val")
+    for split in ("train", "val"):
+        folder = sorted((base / split).iterdir())[0]
+        photo = Image.open(next(folder.iterdir())).convert("RGB")
+        photo.convert("L").save(folder / "grey.JPEG")
+        photo.convert("CMYK").save(folder / "cmyk.JPEG")
+        photo.save(folder / "progressive.JPEG", progressive=True)
+        photo.save(folder / "png.JPEG", format="PNG")  # ImageNet's training set holds one such file
+    return base

@@ -165,3 +165,18 @@ def test_analyze_shows_each_step_as_it_works(tmp_path, terminal):
     else:  # a line per step, in order
         lines = [line.split(" (")[0] for line in shown.splitlines()]
         assert lines == [f"analyze {n}/5: run: {step}" for n, step in enumerate(analyze.STEPS, 1)]
+
+
+@pytest.mark.parametrize("logged", [[], [{"iteration": 100, "norms": [1.0, 0.5]}]], ids=["none", "some"])
+def test_the_gradient_figure_promises_thin_lines_only_where_it_draws_them(tmp_path, monkeypatch, logged):
+    from resexp import analyze
+
+    titles = []
+    monkeypatch.setattr(analyze, "save_figure", lambda figure, path, dpi: titles.append(figure.axes[0].get_title()))
+    result = {"run": str(tmp_path / "run"), "net": "resnet20-A", "residual": True, "depth": 20, "iteration": 4,
+              "state": "finished", "responses": [1.0, 0.5], "gradients": {"initial": [1.0, 0.5], "trained": [1.0, 0.5],
+              "logged": logged}, "lesion": {"error": 50.0, "single": [60.0], "random": [60.0]},
+              "landscape": {"alpha": [0.0], "loss": [1.0]}}  # fmt: skip
+    analyze.figures([result], tmp_path)
+    [gradients] = [title for title in titles if title.startswith("Gradient flow")]
+    assert ("thin:" in gradients) is bool(logged)

@@ -1,5 +1,6 @@
-"""The paper's ImageNet augmentation (§3.4) as batched tensor maths, shared by the class-folder path
-(resexp/data/imagenet_folders.py) and the packed one (resexp/data/packed.py).
+"""The paper's ImageNet augmentation (§3.4): as batched tensor maths for the packed path
+(resexp/data/packed.py), and as one draw per image for the class-folder path
+(resexp/data/imagenet_folders.py), whose images are decoded in its workers or on the device.
 
 Scale augmentation rescales an image so that its shorter side is L, uniform in [256, 480], and crops
 224 x 224 from it: the crop's side is 224/L of the shorter side, between 0.47 and 0.875 of it. A packed
@@ -13,9 +14,11 @@ past it along the longer side (a quarter of a 4:3 image's width).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from resexp.data.loaders import WHOLE, Shard
 
@@ -102,3 +105,44 @@ def ten_windows(images: torch.Tensor, size: int) -> torch.Tensor:
     corners = [images[..., y : y + size, x : x + size] for y, x in ((0, 0), (0, last), (last, 0), (last, last))]
     five = torch.stack([*corners, centre_window(images, size)], 1)
     return torch.cat([five, five.flip(-1)], 1)
+
+
+# --- Full images (resexp/data/imagenet_folders.py): the same rule in whole pixels, as torchvision's
+# RandomResize, RandomCrop and RandomHorizontalFlip draw it, so that the CPU path and the device path give
+# the same crops
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One training image's draw: its shorter side resized to `length`, the `crop` x `crop` window at
+    (`top`, `left`) of the resized image, mirrored where `flip`."""
+
+    length: int
+    top: int
+    left: int
+    flip: bool
+
+
+def resized_size(height: int, width: int, length: int) -> tuple[int, int]:
+    """The size of an image whose shorter side is resized to `length`, as torchvision's resize computes it
+    (the longer side scaled and truncated)."""
+    if height <= width:
+        return length, int(length * width / height)
+    return int(length * height / width), length
+
+
+def draw_crop(height: int, width: int, scale: tuple[int, int], crop: int) -> Crop:
+    """A training crop of a `height` x `width` image, from torch's global generator in torchvision's order
+    (v2.RandomResize, v2.RandomCrop, v2.RandomHorizontalFlip): the caller seeds it with the image's seed."""
+    length = int(torch.randint(scale[0], scale[1] + 1, ()))
+    tall, wide = resized_size(height, width, length)
+    top = int(torch.randint(0, tall - crop + 1, ())) if tall > crop else 0
+    left = int(torch.randint(0, wide - crop + 1, ())) if wide > crop else 0
+    return Crop(length, top, left, flip=bool(torch.rand(1) < 0.5))
+
+
+def apply_crop(image: torch.Tensor, drawn: Crop, crop: int) -> torch.Tensor:
+    """The drawn crop of a uint8 image (3, H, W), on whatever device it is: resized with antialiasing as
+    torchvision's RandomResize does, cropped, mirrored."""
+    window = TF.crop(TF.resize(image, [drawn.length], antialias=True), drawn.top, drawn.left, crop, crop)
+    return TF.horizontal_flip(window) if drawn.flip else window

@@ -3,17 +3,25 @@ with the paper's preprocessing (§3.4).
 
 Training: the shorter side resized to a random length in [256, 480] (scale augmentation), a random
 224x224 crop of the image or its horizontal flip, AlexNet's colour augmentation, the mean subtracted.
-Decoding (torchvision's libjpeg-turbo decoder, then a uint8 tensor resize: 1.6-1.8x PIL's rate per
-process, measured on the 104 sample JPEGs) and resizing run in DataLoader workers; the colour noise and
-the mean run on the training device. Every random draw of an image comes from a seed given with its
-index, so the stream resumes exactly whatever the number of workers.
+Every random draw of an image comes from a seed given with its index, so the stream resumes exactly
+whatever the number of workers, and both decoders give the same crops (resexp/data/crops.py draws them).
+Where the JPEGs are decoded is `decode` (auto: gpu on a CUDA device, cpu elsewhere):
 
-Evaluation: the validation set's centre crops during training (the bold curves of Fig. 4) and, once at
-the end, the standard 10-crop testing of Tables 2 and 3 (logged as the test error).
+- "cpu": DataLoader workers decode (torchvision's libjpeg-turbo decoder, then a uint8 tensor resize:
+  1.6-1.8x PIL's rate per process, measured on the 104 sample JPEGs), resize and crop.
+- "gpu": the workers only read each file's bytes and draw its crop; the training process decodes the
+  batch on the training device in one call of torchvision's decode_jpeg (nvJPEG on a GPU), then resizes
+  and crops each image there. Files that decoder does not take (greyscale, CMYK, progressive, a PNG
+  named .JPEG) are decoded by the workers, those alone.
+
+The colour noise and the mean run on the training device either way. Evaluation: the validation set's
+centre crops during training (the bold curves of Fig. 4) and, once at the end, the standard 10-crop
+testing of Tables 2 and 3 (logged as the test error), decoded where the training images are.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -22,23 +30,22 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import pil_loader
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from resexp.data.crops import lighting
+from resexp.data.crops import Crop, apply_crop, draw_crop, lighting
 from resexp.data.loaders import WHOLE, Data, Shard, normalize
 from resexp.errors import ResexpError
 
 try:  # deprecated in torchvision 0.29 in favour of TorchCodec; without it PIL decodes everything
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 except ImportError:
-    decode_image = None
+    decode_image = decode_jpeg = None
 
 
 class FolderImages(Dataset):
-    """Class-folder images through a transform. Indexed by (index, seed), the transform's random draws
-    come from that seed; indexed by a plain index, the transform must be deterministic."""
+    """Class-folder images through a transform, decoded here (decode="cpu"). Indexed by (index, seed), the
+    transform's random draws come from that seed; indexed by a plain index, the transform must be
+    deterministic."""
 
     def __init__(self, folder: ImageFolder, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.samples, self.transform = folder.samples, transform
@@ -53,8 +60,70 @@ class FolderImages(Dataset):
         if seed is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
-            torch.manual_seed(seed)  # torchvision's random transforms draw from the global generator
+            torch.manual_seed(seed)  # the draws come from the global generator (resexp.data.crops.draw_crop)
             return self.transform(image), label
+
+
+class FolderFiles(Dataset):
+    """Class-folder images for decode="gpu": each item is (the file's bytes as a uint8 tensor, or the
+    image decoded here where the device's decoder does not take the file; its label; its crop's draw, as
+    (length, top, left, flip), empty for a held-out image; its path). Indexed as FolderImages; `scale` and
+    `crop` are the training crops' (device_views makes them)."""
+
+    def __init__(self, folder: ImageFolder, scale: tuple[int, int], crop: int) -> None:
+        self.samples, self.scale, self.crop = folder.samples, scale, crop
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, torch.Tensor, str]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        path, label = self.samples[index]
+        data = file_bytes(path)
+        size = device_jpeg_size(data)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else decode_here(data, path)
+        height, width = size or tuple(payload.shape[-2:])
+        if seed is None:
+            return payload, label, torch.zeros(0, dtype=torch.int64), path
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            drawn = draw_crop(height, width, self.scale, self.crop)
+        return payload, label, torch.tensor([drawn.length, drawn.top, drawn.left, drawn.flip]), path
+
+
+def files_batch(items: list[tuple[torch.Tensor, int, torch.Tensor, str]]) -> tuple:
+    """FolderFiles' items as one batch: the payloads (of several lengths and shapes) and paths as lists."""
+    payloads, labels, drawn, paths = zip(*items)
+    return list(payloads), torch.tensor(labels), torch.stack(drawn), list(paths)
+
+
+def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """The (height, width) of a baseline or extended sequential JPEG of three components, which torchvision's
+    decode_jpeg takes on a GPU (nvJPEG); None for anything else (greyscale, CMYK, progressive, another
+    format under a .JPEG name, a damaged header), which is decoded on the CPU. Reads the markers only."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte
+            at += 1
+            continue
+        if marker in (0xC0, 0xC1) and at + 10 <= len(data):  # SOF0, SOF1: the frame's size and components
+            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+            return (height, width) if data[at + 9] == 3 and height and width else None
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:  # another frame, a scan
+            return None
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
+
+
+def file_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise ResexpError(f"{path} is not a readable image ({error.strerror or error}); remove or replace it") from None
 
 
 class EpochOrder(Sampler):
@@ -91,7 +160,7 @@ class ImageBatches:
 
     def __init__(
         self,
-        images: FolderImages,
+        images: FolderImages | FolderFiles,
         batch_size: int,
         seed: int,
         workers: int,
@@ -99,6 +168,7 @@ class ImageBatches:
         mean: torch.Tensor,
         device: torch.device,
         shard: Shard = WHOLE,
+        on_device: Callable[[tuple], torch.Tensor] | None = None,
     ) -> None:
         self.order, self.batch_size, self.shard = EpochOrder(len(images), seed, batch_size, shard), batch_size, shard
         self.loader = DataLoader(
@@ -109,7 +179,10 @@ class ImageBatches:
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,  # no new worker processes every epoch
+            collate_fn=files_batch if isinstance(images, FolderFiles) else None,
         )
+        # a batch's uint8 images on the device: moved there (decoded by the workers), or decoded there
+        self.on_device = on_device or (lambda batch: batch[0].to(device, non_blocking=True))
         self.lighting_std, self.mean, self.device = lighting_std, mean, device
         self.generator = torch.Generator(device=device).manual_seed(seed)  # the colour noise, drawn on the device
         self.batches: Iterator | None = None  # the loader's iterator over the rest of this epoch
@@ -121,16 +194,16 @@ class ImageBatches:
         if self.batches is None:
             self.batches = iter(self.loader)
         try:
-            images, labels = next_batch(self.batches)
+            batch = next_batch(self.batches)
         except StopIteration:  # the epoch is over: a fresh permutation
             self.order.epoch, self.order.start = self.order.epoch + 1, 0
             self.batches = iter(self.loader)
-            images, labels = next_batch(self.batches)
+            batch = next_batch(self.batches)
         self.order.start += self.batch_size  # the global batch: every shard served its part
-        x = normalize(images.to(self.device, non_blocking=True), self.mean)
+        x = normalize(self.on_device(batch), self.mean)
         if self.lighting_std:
             x = lighting(x, self.lighting_std, self.generator, self.shard)
-        return x, labels.to(self.device, non_blocking=True)
+        return x, batch[1].to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         return {"epoch": self.order.epoch, "position": self.order.start, "generator": self.generator.get_state()}
@@ -148,44 +221,78 @@ class FolderEval:
 
     def __init__(
         self,
-        images: FolderImages,
+        images: FolderImages | FolderFiles,
         batch_size: int,
         workers: int,
         mean: torch.Tensor,
         device: torch.device,
         shard: Shard = WHOLE,
+        on_device: Callable[[tuple], torch.Tensor] | None = None,
     ) -> None:
         part = images if shard.count == 1 else Subset(images, range(shard.rank, len(images), shard.count))
-        self.loader = DataLoader(part, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+        collate = files_batch if isinstance(images, FolderFiles) else None
+        self.loader = DataLoader(
+            part, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate
+        )
         self.mean, self.device = mean, device
+        self.on_device = on_device or (lambda batch: batch[0].to(device, non_blocking=True))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)
         while True:
             try:
-                images, labels = next_batch(batches)
+                batch = next_batch(batches)
             except StopIteration:
                 return
-            yield (
-                normalize(images.to(self.device, non_blocking=True), self.mean),
-                labels.to(self.device, non_blocking=True),
-            )
+            yield normalize(self.on_device(batch), self.mean), batch[1].to(self.device, non_blocking=True)
 
 
 def read_image(path: str) -> torch.Tensor:
     """The image as uint8 RGB (3, H, W), grayscale and CMYK JPEGs included; PIL reads the formats that
     torchvision's decoders lack (BMP, TIFF)."""
+    return decode_here(file_bytes(path), path)
+
+
+def decode_here(data: bytes, path: str) -> torch.Tensor:
+    """The file's bytes decoded on the CPU as uint8 RGB (3, H, W): torchvision's decoders, else PIL's."""
     if decode_image is not None:
         try:
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:  # not a format torchvision decodes, or a broken file: PIL decides which
             pass
     try:
-        return F.pil_to_tensor(pil_loader(path))
+        return F.pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
     except OSError as error:  # PIL's UnidentifiedImageError is one; a truncated file raises another
         raise ResexpError(f"{path} is not a readable image ({error}); remove or replace it") from None
     except Image.DecompressionBombError as error:  # over twice PIL's MAX_IMAGE_PIXELS: no photograph of ImageNet's
         raise ResexpError(f"{path} is too large to decode ({error}); remove or replace it") from None
+
+
+def device_views(batch: tuple, device: torch.device, views: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A FolderFiles batch's images on `device`: the JPEGs decoded there in one call of torchvision's
+    decode_jpeg (nvJPEG on a GPU), the images the workers decoded moved there; then `views` of each
+    (its crop, centre crop or ten crops), stacked."""
+    payloads, _, drawn, paths = batch
+    images = [payload.to(device, non_blocking=True) if payload.dim() == 3 else None for payload in payloads]
+    files = [index for index, image in enumerate(images) if image is None]
+    if files:
+        try:
+            decoded = decode_jpeg([payloads[i] for i in files], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one file of the batch is damaged: decode them one by one, to name it
+            decoded = [decode_one(payloads[i], paths[i], device) for i in files]
+        for index, image in zip(files, decoded):
+            images[index] = image
+    if len(drawn[0]):  # training crops, as drawn in the workers
+        return torch.stack([views(image, Crop(*row.tolist())) for image, row in zip(images, drawn)])
+    return torch.stack([views(image) for image in images])
+
+
+def decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor:
+    """One JPEG decoded on `device`, or on the CPU where that decoder refuses it; one line naming a damaged file."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return decode_here(data.numpy().tobytes(), path).to(device)
 
 
 def centre_crop(image: torch.Tensor, size: int, crop: int) -> torch.Tensor:
@@ -235,6 +342,7 @@ def imagenet(
     seed: int,
     device: torch.device,
     shard: Shard = WHOLE,
+    decode: str = "cpu",
 ) -> Data:
     """The ImageNet data of `root`, or a `shard` of it. The values are checked at the config edge (resexp/config.py): what is
     checked here is what only the folders can tell."""
@@ -255,29 +363,33 @@ def imagenet(
         )
     # A label is its class's position in train/'s sorted list, ImageNet's standard order when all 1000 are there.
     val.samples = [(path, train.class_to_idx[val.classes[label]]) for path, label in val.samples]
-    augment = v2.Compose(
-        [
-            v2.RandomResize(scale[0], scale[1] + 1),  # the shorter side, uniformly in [256, 480] (scale augmentation)
-            v2.RandomCrop(crop),
-            v2.RandomHorizontalFlip(),  # uint8 throughout: a quarter of float32's bytes to move to the device
-        ]
-    )
+    # decode=auto: on the device where it is a GPU (its JPEG decoder), in the workers elsewhere
+    scale_range, on_device = (scale[0], scale[1]), decode == "gpu" or (decode == "auto" and device.type == "cuda")
     # Per channel: over random scales and crops the per-pixel mean is flat, so the two are the same.
     mean_tensor = torch.tensor(mean, device=device)[:, None, None]
 
+    def augment(image: torch.Tensor) -> torch.Tensor:  # in a worker, its image's seed set (FolderImages)
+        return apply_crop(image, draw_crop(*image.shape[-2:], scale_range, crop), crop)
+
+    def crops(batch: tuple) -> torch.Tensor:  # decode="gpu": the batch's crops, drawn in the workers
+        return device_views(batch, device, lambda image, drawn: apply_crop(image, drawn, crop))
+
     def held_out(views: Callable[..., torch.Tensor]) -> FolderEval:
+        view = partial(views, size=test_size, crop=crop)
         return FolderEval(
-            FolderImages(val, partial(views, size=test_size, crop=crop)),
+            FolderFiles(val, scale_range, crop) if on_device else FolderImages(val, view),
             eval_batch_size,
             workers,
             mean_tensor,
             device,
             shard,
+            partial(device_views, device=device, views=view) if on_device else None,
         )
 
+    images = FolderFiles(train, scale_range, crop) if on_device else FolderImages(train, augment)
     return Data(
         train=ImageBatches(
-            FolderImages(train, augment), batch_size, seed, workers, lighting_std, mean_tensor, device, shard
+            images, batch_size, seed, workers, lighting_std, mean_tensor, device, shard, crops if on_device else None
         ),
         evals={"val": held_out(centre_crop)},  # centre crops during training: the bold curves of Fig. 4
         final={"test": held_out(ten_crops)},  # ten crops once at the end: the numbers of Tables 2 and 3
