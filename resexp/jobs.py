@@ -67,9 +67,7 @@ class RunSettings:
     data_config: str | None
     resume_command: str  # what continues it after a stop
     remedies: Remedies  # what a stop for non-finite weights or loss advises
-    varies: dict[str, Any] = field(
-        default_factory=dict
-    )  # what else tells it apart (a sweep's other keys; a lone run's own)
+    varies: dict[str, Any] = field(default_factory=dict)  # what else tells it apart from other runs, and how
     notes: tuple[str, ...] = ()  # what the user set that this run does not use, said once as it starts
 
 

@@ -86,7 +86,8 @@ def imagenette_sources(root: Path, size: str) -> list[Source]:
 def pack_chunk(task: tuple[str, int, list[str], int]) -> tuple[int, list[tuple[int, str]]]:
     """Worker: decode the images of one chunk and write them at their place in the partial file; the
     indices and reasons of those that cannot be read."""
-    from resexp.data.imagenet_folders import centre_crop, read_image
+    from resexp.data.decode import read_image
+    from resexp.data.imagenet_folders import centre_crop
 
     target, start, files, size = task
     squares = np.zeros((len(files), 3, size, size), dtype=np.uint8)

@@ -303,23 +303,34 @@ class State:
     iteration: int | None  # its checkpoint's (or its last, where finished); None: no readable checkpoint
     planned: int | None  # schedule.iterations of its saved config
     why: str = ""  # its train.log's end record, or why its checkpoint cannot be read
+    damaged: bool = False  # it has a checkpoint, which cannot be read (`why` says why)
+
+    @property
+    def failed(self) -> bool:
+        return self.why.startswith("failed")
 
     @property
     def short(self) -> str:
-        """For a table's column: finished, or stopped at the iteration its checkpoint holds."""
+        """For a table's column: finished, or stopped (failed) at the iteration its checkpoint holds."""
         if self.finished:
             return "finished"
+        if self.damaged or self.iteration is None:
+            return "checkpoint unreadable" if self.damaged else "no checkpoint"
         of = f" of {self.planned:,}" if self.planned else ""
-        return f"stopped at {self.iteration:,}{of}" if self.iteration is not None else "no checkpoint"
+        return f"{'failed after' if self.failed else 'stopped at'} {self.iteration:,}{of}"
 
     def __str__(self) -> str:
         of = f" of {self.planned:,}" if self.planned else ""
         if self.finished:
             return f"finished ({self.iteration:,} iterations)" if self.iteration else "finished"
-        if self.iteration is not None:
-            said = f" ({self.why})" if self.why else ""
-            return f"stopped at iteration {self.iteration:,}{of}, checkpoint saved: the same command resumes it{said}"
-        return f"ended before its first checkpoint{': ' + self.why if self.why else ''}"
+        if self.damaged:
+            return f"its checkpoint cannot be read: {self.why}"
+        if self.iteration is None:
+            return f"ended before its first checkpoint{': ' + self.why if self.why else ''}"
+        if self.failed:  # its last checkpoint stands; the same command may fail the same way
+            return f"{self.why}; its checkpoint of iteration {self.iteration:,}{of} stands"
+        said = f" ({self.why})" if self.why else ""
+        return f"stopped at iteration {self.iteration:,}{of}, checkpoint saved: the same command resumes it{said}"
 
 
 def state(run_dir: Path) -> State:
@@ -336,7 +347,7 @@ def state(run_dir: Path) -> State:
     try:
         progress = checkpoint.load(run_dir / CHECKPOINT, layout={"progress": dict})["progress"]
     except ResexpError as error:
-        return State(False, None, planned, f"{error}")
+        return State(False, None, planned, f"{error}", damaged=True)
     return State(False, progress["iteration"], planned, last_end(run_dir))
 
 

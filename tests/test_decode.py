@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from resexp.data import imagenet
 from resexp.data.crops import apply_crop, draw_crop
-from resexp.data.imagenet_folders import FolderFiles, device_jpeg_size, read_image
+from resexp.data.decode import FolderFiles, device_jpeg_size, read_image
 from resexp.errors import ResexpError
 
 SCALE, CROP = (40, 72), 32  # the paper's 256-480 and 224, shrunk as the other ImageNet tests shrink them

@@ -15,7 +15,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from resexp.data.crops import FLIP, SIDE, crop_fractions, draw_windows, sample_windows, ten_windows
-from resexp.data.imagenet_folders import centre_crop, read_image
+from resexp.data.decode import read_image
+from resexp.data.imagenet_folders import centre_crop
 from resexp.data.loaders import Shard
 from resexp.data.packed import imagenet_packed, paths
 from resexp.errors import ResexpError

@@ -180,3 +180,19 @@ def test_the_gradient_figure_promises_thin_lines_only_where_it_draws_them(tmp_pa
     analyze.figures([result], tmp_path)
     [gradients] = [title for title in titles if title.startswith("Gradient flow")]
     assert ("thin:" in gradients) is bool(logged)
+
+
+def test_a_run_that_failed_after_a_checkpoint_or_whose_checkpoint_is_damaged_says_so(tmp_path):
+    from resexp import checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoint.save(run_dir / runs.CHECKPOINT, {"progress": {"iteration": 2000}})
+    record_end(run_dir, "failed: the loss is nan at iteration 2103")
+    said = state(run_dir)
+    assert said.short == "failed after 2,000" and str(said) == (
+        "failed: the loss is nan at iteration 2103; its checkpoint of iteration 2,000 stands"
+    )
+    (run_dir / runs.CHECKPOINT).write_bytes(b"not a checkpoint")
+    said = state(run_dir)
+    assert said.short == "checkpoint unreadable" and str(said).startswith("its checkpoint cannot be read: ")
