@@ -330,7 +330,8 @@ class State:
         if self.failed:  # its last checkpoint stands; the same command may fail the same way
             return f"{self.why}; its checkpoint of iteration {self.iteration:,}{of} stands"
         said = f" ({self.why})" if self.why else ""
-        return f"stopped at iteration {self.iteration:,}{of}, checkpoint saved: the same command resumes it{said}"
+        # its command, run again in this directory (hydra.run.dir or hydra.sweep.dir), resumes it
+        return f"stopped at iteration {self.iteration:,}{of}, checkpoint saved, resumable in this directory{said}"
 
 
 def state(run_dir: Path) -> State:

@@ -29,7 +29,9 @@ def test_a_stopped_run_is_stopped_at_its_checkpoint_in_report_eval_and_analyze(t
     assert f"][END] stopped by SIGTERM at iteration {stopped_at}, checkpoint saved" in (run_dir / runs.LOG).read_text()
     said = state(run_dir)
     assert (said.finished, said.iteration, said.planned) == (False, stopped_at, 60)
-    assert str(said).startswith(f"stopped at iteration {stopped_at} of 60, checkpoint saved: the same command resumes")
+    assert str(said).startswith(
+        f"stopped at iteration {stopped_at} of 60, checkpoint saved, resumable in this directory"
+    )
 
     result = resexp("report", str(tmp_path / "sweep"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
