@@ -405,8 +405,8 @@ def settings(cfg: DictConfig, hydra_cfg: DictConfig, where: Place) -> RunSetting
 def unused(hydra_cfg: DictConfig, net: Spec) -> tuple[str, ...]:
     """What the user's command line sets that this run's net does not use (a plain net's shortcut): said
     once, where a preset's or the default's value is not."""
-    given = [item.split("=", 1) for item in hydra_cfg.overrides.task if "=" in item]
-    shortcut = next((value for key, value in given if key.lstrip("+~") in ("shortcut", "model.shortcut")), None)
+    given = resolvers.given_values(list(hydra_cfg.overrides.task))
+    shortcut = given.get("shortcut", given.get("model.shortcut"))
     if shortcut is None or net.residual:
         return ()
     return (f"{net.name} is a plain net: shortcut={shortcut} has no effect",)

@@ -114,7 +114,7 @@ class ImageBatches:
             collate_fn=files_batch if isinstance(images, FolderFiles) else None,
         )
         # a batch's uint8 images on the device: moved there (decoded by the workers), or decoded there
-        self.on_device = on_device or (lambda batch: batch[0].to(device, non_blocking=True))
+        self.on_device = on_device or partial(moved, device=device)
         self.lighting_std, self.mean, self.device = lighting_std, mean, device
         self.generator = torch.Generator(device=device).manual_seed(seed)  # the colour noise, drawn on the device
         self.batches: Iterator | None = None  # the loader's iterator over the rest of this epoch
@@ -167,7 +167,7 @@ class FolderEval:
             part, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate
         )
         self.mean, self.device = mean, device
-        self.on_device = on_device or (lambda batch: batch[0].to(device, non_blocking=True))
+        self.on_device = on_device or partial(moved, device=device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)
@@ -177,6 +177,11 @@ class FolderEval:
             except StopIteration:
                 return
             yield normalize(self.on_device(batch), self.mean), batch[1].to(self.device, non_blocking=True)
+
+
+def moved(batch: tuple, device: torch.device) -> torch.Tensor:
+    """A batch of images the workers decoded and cut (decode="cpu"), on the device."""
+    return batch[0].to(device, non_blocking=True)
 
 
 def centre_crop(image: torch.Tensor, size: int, crop: int) -> torch.Tensor:
