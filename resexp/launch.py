@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -96,13 +97,16 @@ def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
 
 
 def meeting_point(flags: list[str]) -> list[str]:
-    """torchrun's flags, with --standalone where they give one node and no meeting point: torchrun's default
-    is a fixed port (29500), on which two runs started on one machine would meet each other; --standalone
-    takes a free port for each."""
+    """torchrun's flags, with a free --master-port where they give one node and no meeting point: torchrun's
+    default is a fixed port (29500), on which two runs started on one machine would meet each other. Its
+    static rendezvous stays (--standalone's c10d store prints the C++ store's warnings when a stop ends it)."""
     where = ("--nnodes", "--rdzv-endpoint", "--rdzv-backend", "--master-addr", "--master-port", *SWITCHES)
     if any(flag.split("=", 1)[0].replace("_", "-") in where for flag in flags):
         return flags
-    return [*flags, "--standalone"]
+    with socket.socket() as probe:  # a port free now; torchrun binds it at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [*flags, f"--master-port={port}"]
 
 
 def torchrun(flags: list[str], rest: list[str]) -> NoReturn:

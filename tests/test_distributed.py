@@ -378,7 +378,8 @@ def test_the_line_and_exit_code_are_the_process_that_ended_of_itself_not_one_tor
 
 
 def test_resexps_launch_on_one_node_takes_a_free_port_unless_told_where_to_meet():
-    assert launch.meeting_point(["--nproc-per-node=2"]) == ["--nproc-per-node=2", "--standalone"]
+    given, port = launch.meeting_point(["--nproc-per-node=2"])
+    assert given == "--nproc-per-node=2" and port.startswith("--master-port=") and int(port.split("=")[1]) > 0
     for given in (["--nnodes=2", "--rdzv-endpoint=node1:29500"], ["--master_port", "29501"], ["--standalone"]):
         assert launch.meeting_point(["--nproc-per-node=2", *given]) == ["--nproc-per-node=2", *given]
 
