@@ -87,7 +87,7 @@ def differences(groups: list[list[Run]]) -> list[str]:
 
 def comparison_figure(runs: list[Run], out: Path) -> list[Path]:
     """Draw one figure per dataset among `runs`; returns the PNG paths (an SVG is written beside each). One
-    curve per experiment (report.experiment: its seeds averaged), never several experiments merged."""
+    curve per experiment (runs.experiment: its seeds averaged), never several experiments merged."""
     written = []
     by_data: dict[str, list[Run]] = defaultdict(list)
     for run in runs:

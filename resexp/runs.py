@@ -334,9 +334,9 @@ class State:
         return f"stopped at iteration {self.iteration:,}{of}, checkpoint saved, resumable in this directory{said}"
 
 
-def state(run_dir: Path) -> State:
-    """The State of the run in `run_dir`."""
-    planned = read_hydra(run_dir)[0].get("schedule.iterations")
+def state(run_dir: Path, config: dict[str, Any] | None = None) -> State:
+    """The State of the run in `run_dir`; `config`: its saved config's values (read_hydra), where read already."""
+    planned = (read_hydra(run_dir)[0] if config is None else config).get("schedule.iterations")
     if (run_dir / METRICS).is_file():
         try:
             iterations = parse_metrics(read_text(run_dir / METRICS)).iterations
@@ -376,7 +376,7 @@ def read_run(run_dir: Path) -> Run:
     run.preprocess = (normalize if normalize in NORMALIZATIONS else "?", pad if pad in PADS else "?")
     run.curves = read_curves(run_dir)
     if not (run_dir / METRICS).exists():
-        run.note = str(state(run_dir))
+        run.note = str(state(run_dir, config))
         return run
     try:
         metrics = parse_metrics(read_text(run_dir / METRICS))
